@@ -1,0 +1,1 @@
+//! kvmha-agent: see ARCHITECTURE.md §2. Not built yet.

@@ -1,0 +1,1 @@
+//! kvmha-bmc: see ARCHITECTURE.md §2. Not built yet.

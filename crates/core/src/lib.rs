@@ -1,0 +1,1 @@
+//! kvmha-core: pure HA logic.

@@ -1,0 +1,1 @@
+//! kvmha-hypervisor: see ARCHITECTURE.md §2. Not built yet.

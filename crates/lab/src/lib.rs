@@ -1,0 +1,1 @@
+//! kvmha-lab: see ARCHITECTURE.md §2. Not built yet.

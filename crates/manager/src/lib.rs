@@ -1,0 +1,1 @@
+//! kvmha-manager: see ARCHITECTURE.md §2. Not built yet.

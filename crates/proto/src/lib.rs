@@ -1,0 +1,1 @@
+//! kvmha-proto: see ARCHITECTURE.md §2. Not built yet.

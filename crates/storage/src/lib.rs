@@ -1,0 +1,1 @@
+//! kvmha-storage: see ARCHITECTURE.md §2. Not built yet.
