@@ -704,7 +704,18 @@ impl Engine {
                 )
             })
             .collect();
-        let quiet = monitored.iter().filter(|record| self.is_silent(record, now)).count();
+        // A host under investigation counts as quiet even right after a manager restart
+        // (whose grace period resets every silence clock): only a ping makes it heard.
+        let quiet = monitored
+            .iter()
+            .filter(|record| {
+                self.is_silent(record, now)
+                    || matches!(
+                        record.state,
+                        HostState::Suspect | HostState::Investigating | HostState::Degraded | HostState::Fencing
+                    )
+            })
+            .count();
         let isolated = monitored.len() >= 2 && quiet * 2 > monitored.len();
         if isolated && !self.manager_isolated {
             self.manager_isolated = true;
@@ -954,12 +965,34 @@ impl Engine {
                     );
                     return;
                 }
+                if !Self::heartbeat_seen_stale(&investigation) {
+                    // "Unknown" because we could not look is not "unknown" because the host
+                    // stopped writing: the manager may be the one cut off from the storage.
+                    self.wait_without_fencing(
+                        fx,
+                        name,
+                        "its heartbeat could not be read on any pool, so its silence is not established",
+                    );
+                    return;
+                }
                 match self.fencing_allowed(name) {
                     Ok(()) => self.begin_fencing(fx, name, format!("unknown after {limit} rounds: {evidence}")),
                     Err(why) => self.wait_without_fencing(fx, name, &why),
                 }
             }
         }
+    }
+
+    /// Whether the round read the host's heartbeat record and found it stale on some pool.
+    /// A host without pools has no heartbeat to read: its silence rests on the other
+    /// investigators alone.
+    fn heartbeat_seen_stale(investigation: &Investigation) -> bool {
+        if !investigation.expected.contains(&InvestigatorKind::StorageHeartbeat) {
+            return true;
+        }
+        investigation.reports.iter().filter_map(|report| report.heartbeat.as_ref()).any(|observation| {
+            observation.pools.iter().any(|pool| matches!(pool.record, crate::event::RecordState::Unchanged { .. }))
+        })
     }
 
     /// The periodic look at a host whose fencing failed is in: alive means degraded, not

@@ -291,6 +291,8 @@ struct World {
     faults: Vec<TraceLine>,
     violations: Vec<Violation>,
     alerted_hosts: BTreeSet<usize>,
+    /// Whether the manager can read the shared pools itself.
+    manager_storage_up: bool,
     healed: bool,
     #[cfg(test)]
     planted_bug: Option<crate::engine::PlantedBug>,
@@ -396,6 +398,7 @@ pub fn run(options: &SimOptions) -> SimOutcome {
         faults: Vec::new(),
         violations: Vec::new(),
         alerted_hosts: BTreeSet::new(),
+        manager_storage_up: true,
         healed: false,
         #[cfg(test)]
         planted_bug: options.planted_bug,
@@ -492,8 +495,8 @@ impl World {
                 89..=90 => Fault::PowerOn(host),
                 91..=94 => Fault::PartitionAndAgentKill(host),
                 95..=97 => Fault::DoublePowerOff(host, (host + 1) % host_count),
-                98 => Fault::ManagerCutOff,
-                _ => Fault::AgentStart(host),
+                98..=99 => Fault::ManagerCutOff,
+                _ => unreachable!("below(100)"),
             };
             // Some faults come with their own follow-up.
             match &fault {
@@ -708,7 +711,9 @@ impl World {
                     .filter(|vm| vm.running_on.iter().any(|(host, boot)| *host == target && *boot == target_host.boot))
                     .map(|vm| vm.spec.name.as_str())
                     .collect();
-                let result = if target_host.active() && target_host.storage_up && !writing.is_empty() {
+                let result = if !self.manager_storage_up {
+                    report(Finding::Unknown, "pools unreachable from the manager".to_owned(), None)
+                } else if target_host.active() && target_host.storage_up && !writing.is_empty() {
                     report(Finding::Alive, format!("disks of {} being written", writing.join(",")), None)
                 } else {
                     report(Finding::Unknown, "no VM disk written".to_owned(), None)
@@ -737,6 +742,9 @@ impl World {
         let lag = Duration::from_millis(self.rng.below(duration_ms(self.timing.lease_renew_interval()).max(1)));
         let host = &self.hosts[target];
         let record = match host.record {
+            _ if !self.manager_storage_up => {
+                RecordState::Unreadable { reason: "pool unreachable from the manager".to_owned() }
+            }
             None => RecordState::Unreadable { reason: "no record yet".to_owned() },
             Some((boot, _, armed, stopped_cleanly)) => {
                 let unchanged_for = self.now.saturating_since(host.record_changed_at).saturating_sub(lag);
@@ -1280,7 +1288,9 @@ impl World {
             Fault::ConfirmDown(host) => format!("operator confirm-down {}", name(host)),
             Fault::PartitionAndAgentKill(host) => format!("partition {} mgmt + agent-kill", name(host)),
             Fault::DoublePowerOff(first, second) => format!("power-off {} and {}", name(first), name(second)),
-            Fault::ManagerCutOff => "manager cut off from every host's management link".to_owned(),
+            Fault::ManagerCutOff => {
+                "manager cut off from management and storage networks (out-of-band kept)".to_owned()
+            }
             Fault::Maintenance(host, on) => format!("maintenance {} {}", name(host), if *on { "on" } else { "off" }),
             Fault::Disarm => "cluster disarm".to_owned(),
             Fault::Arm => "cluster arm".to_owned(),
@@ -1403,6 +1413,8 @@ impl World {
                 self.power_off(second);
             }
             Fault::ManagerCutOff => {
+                // The manager keeps only its out-of-band link: every BMC still answers it.
+                self.manager_storage_up = false;
                 for host in &mut self.hosts {
                     host.mgmt_up = false;
                 }
@@ -1421,6 +1433,7 @@ impl World {
     /// operator's switches. Powered-off hosts stay off unless the seed powers them on.
     fn heal_all(&mut self) {
         self.healed = true;
+        self.manager_storage_up = true;
         if self.engine.is_none() {
             self.perform(Action::ManagerUp);
         }
