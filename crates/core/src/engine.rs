@@ -178,6 +178,9 @@ impl Effects {
     }
 }
 
+/// Why a self-fenced VM is not running: its host lost its storage, so it restarts elsewhere.
+const SELF_FENCED: &str = "stopped by self-fencing";
+
 const ACTIVE_VM_STATES: [VmState; 3] = [VmState::Running, VmState::Starting, VmState::AwaitingProof];
 
 impl Engine {
@@ -572,7 +575,7 @@ impl Engine {
                 }
                 match report.state {
                     VmRunState::Crashed => self.vm_not_running(fx, vm, host, boot_id, "crashed"),
-                    VmRunState::SelfFenced => self.vm_not_running(fx, vm, host, boot_id, "stopped by self-fencing"),
+                    VmRunState::SelfFenced => self.vm_not_running(fx, vm, host, boot_id, SELF_FENCED),
                     _ => self.set_vm_state(fx, vm, VmState::Stopped, "shut down on purpose"),
                 }
             }
@@ -891,6 +894,12 @@ impl Engine {
         match record.state {
             HostState::Investigating if settled && purpose == RoundPurpose::Verdict => self.conclude(fx, &host),
             HostState::FenceFailed if settled && purpose == RoundPurpose::Recheck => self.conclude_recheck(fx, &host),
+            HostState::Fencing | HostState::FenceFailed if purpose == RoundPurpose::Recheck => {
+                // A fresh heartbeat look may complete the lease proof before the round ends.
+                if let Some(proof) = self.try_proof(&host, fx.now) {
+                    self.mark_fenced(fx, &host, proof);
+                }
+            }
             HostState::Fencing | HostState::FenceFailed if purpose == RoundPurpose::LeaseCheck => {
                 record.investigation = None;
                 let fencing_idle = record.fencing.as_ref().is_none_or(|fencing| fencing.in_flight.is_none());
@@ -1133,6 +1142,10 @@ impl Engine {
             self.send_fence(fx, name, "power off through the BMC, then read back");
         }
         let record = self.hosts.get_mut(name).expect("listed");
+        if record.investigation.as_ref().is_some_and(|round| now >= round.deadline) {
+            // The storage look got no answer in time (a hung pool): look again.
+            record.investigation = None;
+        }
         let fencing = record.fencing.as_mut().expect("checked");
         if has_watchdog && now >= fencing.next_lease_check && record.investigation.is_none() {
             fencing.next_lease_check = now + timing.investigation_round();
@@ -1140,7 +1153,10 @@ impl Engine {
         }
         let record = &self.hosts[name];
         let fencing = record.fencing.as_ref().expect("checked");
-        if fencing.bmc_exhausted && fencing.in_flight.is_none() && now >= fencing.started + timing.fencing_bound() {
+        // A host told to hold its VMs through a storage outage gets the whole bound again
+        // from the moment its hold lapses.
+        let bound_from = record.storage_hold_granted_until.map_or(fencing.started, |hold| hold.max(fencing.started));
+        if fencing.bmc_exhausted && fencing.in_flight.is_none() && now >= bound_from + timing.fencing_bound() {
             let reasons = self.no_proof_reasons(name, now);
             self.fence_failed(
                 fx,
@@ -1507,8 +1523,17 @@ impl Engine {
             return;
         }
         let candidates = self.candidates();
-        let requests: Vec<PlacementRequest<'_>> =
-            requests_owned.iter().map(|(name, avoid)| PlacementRequest { spec: &self.vms[name].spec, avoid }).collect();
+        let requests: Vec<PlacementRequest<'_>> = requests_owned
+            .iter()
+            .map(|(name, avoid)| {
+                let record = &self.vms[name];
+                let prefer = match &record.release {
+                    Some(Release::ReportedNotRunning { host, state, .. }) if state != SELF_FENCED => Some(host),
+                    _ => None,
+                };
+                PlacementRequest { spec: &record.spec, avoid, prefer }
+            })
+            .collect();
         let plan = planner::plan(&requests, candidates);
         for (vm, target) in plan.placements {
             self.issue_start(fx, &vm, &target);
@@ -1691,3 +1716,7 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -37,6 +37,9 @@ impl Candidate {
 pub struct PlacementRequest<'a> {
     pub spec: &'a VmSpec,
     pub avoid: &'a BTreeSet<HostName>,
+    /// Taken first when it has room: a VM that crashed on a healthy host, or whose host
+    /// rebooted, comes back where it was.
+    pub prefer: Option<&'a HostName>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,8 +64,9 @@ pub fn plan(requests: &[PlacementRequest<'_>], mut candidates: Vec<Candidate>) -
             .filter(|candidate| !request.avoid.contains(&candidate.host))
             .filter(|candidate| spec.demand.fits_in(candidate.free()))
             .min_by_key(|candidate| {
+                let preferred = request.prefer == Some(&candidate.host);
                 let crowded = spec.group.as_ref().is_some_and(|group| candidate.groups.contains(group));
-                (crowded, candidate.load_with(spec.demand))
+                (!preferred, crowded, candidate.load_with(spec.demand))
             });
         match best {
             Some(candidate) => {
@@ -105,7 +109,7 @@ mod tests {
     }
 
     fn requests<'a>(vms: &'a [VmSpec], avoid: &'a BTreeSet<HostName>) -> Vec<PlacementRequest<'a>> {
-        vms.iter().map(|spec| PlacementRequest { spec, avoid }).collect()
+        vms.iter().map(|spec| PlacementRequest { spec, avoid, prefer: None }).collect()
     }
 
     #[test]
@@ -156,6 +160,19 @@ mod tests {
             plan.placements,
             vec![(VmName::from("free"), HostName::from("h3")), (VmName::from("pinned"), HostName::from("h3"))]
         );
+    }
+
+    #[test]
+    fn a_preferred_host_with_room_wins_over_a_lighter_one() {
+        let vms = [vm("a", 0, 256, None)];
+        let none = BTreeSet::new();
+        let home = HostName::from("h2");
+        let request = [PlacementRequest { spec: &vms[0], avoid: &none, prefer: Some(&home) }];
+        let placed = plan(&request, vec![host("h2", 4096, 3000), host("h3", 4096, 0)]);
+        assert_eq!(placed.placements, vec![(VmName::from("a"), home.clone())]);
+        // Without room at home it goes elsewhere.
+        let placed = plan(&request, vec![host("h2", 4096, 4000), host("h3", 4096, 0)]);
+        assert_eq!(placed.placements, vec![(VmName::from("a"), HostName::from("h3"))]);
     }
 
     #[test]

@@ -214,10 +214,12 @@ fn lease_expired(inputs: &SafetyInputs<'_>, now: Instant, timing: &Timing) -> Re
         since = since.max(hold_until);
     }
     let expires_at = since + timing.lease_takeover_after();
-    if now < expires_at {
+    // The look itself must have seen the silence reach the takeover point: an old look
+    // says nothing about writes since.
+    if seen.received_at < expires_at {
         return Err(format!(
-            "silent for {} of the {} needed",
-            format_duration(now.saturating_since(since)),
+            "silent for {} of the {} needed at the last look",
+            format_duration(seen.received_at.saturating_since(since)),
             format_duration(timing.lease_takeover_after())
         ));
     }
@@ -226,4 +228,178 @@ fn lease_expired(inputs: &SafetyInputs<'_>, now: Instant, timing: &Timing) -> Re
         format_duration(now.saturating_since(silent_since)),
         format_duration(timing.lease_takeover_after())
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::PoolObservation;
+    use crate::model::{PoolName, Resources};
+    use crate::timing::{Profile, TimingSettings};
+    use std::time::Duration;
+
+    fn timing() -> Timing {
+        Timing::from_profile(Profile::Fast, &TimingSettings::default()).unwrap()
+    }
+
+    fn spec(has_bmc: bool, has_watchdog: bool, pools: &[&str]) -> HostSpec {
+        HostSpec {
+            name: HostName::from("host1"),
+            networks: vec![],
+            capacity: Resources { cpus: 4, memory_mb: 4096 },
+            has_bmc,
+            has_watchdog,
+            pools: pools.iter().map(|pool| PoolName::from(*pool)).collect(),
+        }
+    }
+
+    fn boot() -> BootId {
+        BootId("b1".to_owned())
+    }
+
+    fn unchanged(pool: &str, ms: u64, armed: bool, stopped_cleanly: bool) -> PoolObservation {
+        PoolObservation {
+            pool: PoolName::from(pool),
+            record: RecordState::Unchanged {
+                unchanged_for: Duration::from_millis(ms),
+                boot_id: boot(),
+                watchdog_armed: armed,
+                stopped_cleanly,
+            },
+        }
+    }
+
+    fn seen(at_ms: u64, pools: Vec<PoolObservation>) -> HeartbeatSeen {
+        HeartbeatSeen { received_at: Instant::from_millis(at_ms), observation: HeartbeatObservation { pools } }
+    }
+
+    fn inputs<'a>(host: &'a HostSpec, boot: &'a BootId, heartbeat: Option<&'a HeartbeatSeen>) -> SafetyInputs<'a> {
+        SafetyInputs {
+            host,
+            last_boot: Some(boot),
+            fence_confirmation: None,
+            heartbeat,
+            operator: None,
+            goodbye_since_last_ping: false,
+            storage_hold_granted_until: None,
+        }
+    }
+
+    const NOW: u64 = 100_000;
+
+    #[test]
+    fn bmc_read_back_is_proof() {
+        let host = spec(true, false, &[]);
+        let boot = boot();
+        let confirmation =
+            FenceConfirmation { fence: RequestId(7), at: Instant::from_millis(NOW), evidence: "off".into() };
+        let mut given = inputs(&host, &boot, None);
+        assert!(prove_dead(&given, Instant::from_millis(NOW), &timing()).is_err());
+        given.fence_confirmation = Some(&confirmation);
+        let proof = prove_dead(&given, Instant::from_millis(NOW), &timing()).unwrap();
+        assert_eq!(proof.kind(), ProofKind::BmcPowerOff);
+        assert_eq!(proof.boot_id(), Some(&boot));
+        assert!(proof.evidence().contains("#7"));
+    }
+
+    #[test]
+    fn operator_confirmation_is_proof() {
+        let host = spec(false, false, &[]);
+        let boot = boot();
+        let confirmation = OperatorConfirmation { by: "alice".into(), at: Instant::from_millis(NOW) };
+        let mut given = inputs(&host, &boot, None);
+        given.operator = Some(&confirmation);
+        let proof = prove_dead(&given, Instant::from_millis(NOW), &timing()).unwrap();
+        assert_eq!(proof.kind(), ProofKind::OperatorConfirmed);
+        assert!(proof.evidence().contains("alice"));
+    }
+
+    #[test]
+    fn lease_silence_past_takeover_with_an_armed_watchdog_is_proof() {
+        let host = spec(false, true, &["a", "b"]);
+        let boot = boot();
+        let look = seen(NOW, vec![unchanged("a", 14_000, true, false), unchanged("b", 15_000, true, false)]);
+        let proof = prove_dead(&inputs(&host, &boot, Some(&look)), Instant::from_millis(NOW), &timing()).unwrap();
+        assert_eq!(proof.kind(), ProofKind::LeaseExpired);
+        // The shortest silence counts: pool a was written 13.9s ago.
+        let look = seen(NOW, vec![unchanged("a", 13_900, true, false), unchanged("b", 60_000, true, false)]);
+        let refused = prove_dead(&inputs(&host, &boot, Some(&look)), Instant::from_millis(NOW), &timing()).unwrap_err();
+        assert!(refused.to_string().contains("13.9s of the 14.0s"), "{refused}");
+    }
+
+    #[test]
+    fn an_old_look_proves_nothing_about_the_time_since() {
+        let host = spec(false, true, &["a"]);
+        let boot = boot();
+        // At the look the record was 10s old; 20s later we have not looked again.
+        let look = seen(NOW, vec![unchanged("a", 10_000, true, false)]);
+        let later = Instant::from_millis(NOW + 20_000);
+        assert!(prove_dead(&inputs(&host, &boot, Some(&look)), later, &timing()).is_err());
+    }
+
+    #[test]
+    fn every_reason_to_distrust_the_lease_is_a_refusal() {
+        let boot = boot();
+        let now = Instant::from_millis(NOW);
+        let cases: Vec<(HostSpec, Vec<PoolObservation>, bool, &str)> = vec![
+            (spec(false, false, &["a"]), vec![unchanged("a", 60_000, true, false)], false, "no watchdog"),
+            (spec(false, true, &["a"]), vec![unchanged("a", 60_000, true, true)], false, "stopped cleanly"),
+            (spec(false, true, &["a"]), vec![unchanged("a", 60_000, false, false)], false, "not armed"),
+            (spec(false, true, &["a"]), vec![unchanged("a", 60_000, true, false)], true, "stopped cleanly"),
+            (
+                spec(false, true, &["a", "b"]),
+                vec![
+                    unchanged("a", 60_000, true, false),
+                    PoolObservation { pool: PoolName::from("b"), record: RecordState::Advancing },
+                ],
+                false,
+                "advancing",
+            ),
+            (
+                spec(false, true, &["a", "b"]),
+                vec![
+                    unchanged("a", 60_000, true, false),
+                    PoolObservation {
+                        pool: PoolName::from("b"),
+                        record: RecordState::Unreadable { reason: "EIO".into() },
+                    },
+                ],
+                false,
+                "unreadable",
+            ),
+            (spec(false, true, &["a", "b"]), vec![unchanged("a", 60_000, true, false)], false, "not observed"),
+        ];
+        for (host, pools, goodbye, reason) in cases {
+            let look = seen(NOW, pools);
+            let mut given = inputs(&host, &boot, Some(&look));
+            given.goodbye_since_last_ping = goodbye;
+            let refused = prove_dead(&given, now, &timing()).unwrap_err().to_string();
+            assert!(refused.contains(reason), "expected {reason:?} in {refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_record_of_another_boot_is_not_this_boot_dying() {
+        let host = spec(false, true, &["a"]);
+        let newer = BootId("b2".to_owned());
+        let look = seen(NOW, vec![unchanged("a", 60_000, true, false)]);
+        let refused =
+            prove_dead(&inputs(&host, &newer, Some(&look)), Instant::from_millis(NOW), &timing()).unwrap_err();
+        assert!(refused.to_string().contains("record is from boot b1"), "{refused}");
+    }
+
+    #[test]
+    fn a_storage_hold_restarts_the_clock_when_it_lapses() {
+        let host = spec(false, true, &["a"]);
+        let boot = boot();
+        let hold_until = Instant::from_millis(NOW - 5_000);
+        let look = seen(NOW, vec![unchanged("a", 60_000, true, false)]);
+        let mut given = inputs(&host, &boot, Some(&look));
+        given.storage_hold_granted_until = Some(hold_until);
+        let refused = prove_dead(&given, Instant::from_millis(NOW), &timing()).unwrap_err();
+        assert!(refused.to_string().contains("silent for 5.0s"), "{refused}");
+        let look = seen(NOW + 9_000, vec![unchanged("a", 69_000, true, false)]);
+        given.heartbeat = Some(&look);
+        assert!(prove_dead(&given, Instant::from_millis(NOW + 9_000), &timing()).is_ok());
+    }
 }

@@ -69,14 +69,16 @@ impl HostState {
         use HostState::*;
         // Maintenance is an operator's decision and may be taken from any state but
         // Fencing (a fence in flight cannot be called back).
+        // (Suspect is left within the step that enters it, so it is not a state to take
+        // over from.)
         if to == Maintenance {
-            return self != Fencing && self != Maintenance;
+            return !matches!(self, Fencing | Maintenance | Suspect);
         }
         match self {
             Connecting => matches!(to, Up | Disconnected | Suspect),
             Up => matches!(to, Suspect | Disconnected),
             Disconnected => matches!(to, Up | Suspect),
-            Suspect => matches!(to, Investigating | Up | Fenced),
+            Suspect => matches!(to, Investigating),
             Investigating => matches!(to, Degraded | Fencing | Up | Fenced),
             Degraded => matches!(to, Up | Suspect | Fenced),
             // Up: the agent came back while no fence was in flight.
