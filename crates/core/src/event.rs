@@ -329,18 +329,26 @@ pub enum AuditKind {
     Dropped,
 }
 
-impl fmt::Display for AuditEvent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ", self.at)?;
+impl AuditEvent {
+    /// The line without its time.
+    pub fn describe(&self) -> String {
+        let mut text = String::new();
         if let Some(host) = &self.host {
-            write!(f, "{host} ")?;
+            text.push_str(&format!("{host} "));
         }
         if let Some(vm) = &self.vm {
-            write!(f, "vm {vm} ")?;
+            text.push_str(&format!("vm {vm} "));
         }
         match &self.kind {
-            AuditKind::HostState { from, to } => write!(f, "{from:?} -> {to:?}: {}", self.detail),
-            kind => write!(f, "{kind:?}: {}", self.detail),
+            AuditKind::HostState { from, to } => text.push_str(&format!("{from:?} -> {to:?}: {}", self.detail)),
+            kind => text.push_str(&format!("{kind:?}: {}", self.detail)),
         }
+        text
+    }
+}
+
+impl fmt::Display for AuditEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.at, self.describe())
     }
 }

@@ -106,7 +106,7 @@ pub struct SimOutcome {
 
 impl SimOutcome {
     pub fn replay_command(&self) -> String {
-        format!("cargo run -p kvmha -- simulate --seed {} --hosts {}", self.seed, self.hosts)
+        format!("kvmha simulate --seed {} --hosts {} --profile {}", self.seed, self.hosts, self.profile)
     }
 }
 
