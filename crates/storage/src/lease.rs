@@ -20,8 +20,9 @@
 //! 3. If more than `io_timeout` has passed since `t_read`, give up (`AcquireTooSlow`):
 //!    our read no longer justifies a claim. Otherwise write the claim (owner = us,
 //!    counter = R's + 1) with a deadline of `t_read + 2 x io_timeout`.
-//! 4. Wait `acquire_delay` (> 2 x io_timeout), re-read. Our exact bytes → acquired.
-//!    Anything else → `LeaseContended`.
+//! 4. Wait `acquire_delay` (> 2 x io_timeout), re-read. Our exact bytes → acquired
+//!    (and renewed at once, so the holder's self-fence clock restarts). Anything else
+//!    → `LeaseContended`.
 //!
 //! Why only one of concurrent acquirers wins: every acquirer that read the record
 //! before our claim landed has its own claim land within `2 x io_timeout` of its read
@@ -297,12 +298,23 @@ impl LeaseClient {
         if confirmation.bytes.as_deref() != Some(&bytes[..]) {
             return Err(StorageError::LeaseContended { vm: vm.to_string() });
         }
-        Ok(HeldLease {
+        let mut held = HeldLease {
             record,
             bytes,
             unconfirmed: None,
             last_renewal_started_at: write_started_at,
-        })
+        };
+        // The self-fence clock has been running since the claim write started, and the
+        // acquire delay ate part of it: renew once at once so the caller starts with
+        // (nearly) the whole budget. If this write fails the lease is still ours, just
+        // with the older clock; the caller's next renewal decides.
+        let renewal = LeaseRecord {
+            counter: held.record.counter.wrapping_add(1),
+            writer_unix_ms: unix_now_ms(),
+            ..held.record.clone()
+        };
+        let _ = self.write_own(&mut held, renewal).await;
+        Ok(held)
     }
 
     /// Renew and release start here: refuse once the self-fence deadline has passed

@@ -79,6 +79,18 @@ impl LeaseTimings {
                 ),
             );
         }
+        // An acquirer's self-fence clock starts when its claim write starts; it must
+        // still be able to confirm the claim (wait, re-read) and renew before it.
+        let acquire_budget = self.acquire_delay() + io_timeout * 2;
+        if acquire_budget >= self_fence_deadline {
+            return conflict(
+                "self-fence deadline allows acquiring",
+                format!(
+                    "self-fence deadline {self_fence_deadline:?} must exceed the acquire delay {:?} + 2 x i/o timeout {io_timeout:?} = {acquire_budget:?}",
+                    self.acquire_delay()
+                ),
+            );
+        }
         // The safety rule (ARCHITECTURE.md §5, §6): the host has stopped its VMs or
         // been reset before anyone else may take its leases.
         let fenced_by = self_fence_deadline + watchdog_timeout;
@@ -105,7 +117,7 @@ mod tests {
     fn balanced() -> LeaseTimings {
         LeaseTimings {
             renewal_interval: ms(1_000),
-            io_timeout: ms(1_000),
+            io_timeout: ms(500),
             self_fence_deadline: ms(4_000),
             watchdog_timeout: ms(5_000),
             lease_expiry: ms(10_000),
@@ -147,10 +159,20 @@ mod tests {
     #[test]
     fn a_self_fence_deadline_shorter_than_two_renewals_is_refused() {
         let timings = LeaseTimings {
-            self_fence_deadline: ms(3_000),
+            renewal_interval: ms(1_800),
             ..balanced()
         };
         assert_eq!(rule_of(timings), "self-fence deadline allows two renewals");
+    }
+
+    #[test]
+    fn a_self_fence_deadline_shorter_than_an_acquisition_is_refused() {
+        let timings = LeaseTimings {
+            renewal_interval: ms(1_000),
+            io_timeout: ms(1_000),
+            ..balanced()
+        };
+        assert_eq!(rule_of(timings), "self-fence deadline allows acquiring");
     }
 
     #[test]
