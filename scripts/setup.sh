@@ -7,6 +7,8 @@ set -euo pipefail
 packages=(
   build-essential
   pkg-config
+  bindfs   # storage: a FUSE mount the hung-pool test freezes (SIGSTOP) to hang a pool
+  fuse3    # storage: fusermount for that test's cleanup
   iproute2
   nftables
   procps
