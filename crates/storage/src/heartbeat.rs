@@ -1,9 +1,10 @@
 //! Heartbeat writer (agent side) and reader (manager and neighbour side).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Result, StorageError};
 use crate::layout;
+use crate::liveness::{Liveness, LivenessTracker};
 use crate::pool::{read_bytes, write_replace, Pool};
 use crate::record::{AgentState, BootId, HeartbeatRecord, Name};
 
@@ -124,6 +125,70 @@ pub async fn read_heartbeat(
         });
     }
     Ok(Some(record))
+}
+
+/// One poll of a [`HeartbeatMonitor`]: the verdict, the latest record read (whose
+/// agent state and watchdog flag decide what a stale verdict proves), and this poll's
+/// read error if it failed.
+#[derive(Debug)]
+pub struct HeartbeatObservation {
+    pub liveness: Liveness,
+    pub record: Option<HeartbeatRecord>,
+    pub read_error: Option<StorageError>,
+}
+
+/// Watches one host's heartbeat on one pool for one reader (the manager's heartbeat
+/// investigator, or an agent checking a neighbour). Keep one monitor per host and pool
+/// for as long as the host is watched: the verdict needs the history of reads.
+#[derive(Debug)]
+pub struct HeartbeatMonitor {
+    pool: Pool,
+    cluster: Name,
+    host: Name,
+    io_timeout: Duration,
+    tracker: LivenessTracker<(BootId, u64)>,
+    record: Option<HeartbeatRecord>,
+}
+
+impl HeartbeatMonitor {
+    /// `expiry`: how long the record must stay unchanged on our clock to be stale.
+    pub fn new(
+        pool: Pool,
+        cluster: Name,
+        host: Name,
+        io_timeout: Duration,
+        expiry: Duration,
+    ) -> Self {
+        Self {
+            pool,
+            cluster,
+            host,
+            io_timeout,
+            tracker: LivenessTracker::new(expiry),
+            record: None,
+        }
+    }
+
+    /// Reads once and judges. A failed or unreadable read is no observation: the verdict
+    /// stays what earlier reads showed, and the error is reported alongside it.
+    pub async fn poll(&mut self) -> HeartbeatObservation {
+        let read = read_heartbeat(&self.pool, &self.cluster, &self.host, self.io_timeout).await;
+        let read_finished_at = Instant::now();
+        let read_error = match read {
+            Ok(Some(record)) => {
+                self.tracker.observe(record.progress(), read_finished_at);
+                self.record = Some(record);
+                None
+            }
+            Ok(None) => None,
+            Err(error) => Some(error),
+        };
+        HeartbeatObservation {
+            liveness: self.tracker.judge(),
+            record: self.record.clone(),
+            read_error,
+        }
+    }
 }
 
 /// Wall-clock milliseconds for the informational timestamp. A clock before 1970

@@ -370,3 +370,66 @@ impl LeaseClient {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::BootId;
+
+    fn client(root: &std::path::Path) -> LeaseClient {
+        let timings = LeaseTimings {
+            renewal_interval: Duration::from_millis(300),
+            io_timeout: Duration::from_millis(250),
+            self_fence_deadline: Duration::from_millis(1_250),
+            watchdog_timeout: Duration::from_millis(200),
+            lease_expiry: Duration::from_millis(1_500),
+        };
+        let identity = HostIdentity {
+            cluster: Name::new("prod").unwrap(),
+            host: Name::new("host-a").unwrap(),
+            boot_id: BootId([1; 16]),
+        };
+        LeaseClient::new(Pool::open("p", root).unwrap(), identity, timings).unwrap()
+    }
+
+    /// A renewal whose write timed out may land afterwards. Finding it on storage at
+    /// the next renewal is our own write, not a theft: renewal goes on from it.
+    #[test]
+    fn a_renewal_that_landed_after_its_timeout_is_not_taken_for_theft() {
+        let directory = tempfile::tempdir().unwrap();
+        let client = client(directory.path());
+        let vm = Name::new("vm1").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut held = client.acquire(&vm).await.unwrap();
+            // Simulate: the renewal was submitted, its caller saw a timeout, and the
+            // write landed later anyway.
+            let late = LeaseRecord {
+                counter: held.record.counter + 1,
+                ..held.record.clone()
+            };
+            let late_bytes = late.encode();
+            held.unconfirmed = Some(late_bytes);
+            let path = layout::lease_path(directory.path(), &held.record.cluster, &vm);
+            std::fs::write(&path, late_bytes).unwrap();
+
+            client.renew(&mut held).await.unwrap();
+            assert_eq!(held.record.counter, late.counter + 1);
+            assert_eq!(held.unconfirmed, None);
+
+            // Without the unconfirmed write on record, the same bytes are a theft.
+            let foreign = LeaseRecord {
+                counter: held.record.counter + 1,
+                ..held.record.clone()
+            };
+            std::fs::write(&path, foreign.encode()).unwrap();
+            assert!(matches!(
+                client.renew(&mut held).await,
+                Err(StorageError::LeaseLost { .. })
+            ));
+        });
+    }
+}

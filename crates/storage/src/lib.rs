@@ -20,7 +20,9 @@ pub mod record;
 pub mod timing;
 
 pub use error::{Result, StorageError};
-pub use heartbeat::{read_heartbeat, HeartbeatWriter, HostIdentity};
+pub use heartbeat::{
+    read_heartbeat, HeartbeatMonitor, HeartbeatObservation, HeartbeatWriter, HostIdentity,
+};
 pub use lease::{HeldLease, LeaseClient};
 pub use liveness::{Liveness, LivenessTracker};
 pub use pool::{Pool, PoolHealth};

@@ -158,3 +158,38 @@ fn damaged_foreign_and_misplaced_records_are_typed_errors() {
         Err(StorageError::WrongSubject { .. })
     ));
 }
+
+#[test]
+fn a_monitor_reports_never_seen_then_alive_and_keeps_its_verdict_through_unreadable_records() {
+    let directory = tempfile::tempdir().unwrap();
+    let pool = Pool::open("p1", directory.path()).unwrap();
+    let me = identity("prod", "host1");
+    runtime().block_on(async {
+        let mut monitor = kvmha_storage::HeartbeatMonitor::new(
+            pool.clone(),
+            me.cluster.clone(),
+            me.host.clone(),
+            IO_TIMEOUT,
+            Duration::from_secs(3600),
+        );
+        let first = monitor.poll().await;
+        assert_eq!(first.liveness, kvmha_storage::Liveness::NeverSeen);
+        assert!(first.record.is_none() && first.read_error.is_none());
+
+        let mut writer = HeartbeatWriter::new(pool.clone(), me.clone(), IO_TIMEOUT);
+        writer.beat(AgentState::Running, true).await.unwrap();
+        assert!(!monitor.poll().await.liveness.is_alive());
+        writer.beat(AgentState::Running, true).await.unwrap();
+        let alive = monitor.poll().await;
+        assert!(alive.liveness.is_alive(), "{alive:?}");
+        assert_eq!(alive.record.as_ref().unwrap().counter, 2);
+
+        // A damaged record: the error is reported, the verdict and last record stay.
+        let path = heartbeat_path(directory.path(), &me.cluster, &me.host);
+        fs::write(&path, b"torn").unwrap();
+        let damaged = monitor.poll().await;
+        assert!(damaged.liveness.is_alive());
+        assert_eq!(damaged.record.unwrap().counter, 2);
+        assert!(damaged.read_error.unwrap().is_corrupt_record());
+    });
+}
