@@ -24,7 +24,9 @@ pub struct LeaseTimings {
     /// "unknown" and retried at the next renewal.
     pub io_timeout: Duration,
     /// After this long without a successful renewal (on the holder's clock) the agent
-    /// has stopped its HA VMs.
+    /// *has stopped* its HA VMs: it must start the hard stop early enough for the stop
+    /// itself to finish by then. Counted from the start of the last successful renewal
+    /// write ([`crate::HeldLease::self_fence_due_at`]).
     pub self_fence_deadline: Duration,
     /// After the agent stops petting it, the watchdog resets the host within this.
     pub watchdog_timeout: Duration,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use kvmha_storage::pool::PoolHealth;
 use kvmha_storage::{
-    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LivenessTracker, Name, Pool,
-    StorageError,
+    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LeaseClient, LeaseTimings,
+    LivenessTracker, Name, Pool, StorageError,
 };
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -264,6 +264,74 @@ fn a_hung_pool_times_out_and_never_delays_the_other_pools_heartbeat() {
                 }
             }
         }
+    });
+    drop(mount);
+}
+
+/// A holder whose lease pool hangs keeps getting retryable errors until its
+/// self-fence deadline, then `LeaseLost` (the agent's cue to stop the VM): never
+/// sooner, so a short hang does not kill VMs, and never much later. Its heartbeat on
+/// another pool is untouched meanwhile.
+#[test]
+fn a_hung_lease_pool_reports_lease_lost_only_at_the_self_fence_deadline() {
+    let directory = tempfile::tempdir().unwrap();
+    let good_root = directory.path().join("good");
+    let hung_source = directory.path().join("hung-source");
+    let hung_root = directory.path().join("hung");
+    for path in [&good_root, &hung_source, &hung_root] {
+        std::fs::create_dir(path).unwrap();
+    }
+    let mount = FreezableMount::mount(&hung_source, &hung_root);
+    let timings = LeaseTimings {
+        renewal_interval: Duration::from_millis(300),
+        io_timeout: Duration::from_millis(250),
+        self_fence_deadline: Duration::from_millis(1_250),
+        watchdog_timeout: Duration::from_millis(200),
+        lease_expiry: Duration::from_millis(1_500),
+    };
+    let me = identity();
+    let leases =
+        LeaseClient::new(Pool::open("hung", &hung_root).unwrap(), me.clone(), timings).unwrap();
+    let good = Pool::open("good", &good_root).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let vm = Name::new("vm1").unwrap();
+        let mut held = leases.acquire(&vm).await.unwrap();
+        leases.renew(&mut held).await.unwrap();
+        let mut heartbeat = HeartbeatWriter::new(good.clone(), me.clone(), IO_TIMEOUT);
+        let heartbeat_task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(INTERVAL);
+            for _ in 0..TICKS {
+                ticker.tick().await;
+                heartbeat.beat(AgentState::Running, true).await.expect("good pool beats");
+            }
+        });
+
+        mount.freeze();
+        let due_at = held.self_fence_due_at(&timings);
+        let give_up_at = Instant::now() + PATIENCE;
+        let lost_at = loop {
+            tokio::time::sleep(timings.renewal_interval).await;
+            let result = leases.renew(&mut held).await;
+            let now = Instant::now();
+            match result {
+                Err(StorageError::LeaseLost { .. }) => break now,
+                Err(error) => assert!(error.is_retryable(), "{error:?}"),
+                Ok(()) => panic!("renewed on a frozen pool"),
+            }
+            assert!(now < give_up_at, "never reported the lease lost");
+        };
+        assert!(lost_at >= due_at, "lease given up {:?} early", due_at - lost_at);
+        eprintln!(
+            "measured: lease lost reported {:?} after the self-fence deadline (renewal interval {:?}, i/o timeout {:?})",
+            lost_at - due_at,
+            timings.renewal_interval,
+            timings.io_timeout
+        );
+        heartbeat_task.await.unwrap();
     });
     drop(mount);
 }
