@@ -9,7 +9,7 @@
 //!
 //! The file layout on a pool and what operators may do with it: `docs/storage.md`.
 
-mod crc32c;
+pub mod crc32c;
 pub mod error;
 pub mod heartbeat;
 pub mod layout;

@@ -256,3 +256,32 @@ fn unsafe_timings_are_refused_when_the_client_is_built() {
     let refused = LeaseClient::new(pool, identity, unsafe_timings);
     assert!(matches!(refused, Err(StorageError::TimingConflict { .. })));
 }
+
+/// Lease counters are compared for equality only, so one that wraps past u64::MAX
+/// keeps working through claim and renewals.
+#[test]
+fn lease_counters_wrap_past_u64_max() {
+    let directory = tempfile::tempdir().unwrap();
+    let host_a = client(directory.path(), "host-a", 1);
+    let vm = name("vm1");
+    let released = LeaseRecord {
+        cluster: name("prod"),
+        vm: vm.clone(),
+        state: LeaseState::Released,
+        owner_host: name("host-z"),
+        owner_boot_id: BootId([9; 16]),
+        counter: u64::MAX,
+        acquired_at_counter: u64::MAX - 7,
+        writer_unix_ms: 0,
+    };
+    let path = lease_path(directory.path(), &name("prod"), &vm);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, released.encode()).unwrap();
+    runtime().block_on(async {
+        let mut held = host_a.acquire(&vm).await.unwrap();
+        assert_eq!(held.record().acquired_at_counter, 0);
+        host_a.renew(&mut held).await.unwrap();
+        host_a.renew(&mut held).await.unwrap();
+        assert_eq!(held.record().counter, 3);
+    });
+}

@@ -202,3 +202,36 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Damage that happens to carry a valid checksum (a buggy or hostile writer)
+    /// still cannot smuggle in a record with two encodings: whatever decodes,
+    /// re-encodes to exactly the bytes on storage.
+    #[test]
+    fn whatever_decodes_is_canonical(
+        heartbeat in heartbeat_strategy(),
+        lease in lease_strategy(),
+        damage in proptest::collection::vec((0usize..252, any::<u8>()), 1..4),
+    ) {
+        let reseal = |bytes: &mut [u8; RECORD_LEN]| {
+            let checksum = kvmha_storage::crc32c::crc32c(&bytes[..252]);
+            bytes[252..].copy_from_slice(&checksum.to_le_bytes());
+        };
+        let mut bytes = heartbeat.encode();
+        for &(offset, value) in &damage {
+            bytes[offset] = value;
+        }
+        reseal(&mut bytes);
+        if let Ok(decoded) = HeartbeatRecord::decode_any_cluster(&bytes) {
+            prop_assert_eq!(decoded.encode(), bytes);
+        }
+        let mut bytes = lease.encode();
+        for &(offset, value) in &damage {
+            bytes[offset] = value;
+        }
+        reseal(&mut bytes);
+        if let Ok(decoded) = LeaseRecord::decode_any_cluster(&bytes) {
+            prop_assert_eq!(decoded.encode(), bytes);
+        }
+    }
+}
