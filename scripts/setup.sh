@@ -9,6 +9,8 @@ packages=(
   pkg-config
   bindfs   # storage: a FUSE mount the hung-pool test freezes (SIGSTOP) to hang a pool
   fuse3    # storage: fusermount for that test's cleanup
+  openssh-server  # storage: a loopback sshd serving the sshfs pool tests
+  sshfs    # storage: two mounts of one directory stand in for two hosts
   iproute2
   nftables
   procps
