@@ -56,6 +56,38 @@ use crate::pool::{read_bytes, write_replace, Pool};
 use crate::record::{LeaseRecord, LeaseState, Name, RECORD_LEN};
 use crate::timing::LeaseTimings;
 
+/// Reads `vm`'s lease without being a lease client (the manager's VM-activity
+/// investigator, operators' tools): `Ok(None)` if none exists; a typed error for a
+/// torn, corrupt, foreign-cluster or misplaced record.
+pub async fn read_lease(
+    pool: &Pool,
+    cluster: &Name,
+    vm: &Name,
+    io_timeout: Duration,
+) -> Result<Option<LeaseRecord>> {
+    let (path_cluster, path_vm) = (cluster.clone(), vm.clone());
+    let bytes = pool
+        .run("read lease", io_timeout, move |root| {
+            read_bytes(&layout::lease_path(root, &path_cluster, &path_vm))
+        })
+        .await?;
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    decode_lease(&bytes, cluster, vm).map(Some)
+}
+
+fn decode_lease(bytes: &[u8], cluster: &Name, vm: &Name) -> Result<LeaseRecord> {
+    let record = LeaseRecord::decode(bytes, cluster)?;
+    if &record.vm != vm {
+        return Err(StorageError::WrongSubject {
+            expected: vm.to_string(),
+            found: record.vm.to_string(),
+        });
+    }
+    Ok(record)
+}
+
 /// A lease this host holds: what it last wrote and when its self-fence clock started.
 #[derive(Clone, Debug)]
 pub struct HeldLease {
@@ -130,11 +162,13 @@ impl LeaseClient {
 
     /// Reads `vm`'s lease (for investigators and operators): `None` if none exists.
     pub async fn read(&self, vm: &Name) -> Result<Option<LeaseRecord>> {
-        let observation = self.observe(vm).await?;
-        observation
-            .bytes
-            .map(|bytes| self.decode(vm, &bytes))
-            .transpose()
+        read_lease(
+            &self.pool,
+            &self.identity.cluster,
+            vm,
+            self.timings.io_timeout,
+        )
+        .await
     }
 
     /// Acquires `vm`'s lease (see the module documentation for the algorithm). May
@@ -193,14 +227,7 @@ impl LeaseClient {
     }
 
     fn decode(&self, vm: &Name, bytes: &[u8]) -> Result<LeaseRecord> {
-        let record = LeaseRecord::decode(bytes, &self.identity.cluster)?;
-        if &record.vm != vm {
-            return Err(StorageError::WrongSubject {
-                expected: vm.to_string(),
-                found: record.vm.to_string(),
-            });
-        }
-        Ok(record)
+        decode_lease(bytes, &self.identity.cluster, vm)
     }
 
     async fn observe(&self, vm: &Name) -> Result<Observation> {

@@ -23,7 +23,7 @@ pub use error::{Result, StorageError};
 pub use heartbeat::{
     read_heartbeat, HeartbeatMonitor, HeartbeatObservation, HeartbeatWriter, HostIdentity,
 };
-pub use lease::{HeldLease, LeaseClient};
+pub use lease::{read_lease, HeldLease, LeaseClient};
 pub use liveness::{Liveness, LivenessTracker};
 pub use pool::{Pool, PoolHealth};
 pub use record::{

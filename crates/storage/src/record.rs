@@ -357,6 +357,14 @@ impl LeaseRecord {
     }
 }
 
+impl LeaseRecord {
+    /// What a VM-activity reader compares to decide "the holder is still renewing":
+    /// the holder's boot and the counter (not the informational timestamp).
+    pub fn progress(&self) -> (BootId, u64) {
+        (self.owner_boot_id, self.counter)
+    }
+}
+
 /// Either kind of record, for tools that show whatever file they are given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AnyRecord {

@@ -214,6 +214,22 @@ fn released_leases_are_claimed_without_waiting_and_a_restarted_agent_keeps_its_o
         restarted.release(again).await.unwrap();
         let record = host_b.read(&vm).await.unwrap().unwrap();
         assert_eq!(record.state, LeaseState::Released);
+        // The read-only path (no lease client, as the manager reads) agrees.
+        let reader = Pool::open("manager", directory.path()).unwrap();
+        let read_only =
+            kvmha_storage::read_lease(&reader, &name("prod"), &vm, Duration::from_secs(10))
+                .await
+                .unwrap();
+        assert_eq!(read_only, Some(record));
+        let absent = kvmha_storage::read_lease(
+            &reader,
+            &name("prod"),
+            &name("nope"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(absent, None);
         let started = Instant::now();
         let taken = host_b.acquire(&vm).await.unwrap();
         assert!(started.elapsed() < host_b.timings().lease_expiry);
