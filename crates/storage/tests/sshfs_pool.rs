@@ -165,8 +165,11 @@ fn records_written_through_one_mount_are_seen_through_another() {
         let mut tracker = LivenessTracker::new(Duration::from_secs(3600));
         // Every write through A is what the next read through B returns: no stale
         // cache between hosts, which the lease algorithm relies on.
+        let mut latencies = Vec::new();
         for tick in 0..20u64 {
+            let started = Instant::now();
             let written = writer.beat(AgentState::Running, true).await.unwrap();
+            latencies.push(started.elapsed());
             let read = read_heartbeat(&reader, &me.cluster, &me.host, io_timeout)
                 .await
                 .unwrap()
@@ -175,6 +178,12 @@ fn records_written_through_one_mount_are_seen_through_another() {
             let verdict = tracker.observe(read.progress(), Instant::now());
             assert_eq!(verdict.is_alive(), tick > 0, "tick {tick}: {verdict:?}");
         }
+        latencies.sort();
+        eprintln!(
+            "measured: heartbeat write through sshfs median {:?} max {:?}",
+            latencies[latencies.len() / 2],
+            latencies[latencies.len() - 1]
+        );
     });
     drop(sshfs);
 }
