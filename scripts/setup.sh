@@ -7,6 +7,10 @@ set -euo pipefail
 packages=(
   build-essential
   pkg-config
+  bindfs   # storage: a FUSE mount the hung-pool test freezes (SIGSTOP) to hang a pool
+  fuse3    # storage: fusermount for that test's cleanup
+  openssh-server  # storage: a loopback sshd serving the sshfs pool tests
+  sshfs    # storage: two mounts of one directory stand in for two hosts
   iproute2
   nftables
   procps
