@@ -11,6 +11,8 @@ packages=(
   nftables
   procps
   psmisc
+  openipmi
+  ipmitool
 )
 
 missing=()
