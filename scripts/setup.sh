@@ -13,6 +13,8 @@ packages=(
   psmisc
   openipmi
   ipmitool
+  python3
+  openssl
 )
 
 missing=()
