@@ -20,6 +20,7 @@ pub mod redfish;
 mod secret;
 
 pub use error::{BmcError, Result};
+pub use fence::{FenceOutcome, FenceReport, Fencer};
 
 pub use secret::Secret;
 

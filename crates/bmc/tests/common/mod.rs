@@ -25,18 +25,26 @@ pub fn free_udp_port() -> u16 {
 /// state in a file and appends every `set` to a log, so tests can prove the
 /// simulator really acted (not just answered). It execs nothing long-lived,
 /// so no child keeps ipmi_sim's UDP socket open after the test.
+///
+/// Modes (second argument): `normal`; `stuck` accepts power off but the
+/// chassis stays on; `off-then-fail` powers off and then reports failure
+/// (ipmi_sim turns that into completion code FFh), like a dying chassis.
 const CHASSIS_SCRIPT: &str = r#"#!/bin/sh
-state="$1"; shift
+state="$1"; mode="$2"; shift 2
 case "$1" in
   get)
     if [ -s "$state" ]; then read -r value < "$state"; else value=0; fi
     echo "power:$value"
     ;;
   set)
-    case "$2" in
-      power) echo "$3" > "$state" ;;
-    esac
     echo "$2 $3" >> "$state.log"
+    if [ "$2" = power ]; then
+      case "$mode" in
+        stuck) ;;
+        off-then-fail) echo "$3" > "$state"; exit 1 ;;
+        *) echo "$3" > "$state" ;;
+      esac
+    fi
     ;;
 esac
 exit 0
@@ -54,7 +62,16 @@ impl SimBmc {
         Self::start_with_priv_limit(initially_on, "admin")
     }
 
+    /// A BMC whose chassis script behaves per `mode` (see [`CHASSIS_SCRIPT`]).
+    pub fn start_with_mode(initially_on: bool, mode: &str) -> SimBmc {
+        Self::start_full(initially_on, "admin", mode)
+    }
+
     pub fn start_with_priv_limit(initially_on: bool, channel_priv_limit: &str) -> SimBmc {
+        Self::start_full(initially_on, channel_priv_limit, "normal")
+    }
+
+    fn start_full(initially_on: bool, channel_priv_limit: &str, mode: &str) -> SimBmc {
         let dir = tempfile::tempdir().expect("temp dir");
         let script = dir.path().join("chassis.sh");
         std::fs::write(&script, CHASSIS_SCRIPT).unwrap();
@@ -74,7 +91,7 @@ set_working_mc 0x20
     allowed_auths_admin none md2 md5 straight
     guid a123456789abcdefa123456789abcdef
   endlan
-  chassis_control "{script} {power}"
+  chassis_control "{script} {power} {mode}"
   user 1 true  ""       "test"   user  10 none md2 md5 straight
   user 2 true  "{ADMIN_USER}"  "{ADMIN_PASSWORD}" admin 10 none md2 md5 straight
   user 3 true  "{VIEWER_USER}" "{VIEWER_PASSWORD}" user 10 none md2 md5 straight
