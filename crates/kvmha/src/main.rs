@@ -9,9 +9,14 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Power control of one host through its BMC (IPMI, Redfish, ipmitool).
+    Bmc(kvmha_bmc::cli::Args),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),
+    }
 }
