@@ -432,9 +432,9 @@ impl PowerControl for RedfishClient {
         // PowerCycle is optional in Redfish (sushy's fake driver lacks it);
         // a BMC that rejects the value gets ForceRestart, the nearest one.
         match RedfishClient::reset(self, ResetType::PowerCycle).await {
-            Err(BmcError::Refused { code: 400, .. }) => {
-                RedfishClient::reset(self, ResetType::ForceRestart).await
-            }
+            Err(BmcError::Refused {
+                code: 400 | 501, ..
+            }) => RedfishClient::reset(self, ResetType::ForceRestart).await,
             other => other,
         }
     }
