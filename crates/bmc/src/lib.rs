@@ -18,6 +18,7 @@ pub mod ipmi;
 pub mod ipmitool;
 pub mod redfish;
 mod secret;
+pub mod sim;
 
 pub use error::{BmcError, Result};
 pub use fence::{FenceOutcome, FenceReport, Fencer};

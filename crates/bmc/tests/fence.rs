@@ -27,7 +27,7 @@ fn quick_fencer() -> Fencer {
 
 #[tokio::test]
 async fn fencing_a_running_host_powers_it_off_and_reads_off_back() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let client = ipmi(bmc.address(), ADMIN_USER, ADMIN_PASSWORD);
     let report = quick_fencer().fence(&client).await.unwrap();
     assert_eq!(report.outcome, FenceOutcome::PoweredOff);
@@ -48,7 +48,7 @@ async fn fencing_a_running_host_powers_it_off_and_reads_off_back() {
 
 #[tokio::test]
 async fn fencing_a_host_that_is_off_is_already_off_without_a_command() {
-    let bmc = SimBmc::start(false);
+    let bmc = SimBmc::start(false).unwrap();
     let client = ipmi(bmc.address(), ADMIN_USER, ADMIN_PASSWORD);
     let report = quick_fencer().fence(&client).await.unwrap();
     assert_eq!(report.outcome, FenceOutcome::AlreadyOff);
@@ -60,7 +60,7 @@ async fn fencing_a_host_that_is_off_is_already_off_without_a_command() {
 async fn a_failed_power_off_on_a_chassis_that_went_off_counts_as_already_off() {
     // The chassis drops power but the BMC answers FFh: the error must not be
     // trusted, the read-back decides.
-    let bmc = SimBmc::start_with_mode(true, "off-then-fail");
+    let bmc = SimBmc::start_with_mode(true, "off-then-fail").unwrap();
     let client = ipmi(bmc.address(), ADMIN_USER, ADMIN_PASSWORD);
     let error = client.power_off().await.unwrap_err();
     assert!(
@@ -81,7 +81,7 @@ async fn a_failed_power_off_on_a_chassis_that_went_off_counts_as_already_off() {
 
 #[tokio::test]
 async fn a_chassis_that_stays_on_is_state_never_reached() {
-    let bmc = SimBmc::start_with_mode(true, "stuck");
+    let bmc = SimBmc::start_with_mode(true, "stuck").unwrap();
     let client = ipmi(bmc.address(), ADMIN_USER, ADMIN_PASSWORD);
     let fencer = Fencer {
         deadline: Duration::from_millis(1500),
@@ -102,7 +102,7 @@ async fn a_chassis_that_stays_on_is_state_never_reached() {
 
 #[tokio::test]
 async fn fencing_with_a_wrong_password_fails_fast_as_authentication() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let client = ipmi(bmc.address(), ADMIN_USER, "wrong-password");
     let error = quick_fencer().fence(&client).await.unwrap_err();
     assert!(
@@ -114,7 +114,7 @@ async fn fencing_with_a_wrong_password_fails_fast_as_authentication() {
 
 #[tokio::test]
 async fn fencing_without_privilege_is_refused_with_the_code() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let mut config = IpmiConfig::new(bmc.address(), VIEWER_USER, Secret::new(VIEWER_PASSWORD));
     config.privilege = Privilege::User;
     let client = IpmiClient::new(config).unwrap();
@@ -150,7 +150,7 @@ async fn fencing_an_unreachable_bmc_fails_within_the_deadline() {
 
 #[tokio::test]
 async fn fencing_through_ipmitool_works_the_same() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let driver = Ipmitool::new(IpmitoolConfig::new(
         bmc.address(),
         ADMIN_USER,
@@ -165,7 +165,7 @@ async fn fencing_through_ipmitool_works_the_same() {
 
 #[tokio::test]
 async fn ipmitool_driver_full_matrix_and_typed_errors() {
-    let bmc = SimBmc::start(false);
+    let bmc = SimBmc::start(false).unwrap();
     let driver = |user: &str, password: &str| {
         Ipmitool::new(IpmitoolConfig::new(
             bmc.address(),

@@ -21,8 +21,8 @@ fn client(bmc: &SimBmc, user: &str, password: &str) -> IpmiClient {
 
 #[tokio::test]
 async fn status_reads_what_the_chassis_script_reports() {
-    let on = SimBmc::start(true);
-    let off = SimBmc::start(false);
+    let on = SimBmc::start(true).unwrap();
+    let off = SimBmc::start(false).unwrap();
     assert_eq!(admin_client(&on).status().await.unwrap(), PowerState::On);
     assert_eq!(admin_client(&off).status().await.unwrap(), PowerState::Off);
     assert_eq!(on.ipmitool_power(), "on");
@@ -31,7 +31,7 @@ async fn status_reads_what_the_chassis_script_reports() {
 
 #[tokio::test]
 async fn presence_ping_is_answered() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let pong = admin_client(&bmc).presence_ping().await.unwrap();
     assert!(pong.ipmi_supported);
 }
@@ -39,7 +39,7 @@ async fn presence_ping_is_answered() {
 #[tokio::test]
 async fn negotiation_falls_back_from_suite_17_to_3() {
     // ipmi_sim has no SHA-256: the strongest suite is refused and 3 is used.
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let session = admin_client(&bmc).open_session().await.unwrap();
     assert_eq!(session.cipher_suite(), 3);
     session.close().await.unwrap();
@@ -47,7 +47,7 @@ async fn negotiation_falls_back_from_suite_17_to_3() {
 
 #[tokio::test]
 async fn power_off_then_on_acts_on_the_chassis_and_ipmitool_agrees() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let client = admin_client(&bmc);
 
     client.power_off().await.unwrap();
@@ -71,7 +71,7 @@ async fn power_off_then_on_acts_on_the_chassis_and_ipmitool_agrees() {
 
 #[tokio::test]
 async fn reset_reaches_the_chassis_script_and_leaves_power_on() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let client = admin_client(&bmc);
     client.reset().await.unwrap();
     assert!(
@@ -85,7 +85,7 @@ async fn reset_reaches_the_chassis_script_and_leaves_power_on() {
 
 #[tokio::test]
 async fn cycle_powers_off_then_back_on_through_the_chassis_script() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let client = admin_client(&bmc);
     client.power_cycle().await.unwrap();
     // ipmi_sim powers off at once and back on from a timer a moment later,
@@ -101,7 +101,7 @@ async fn cycle_powers_off_then_back_on_through_the_chassis_script() {
 
 #[tokio::test]
 async fn several_bmcs_are_controlled_independently_at_once() {
-    let bmcs: Vec<SimBmc> = (0..4).map(|_| SimBmc::start(true)).collect();
+    let bmcs: Vec<SimBmc> = (0..4).map(|_| SimBmc::start(true).unwrap()).collect();
     let clients: Vec<IpmiClient> = bmcs.iter().map(admin_client).collect();
     // Power off the even ones concurrently; the odd ones must stay on.
     let offs = clients
@@ -168,7 +168,7 @@ async fn futures_join_all<F: std::future::Future>(
 
 #[tokio::test]
 async fn wrong_password_is_an_authentication_error_without_the_password() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let wrong = "not-the-password-xyz";
     let error = client(&bmc, ADMIN_USER, wrong).status().await.unwrap_err();
     assert!(
@@ -183,7 +183,7 @@ async fn wrong_password_is_an_authentication_error_without_the_password() {
 
 #[tokio::test]
 async fn unknown_user_is_an_authentication_error() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let error = client(&bmc, "nobody", ADMIN_PASSWORD)
         .power_off()
         .await
@@ -225,7 +225,7 @@ async fn silent_peer_is_unreachable_not_a_hang() {
 
 #[tokio::test]
 async fn user_privilege_reads_status_but_is_refused_power_control() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let mut config = IpmiConfig::new(bmc.address(), VIEWER_USER, Secret::new(VIEWER_PASSWORD));
     config.privilege = Privilege::User;
     let viewer = IpmiClient::new(config).unwrap();
@@ -248,7 +248,7 @@ async fn user_privilege_reads_status_but_is_refused_power_control() {
 
 #[tokio::test]
 async fn one_session_carries_many_commands_with_advancing_sequence_numbers() {
-    let bmc = SimBmc::start(false);
+    let bmc = SimBmc::start(false).unwrap();
     let mut session = admin_client(&bmc).open_session().await.unwrap();
     for _ in 0..20 {
         assert_eq!(
@@ -270,7 +270,7 @@ async fn one_session_carries_many_commands_with_advancing_sequence_numbers() {
 
 #[tokio::test]
 async fn suite_zero_is_refused_unless_allowed() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let mut config = IpmiConfig::new(bmc.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
     config.cipher_suites = vec![0];
     let error = IpmiClient::new(config).unwrap_err();

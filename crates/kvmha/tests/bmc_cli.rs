@@ -31,8 +31,8 @@ fn stdout(output: &Output) -> String {
 
 #[test]
 fn status_json_prints_exactly_the_power_object() {
-    let on = SimBmc::start(true);
-    let off = SimBmc::start(false);
+    let on = SimBmc::start(true).unwrap();
+    let off = SimBmc::start(false).unwrap();
     for driver in ["ipmi", "ipmitool"] {
         let output = kvmha_bmc(
             &on,
@@ -52,7 +52,7 @@ fn status_json_prints_exactly_the_power_object() {
 
 #[test]
 fn fence_powers_off_and_ipmitool_confirms() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let output = kvmha_bmc(&bmc, ADMIN_PASSWORD, &["fence", "--cipher-suite", "3"]);
     assert!(output.status.success(), "{output:?}");
     assert!(
@@ -66,7 +66,7 @@ fn fence_powers_off_and_ipmitool_confirms() {
 
 #[test]
 fn on_off_reset_through_the_cli_reach_the_chassis() {
-    let bmc = SimBmc::start(false);
+    let bmc = SimBmc::start(false).unwrap();
     for action in ["on", "reset", "off"] {
         let output = kvmha_bmc(&bmc, ADMIN_PASSWORD, &[action]);
         assert!(output.status.success(), "{action}: {output:?}");
@@ -77,7 +77,7 @@ fn on_off_reset_through_the_cli_reach_the_chassis() {
 
 #[test]
 fn wrong_password_exits_non_zero_saying_authentication_failed() {
-    let bmc = SimBmc::start(true);
+    let bmc = SimBmc::start(true).unwrap();
     let wrong = "definitely-wrong-pw";
     for driver in ["ipmi", "ipmitool"] {
         let output = kvmha_bmc(&bmc, wrong, &["off", "--driver", driver]);
