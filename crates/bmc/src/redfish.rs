@@ -61,10 +61,19 @@ impl RedfishConfig {
     }
 }
 
-#[derive(Debug)]
 struct SessionToken {
     token: String,
     location: Option<String>,
+}
+
+/// The token is a credential: never in Debug output.
+impl std::fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionToken")
+            .field("token", &"<redacted>")
+            .field("location", &self.location)
+            .finish()
+    }
 }
 
 #[derive(Debug)]

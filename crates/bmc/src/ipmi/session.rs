@@ -25,7 +25,6 @@ pub struct HandshakeParams {
     pub tag: u8,
 }
 
-#[derive(Debug)]
 enum Step {
     AwaitOpenSessionResponse,
     AwaitRakp2 {
@@ -37,6 +36,26 @@ enum Step {
         managed_guid: [u8; 16],
         sik: Vec<u8>,
     },
+}
+
+/// Hand-written so the session integrity key never reaches a log.
+impl std::fmt::Debug for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::AwaitOpenSessionResponse => f.write_str("AwaitOpenSessionResponse"),
+            Step::AwaitRakp2 { managed_session_id } => f
+                .debug_struct("AwaitRakp2")
+                .field("managed_session_id", managed_session_id)
+                .finish(),
+            Step::AwaitRakp4 {
+                managed_session_id, ..
+            } => f
+                .debug_struct("AwaitRakp4")
+                .field("managed_session_id", managed_session_id)
+                .field("sik", &"<redacted>")
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// Why a handshake stopped: either a hard error, or "this suite is not
@@ -335,7 +354,6 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
 }
 
 /// An established RMCP+ session: keys, ids and sequence numbers.
-#[derive(Debug)]
 pub struct Session {
     suite: CipherSuite,
     console_session_id: u32,
@@ -345,6 +363,19 @@ pub struct Session {
     outbound_seq: u32,
     inbound_seq_highest: u32,
     rq_seq: u8,
+}
+
+/// Hand-written so K1 and K2 never reach a log.
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("suite", &self.suite.id)
+            .field("console_session_id", &self.console_session_id)
+            .field("managed_session_id", &self.managed_session_id)
+            .field("outbound_seq", &self.outbound_seq)
+            .field("keys", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 /// How far behind the highest seen inbound sequence number a packet may be
