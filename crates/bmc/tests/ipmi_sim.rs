@@ -276,3 +276,65 @@ async fn suite_zero_is_refused_unless_allowed() {
     let error = IpmiClient::new(config).unwrap_err();
     assert!(matches!(error, BmcError::Negotiation { .. }), "{error:?}");
 }
+
+#[tokio::test]
+async fn soft_shutdown_reaches_the_chassis_script() {
+    let bmc = SimBmc::start(true).unwrap();
+    admin_client(&bmc)
+        .chassis_control(kvmha_bmc::ipmi::commands::ChassisControl::SoftShutdown)
+        .await
+        .unwrap();
+    assert_eq!(bmc.script_log(), vec!["shutdown 1"]);
+}
+
+/// A UDP relay in front of a BMC that drops every other datagram from the
+/// client: each exchange only succeeds through a retransmission.
+async fn lossy_relay(upstream: String) -> (String, tokio::task::JoinHandle<()>) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(&upstream).await.unwrap();
+    let address = front.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let mut client = None;
+        let mut from_client = 0u64;
+        let mut buffer = [0u8; 2048];
+        let mut reply = [0u8; 2048];
+        loop {
+            tokio::select! {
+                received = front.recv_from(&mut buffer) => {
+                    let Ok((length, peer)) = received else { return };
+                    client = Some(peer);
+                    from_client += 1;
+                    if from_client % 2 == 1 {
+                        continue; // dropped
+                    }
+                    let _ = back.send(&buffer[..length]).await;
+                }
+                received = back.recv(&mut reply) => {
+                    let Ok(length) = received else { return };
+                    if let Some(peer) = client {
+                        let _ = front.send_to(&reply[..length], peer).await;
+                    }
+                }
+            }
+        }
+    });
+    (address, task)
+}
+
+#[tokio::test]
+async fn retransmissions_get_through_a_network_that_drops_every_other_datagram() {
+    let bmc = SimBmc::start(true).unwrap();
+    let (relay, task) = lossy_relay(bmc.address()).await;
+    let mut config = IpmiConfig::new(relay, ADMIN_USER, Secret::new(ADMIN_PASSWORD));
+    config.cipher_suites = vec![3];
+    // Generous per-attempt time: a slow answer on a loaded machine would
+    // trigger an extra retransmission and shift which datagrams are dropped.
+    config.attempt_timeout = Duration::from_millis(500);
+    config.attempts_max = 3;
+    let client = IpmiClient::new(config).unwrap();
+    client.power_off().await.unwrap();
+    assert_eq!(client.status().await.unwrap(), PowerState::Off);
+    assert_eq!(bmc.script_log(), vec!["power 0"], "power off must run once");
+    task.abort();
+}
