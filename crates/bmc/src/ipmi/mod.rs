@@ -160,11 +160,7 @@ impl IpmiClient {
             match self.handshake(&transport, *suite).await {
                 Ok(session) => {
                     tracing::debug!(peer = %peer, suite = suite.id, "ipmi session established");
-                    let mut session = IpmiSession {
-                        transport,
-                        session,
-                        closed: false,
-                    };
+                    let mut session = IpmiSession { transport, session };
                     session.set_privilege(self.config.privilege).await?;
                     return Ok(session);
                 }
@@ -372,7 +368,6 @@ async fn channel_auth_capabilities(transport: &Transport, privilege: Privilege) 
 pub struct IpmiSession {
     transport: Transport,
     session: Session,
-    closed: bool,
 }
 
 impl IpmiSession {
@@ -391,7 +386,7 @@ impl IpmiSession {
         // Every retransmission gets its own session sequence number (a BMC
         // may drop a repeated one) but keeps the rqSeq, so a late answer to
         // an earlier copy still matches.
-        let attempts = self.transport_attempts();
+        let attempts = self.transport.attempts_max() as usize;
         let mut packets = Vec::with_capacity(attempts);
         let (first, rq_seq) = self
             .session
@@ -420,14 +415,6 @@ impl IpmiSession {
                 })
             })
             .await
-    }
-
-    fn transport_attempts(&self) -> usize {
-        self.transport_attempts_max() as usize
-    }
-
-    fn transport_attempts_max(&self) -> u32 {
-        self.transport.attempts_max()
     }
 
     pub async fn set_privilege(&mut self, privilege: Privilege) -> Result<Privilege> {
@@ -485,7 +472,6 @@ impl IpmiSession {
     }
 
     pub async fn close(mut self) -> Result<()> {
-        self.closed = true;
         let session_id = self.session.managed_session_id().to_le_bytes();
         let response = self
             .command(
