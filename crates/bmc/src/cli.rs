@@ -153,6 +153,15 @@ pub async fn run_to(args: &Args, out: &mut dyn Write) -> Result<()> {
         context: "write output".into(),
         source,
     };
+    let outcome = act(args, driver.as_ref(), timeout).await;
+    // Courtesy cleanup (a Redfish session slot); never changes the outcome.
+    if let Err(error) = bounded(timeout, "close", driver.close()).await {
+        tracing::debug!(%error, "closing the bmc session failed");
+    }
+    writeln!(out, "{}", outcome?).map_err(write_error)
+}
+
+async fn act(args: &Args, driver: &dyn PowerControl, timeout: Duration) -> Result<String> {
     let simple =
         |name: &str| -> serde_json::Value { serde_json::json!({ "action": name, "ok": true }) };
     let line = match args.action {
@@ -169,7 +178,7 @@ pub async fn run_to(args: &Args, out: &mut dyn Write) -> Result<()> {
                 deadline: timeout,
                 ..Fencer::default()
             };
-            let report = fencer.fence(driver.as_ref()).await?;
+            let report = fencer.fence(driver).await?;
             if args.json {
                 serde_json::to_string(&report).expect("report serializes")
             } else {
@@ -192,7 +201,7 @@ pub async fn run_to(args: &Args, out: &mut dyn Write) -> Result<()> {
             }
         }
     };
-    writeln!(out, "{line}").map_err(write_error)
+    Ok(line)
 }
 
 async fn bounded<T>(

@@ -58,6 +58,11 @@ pub trait PowerControl: Send + Sync + fmt::Debug {
     async fn power_cycle(&self) -> Result<()>;
     /// Hard reset.
     async fn reset(&self) -> Result<()>;
+    /// Releases what the driver holds on the BMC (a Redfish session).
+    /// Drivers without state keep the default.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Splits `HOST[:PORT]`, `[V6]:PORT` or a bare IPv6 address.

@@ -272,17 +272,46 @@ impl RedfishClient {
         Ok(())
     }
 
+    /// Sends one request and returns status and body. With session auth, a
+    /// 401 on a cached token (the BMC expired the session) logs in again
+    /// once and repeats the request.
+    async fn execute(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, String)> {
+        let mut relogged = false;
+        loop {
+            let mut request = self.http.request(method.clone(), self.url(path));
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = self
+                .authorize(request)
+                .await?
+                .send()
+                .await
+                .map_err(|error| self.transport_error(error))?;
+            let status = response.status();
+            let text = response
+                .text()
+                .await
+                .map_err(|error| self.transport_error(error))?;
+            if status == StatusCode::UNAUTHORIZED
+                && self.config.auth == RedfishAuth::Session
+                && !relogged
+            {
+                relogged = true;
+                self.session.lock().await.take();
+                continue;
+            }
+            return Ok((status, text));
+        }
+    }
+
     async fn get_json(&self, path: &str) -> Result<Value> {
-        let request = self.authorize(self.http.get(self.url(path))).await?;
-        let response = request
-            .send()
-            .await
-            .map_err(|error| self.transport_error(error))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|error| self.transport_error(error))?;
+        let (status, body) = self.execute(reqwest::Method::GET, path, None).await?;
         check_status(&format!("GET {path}"), status, &body)?;
         serde_json::from_str(&body)
             .map_err(|error| BmcError::protocol(format!("GET {path}: invalid json: {error}")))
@@ -357,18 +386,9 @@ impl RedfishClient {
                 )
             });
         let body = serde_json::json!({ "ResetType": reset_type.as_str() });
-        let request = self
-            .authorize(self.http.post(self.url(&target)).json(&body))
+        let (status, text) = self
+            .execute(reqwest::Method::POST, &target, Some(&body))
             .await?;
-        let response = request
-            .send()
-            .await
-            .map_err(|error| self.transport_error(error))?;
-        let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|error| self.transport_error(error))?;
         let operation = format!("redfish reset {}", reset_type.as_str());
         match check_status(&operation, status, &text) {
             Ok(()) => Ok(()),
@@ -427,6 +447,10 @@ impl PowerControl for RedfishClient {
 
     async fn status(&self) -> Result<PowerState> {
         self.power_state().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.logout().await
     }
 
     async fn power_off(&self) -> Result<()> {

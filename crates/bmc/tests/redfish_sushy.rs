@@ -17,11 +17,65 @@ use std::time::{Duration, Instant};
 const USER: &str = "redfish-admin";
 const PASSWORD: &str = "redfish-pw-123";
 
+/// With `KVMHA_SESSIONS=1` the wrapper also puts a minimal Redfish
+/// SessionService in front of sushy (which has none): POST …/Sessions with
+/// the right credentials returns an X-Auth-Token and a Location, requests
+/// bearing a live token are passed on as if they had Basic auth, DELETE of
+/// the Location ends the session and is logged to `SESSIONS_LOG`.
 const WRAPPER: &str = r#"
-import sys, types
+import base64, json, os, sys, types, uuid
 from sushy_tools.emulator.resources.systems import fakedriver
 fakedriver.random = types.SimpleNamespace(randint=lambda low, high: 0)
 from sushy_tools.emulator import main
+
+class Sessions:
+    PREFIX = "/redfish/v1/SessionService/Sessions"
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.user, self.password = os.environ["U"], os.environ["P"]
+        self.tokens = {}
+
+    def reply(self, start, status, headers=(), body=b""):
+        start(status, [("Content-Type", "application/json")] + list(headers))
+        return [body]
+
+    def __call__(self, env, start):
+        path = env.get("PATH_INFO", "").rstrip("/")
+        method = env["REQUEST_METHOD"]
+        token = env.get("HTTP_X_AUTH_TOKEN")
+        if path == self.PREFIX and method == "POST":
+            length = int(env.get("CONTENT_LENGTH") or 0)
+            body = json.loads(env["wsgi.input"].read(length) or b"{}")
+            if (body.get("UserName"), body.get("Password")) != (self.user, self.password):
+                return self.reply(start, "401 Unauthorized")
+            session_id, token = uuid.uuid4().hex[:8], uuid.uuid4().hex
+            self.tokens[token] = session_id
+            location = self.PREFIX + "/" + session_id
+            return self.reply(start, "201 Created", [("X-Auth-Token", token), ("Location", location)],
+                              json.dumps({"Id": session_id}).encode())
+        if path.startswith(self.PREFIX + "/") and method == "DELETE":
+            session_id = path.rsplit("/", 1)[1]
+            if self.tokens.get(token) != session_id:
+                return self.reply(start, "401 Unauthorized")
+            del self.tokens[token]
+            with open(os.environ["SESSIONS_LOG"], "a") as log:
+                log.write("deleted\n")
+            return self.reply(start, "204 No Content")
+        if token is not None:
+            if token not in self.tokens:
+                return self.reply(start, "401 Unauthorized")
+            credentials = base64.b64encode((self.user + ":" + self.password).encode()).decode()
+            env["HTTP_AUTHORIZATION"] = "Basic " + credentials
+        return self.inner(env, start)
+
+if os.environ.get("KVMHA_SESSIONS") == "1":
+    run = main.app.run
+    def run_with_sessions(*args, **kwargs):
+        main.app.wsgi_app = Sessions(main.app.wsgi_app)
+        return run(*args, **kwargs)
+    main.app.run = run_with_sessions
+
 sys.argv = ["sushy-emulator", "--config", sys.argv[1]]
 sys.exit(main.main())
 "#;
@@ -38,6 +92,7 @@ struct SushyOptions {
     initially_on: bool,
     tls: bool,
     disable_power_off: bool,
+    sessions: bool,
 }
 
 fn free_tcp_port() -> u16 {
@@ -102,6 +157,10 @@ impl Sushy {
         let child = Command::new("python3")
             .args(["-c", WRAPPER])
             .arg(&config_path)
+            .env("KVMHA_SESSIONS", if options.sessions { "1" } else { "0" })
+            .env("U", USER)
+            .env("P", PASSWORD)
+            .env("SESSIONS_LOG", dir.path().join("sessions.log"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -134,6 +193,12 @@ impl Sushy {
     fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn deleted_sessions(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("sessions.log"))
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
     }
 
     fn ca(&self) -> PathBuf {
@@ -416,6 +481,39 @@ async fn session_auth_against_a_bmc_without_session_service_fails_clearly() {
             error,
             BmcError::Refused { .. } | BmcError::Authentication { .. }
         ),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn session_auth_logs_in_controls_power_and_logs_out() {
+    let sushy = Sushy::start(SushyOptions {
+        initially_on: true,
+        sessions: true,
+        ..Default::default()
+    });
+    let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
+    config.auth = RedfishAuth::Session;
+    let client = RedfishClient::new(config.clone()).unwrap();
+    assert_eq!(client.status().await.unwrap(), PowerState::On);
+    client.power_off().await.unwrap();
+    assert_eq!(client.status().await.unwrap(), PowerState::Off);
+    assert_eq!(sushy.witness_power(), "Off");
+    client.close().await.unwrap();
+    assert_eq!(
+        sushy.deleted_sessions(),
+        1,
+        "the session must be deleted on close"
+    );
+
+    config.password = Secret::new("wrong-session-pw");
+    let error = RedfishClient::new(config)
+        .unwrap()
+        .status()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, BmcError::Authentication { .. }),
         "{error:?}"
     );
 }
