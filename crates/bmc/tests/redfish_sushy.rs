@@ -517,3 +517,58 @@ async fn session_auth_logs_in_controls_power_and_logs_out() {
         "{error:?}"
     );
 }
+
+/// The CLI's Redfish path in-process: flags to driver to output.
+#[derive(Debug, clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: kvmha_bmc::cli::Args,
+}
+
+async fn cli(sushy: &Sushy, extra: &[&str]) -> Result<String, BmcError> {
+    use clap::Parser;
+    let password_file = sushy.dir.path().join("cli-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let mut argv = vec![
+        "kvmha-bmc".to_string(),
+        "--driver".into(),
+        "redfish".into(),
+        "--address".into(),
+        sushy.url(),
+        "--user".into(),
+        USER.into(),
+        "--password-file".into(),
+        password_file.display().to_string(),
+    ];
+    argv.extend(extra.iter().map(|arg| arg.to_string()));
+    let parsed = Cli::try_parse_from(argv).unwrap();
+    let mut out = Vec::new();
+    kvmha_bmc::cli::run_to(&parsed.args, &mut out).await?;
+    Ok(String::from_utf8(out).unwrap().trim().to_string())
+}
+
+#[tokio::test]
+async fn cli_over_redfish_with_tls_status_and_fence() {
+    let sushy = Sushy::start(SushyOptions {
+        initially_on: true,
+        tls: true,
+        ..Default::default()
+    });
+    let ca = sushy.ca().display().to_string();
+    assert_eq!(
+        cli(&sushy, &["status", "--json", "--ca-bundle", &ca])
+            .await
+            .unwrap(),
+        r#"{"power":"on"}"#
+    );
+    // Without a CA bundle the self-signed chain is refused, not trusted.
+    let error = cli(&sushy, &["status"]).await.unwrap_err();
+    assert!(matches!(error, BmcError::Unreachable { .. }), "{error:?}");
+    let fenced = cli(&sushy, &["fence", "--insecure"]).await.unwrap();
+    assert!(fenced.contains("redfish: power off sent"), "{fenced}");
+    assert_eq!(sushy.witness_power(), "Off");
+    let error = cli(&sushy, &["status", "--insecure", "--ca-bundle", &ca])
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BmcError::Config { .. }), "{error:?}");
+}
