@@ -338,3 +338,16 @@ async fn retransmissions_get_through_a_network_that_drops_every_other_datagram()
     assert_eq!(bmc.script_log(), vec!["power 0"], "power off must run once");
     task.abort();
 }
+
+#[tokio::test]
+async fn suite_zero_works_only_when_explicitly_allowed() {
+    let bmc = SimBmc::start(true).unwrap();
+    let mut config = IpmiConfig::new(bmc.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
+    config.cipher_suites = vec![0];
+    config.allow_suite_zero = true;
+    let client = IpmiClient::new(config).unwrap();
+    let session = client.open_session().await.unwrap();
+    assert_eq!(session.cipher_suite(), 0);
+    session.close().await.unwrap();
+    assert_eq!(client.status().await.unwrap(), PowerState::On);
+}
