@@ -18,7 +18,7 @@ pub enum BmcError {
 
     /// The BMC answered and said no. For IPMI `code` is the completion code
     /// (or RMCP+ status code during session set-up); for Redfish the HTTP status.
-    #[error("{operation} refused by bmc: code {code:#04x} ({meaning})")]
+    #[error("{operation} refused by bmc: code {} ({meaning})", display_code(*code))]
     Refused {
         operation: String,
         code: u16,
@@ -69,6 +69,16 @@ impl BmcError {
         BmcError::Protocol {
             reason: reason.into(),
         }
+    }
+}
+
+/// IPMI codes are a byte and read best in hex (the spec's "D4h"); HTTP
+/// statuses (all above FFh when they are errors) read best in decimal.
+fn display_code(code: u16) -> String {
+    if code <= 0xff {
+        format!("{code:#04x}")
+    } else {
+        format!("http {code}")
     }
 }
 

@@ -239,7 +239,9 @@ async fn user_privilege_reads_status_but_is_refused_power_control() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(
-        error.to_string().contains("insufficient privilege"),
+        error
+            .to_string()
+            .contains("code 0xd4 (insufficient privilege level)"),
         "{error}"
     );
     assert!(bmc.script_power(), "refused power off must leave power on");

@@ -399,6 +399,7 @@ async fn refused_power_off_is_resolved_by_reading_the_state_back() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+    assert!(error.to_string().contains("code http 400"), "{error}");
     let fenced = Fencer {
         deadline: Duration::from_secs(2),
         ..Fencer::default()
