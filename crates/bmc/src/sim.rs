@@ -187,6 +187,12 @@ set_working_mc 0x20
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// ipmi_sim has been seen to die silently under heavy probing: callers
+    /// check this before a scenario rather than blame the client.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 impl Drop for IpmiSim {

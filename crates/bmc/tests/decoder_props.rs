@@ -106,3 +106,118 @@ proptest! {
         prop_assert_eq!(crypto::decrypt_aes_cbc_128(&key, &sealed).unwrap(), plaintext);
     }
 }
+
+/// A real established session (keys derived through the public crypto API,
+/// BMC side included), plus the BMC-side keys to forge valid responses.
+fn established(suite: CipherSuite) -> (kvmha_bmc::ipmi::session::Session, Vec<u8>, Vec<u8>) {
+    let hash = suite.hash.expect("authenticated suite");
+    let password = b"password";
+    let user_key = crypto::user_key(password);
+    let managed_random = [2u8; 16];
+    let guid = [3u8; 16];
+    let mut handshake = handshake(suite);
+    let mut open = vec![9, 0, 4, 0];
+    open.extend_from_slice(&7u32.to_le_bytes());
+    open.extend_from_slice(&0x55u32.to_le_bytes());
+    for (kind, algorithm) in [
+        (0u8, suite.authentication_algorithm()),
+        (1, suite.integrity),
+        (2, suite.confidentiality),
+    ] {
+        open.extend_from_slice(&[kind, 0, 0, 8, algorithm, 0, 0, 0]);
+    }
+    let setup = |payload_type, payload: &[u8]| {
+        codec::encode_v2(
+            V2Header {
+                payload_type,
+                encrypted: false,
+                authenticated: false,
+                session_id: 0,
+                session_seq: 0,
+            },
+            payload,
+            None,
+        )
+    };
+    handshake
+        .on_open_session_response(&setup(codec::PAYLOAD_OPEN_SESSION_RESPONSE, &open))
+        .unwrap()
+        .unwrap();
+    let inputs = crypto::RakpInputs {
+        console_session_id: 7,
+        managed_session_id: 0x55,
+        console_random: &[1; 16],
+        managed_random: &managed_random,
+        managed_guid: &guid,
+        role: 0x14,
+        username: b"admin",
+    };
+    let mut rakp2 = vec![9, 0, 0, 0];
+    rakp2.extend_from_slice(&7u32.to_le_bytes());
+    rakp2.extend_from_slice(&managed_random);
+    rakp2.extend_from_slice(&guid);
+    rakp2.extend(inputs.rakp2_auth_code(hash, &user_key));
+    handshake
+        .on_rakp2(&setup(codec::PAYLOAD_RAKP2, &rakp2))
+        .unwrap()
+        .unwrap();
+    let sik = inputs.session_integrity_key(hash, &user_key);
+    let mut rakp4 = vec![9, 0, 0, 0];
+    rakp4.extend_from_slice(&7u32.to_le_bytes());
+    rakp4.extend(inputs.rakp4_integrity_check(hash, &sik));
+    let session = handshake
+        .on_rakp4(&setup(codec::PAYLOAD_RAKP4, &rakp4))
+        .unwrap()
+        .unwrap();
+    (
+        session,
+        crypto::additional_key(hash, &sik, 1),
+        crypto::additional_key(hash, &sik, 2),
+    )
+}
+
+/// A valid, sealed Get Chassis Status response from the BMC side.
+fn bmc_response(suite: CipherSuite, k1: &[u8], k2: &[u8], seq: u32) -> Vec<u8> {
+    let mut message = vec![0x81, 0x04];
+    message.push(codec::checksum(&message));
+    message.extend_from_slice(&[0x20, 0x04, 0x01, 0x00, 0x01, 0x00, 0x00]);
+    message.push(codec::checksum(&message[3..]));
+    let payload = crypto::encrypt_aes_cbc_128(k2, &[4; 16], &message);
+    let integrity = |covered: &[u8]| crypto::integrity_code(suite, k1, covered);
+    codec::encode_v2(
+        V2Header {
+            payload_type: codec::PAYLOAD_IPMI,
+            encrypted: true,
+            authenticated: true,
+            session_id: 7,
+            session_seq: seq,
+        },
+        &payload,
+        Some(&integrity),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    #[test]
+    fn established_sessions_reject_garbage_and_any_bit_flip(
+        garbage in datagram(),
+        flip_at in any::<prop::sample::Index>(),
+        flip_bit in 0u8..8,
+    ) {
+        for suite in [CipherSuite::SUITE_3, CipherSuite::SUITE_17] {
+            let (mut session, k1, k2) = established(suite);
+            let _ = session.open_response(&garbage);
+            let valid = bmc_response(suite, &k1, &k2, 1);
+            let mut flipped = valid.clone();
+            // Bytes 0..4 are the RMCP header, outside the integrity code
+            // (and the decoder only accepts one value for most of them).
+            let at = 4 + flip_at.index(flipped.len() - 4);
+            flipped[at] ^= 1 << flip_bit;
+            prop_assert!(session.open_response(&flipped).is_err(), "flip at {} accepted", at);
+            let opened = session.open_response(&valid).unwrap();
+            prop_assert_eq!(opened.data, vec![0x01, 0x00, 0x00]);
+        }
+    }
+}
