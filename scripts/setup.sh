@@ -15,6 +15,11 @@ packages=(
   nftables
   procps
   psmisc
+  openipmi
+  ipmitool
+  python3
+  python3-pip
+  openssl
 )
 
 missing=()
@@ -28,6 +33,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# PyPI: sushy-tools provides sushy-emulator, the Redfish BMC the bmc crate's
+# tests run against (its fake driver; crates/bmc/tests/redfish_sushy.rs).
+# Debian 12 marks the system Python as externally managed, hence the flag;
+# it is only ever installed for root on a CI or lab machine.
+if ! python3 -c 'import sushy_tools' >/dev/null 2>&1; then
+  echo "setup: installing sushy-tools (PyPI)" >&2
+  python3 -m pip install --quiet --break-system-packages sushy-tools
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

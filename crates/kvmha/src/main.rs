@@ -14,11 +14,24 @@ struct Cli {
 enum Command {
     /// Replay one seeded incident in the deterministic simulator and print its timeline.
     Simulate(simulate::SimulateArgs),
+    /// Power control of one host through its BMC (IPMI, Redfish, ipmitool).
+    Bmc(kvmha_bmc::cli::Args),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Median latency of status and off-and-verify: kvmha's IPMI client vs ipmitool.
+    Bmc(kvmha_bmc::bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate(args) => simulate::run(args),
+        Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),
+        Command::Bench(Bench::Bmc(args)) => Ok(kvmha_bmc::bench::run_blocking(args)?),
     }
 }
