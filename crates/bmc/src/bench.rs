@@ -42,11 +42,7 @@ pub struct BenchReport {
 fn median_ms(mut samples: Vec<Duration>) -> f64 {
     samples.sort();
     let middle = samples.len() / 2;
-    let median = if samples.len() % 2 == 1 {
-        samples[middle]
-    } else {
-        (samples[middle - 1] + samples[middle]) / 2
-    };
+    let median = if samples.len() % 2 == 1 { samples[middle] } else { (samples[middle - 1] + samples[middle]) / 2 };
     median.as_secs_f64() * 1000.0
 }
 
@@ -65,11 +61,8 @@ async fn time_off_and_verify(
     restore: &dyn PowerControl,
     iterations: u32,
 ) -> Result<Vec<Duration>> {
-    let fencer = Fencer {
-        deadline: Duration::from_secs(10),
-        poll_interval: Duration::from_millis(10),
-        ..Fencer::default()
-    };
+    let fencer =
+        Fencer { deadline: Duration::from_secs(10), poll_interval: Duration::from_millis(10), ..Fencer::default() };
     let mut samples = Vec::with_capacity(iterations as usize);
     for _ in 0..iterations {
         // Untimed: put the chassis back on so every sample does real work.
@@ -90,11 +83,7 @@ pub async fn measure(iterations: u32) -> Result<BenchReport> {
     let mut ours_config = IpmiConfig::new(sim.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
     ours_config.cipher_suites = vec![3];
     let ours = IpmiClient::new(ours_config)?;
-    let ipmitool = Ipmitool::new(IpmitoolConfig::new(
-        sim.address(),
-        ADMIN_USER,
-        Secret::new(ADMIN_PASSWORD),
-    ))?;
+    let ipmitool = Ipmitool::new(IpmitoolConfig::new(sim.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD)))?;
 
     let mut measurements = Vec::new();
     let ours_status = median_ms(time_status(&ours, iterations).await?);
@@ -113,43 +102,25 @@ pub async fn measure(iterations: u32) -> Result<BenchReport> {
         ipmitool_median_ms: ipmitool_fence,
         ratio: ipmitool_fence / ours_fence,
     });
-    Ok(BenchReport {
-        iterations,
-        measurements,
-    })
+    Ok(BenchReport { iterations, measurements })
 }
 
 pub async fn run(args: Args) -> Result<()> {
     let report = measure(args.iterations).await?;
     let mut out = std::io::stdout().lock();
-    let write_error = |source| BmcError::Io {
-        context: "write output".into(),
-        source,
-    };
+    let write_error = |source| BmcError::Io { context: "write output".into(), source };
     if args.json {
         let json = serde_json::to_string(&report).expect("report serializes");
         return writeln!(out, "{json}").map_err(write_error);
     }
-    writeln!(
-        out,
-        "bmc benchmark: ipmi_sim, cipher suite 3, {} iterations, medians",
-        report.iterations
-    )
-    .map_err(write_error)?;
-    writeln!(
-        out,
-        "{:<16} {:>10} {:>12} {:>8}",
-        "operation", "kvmha", "ipmitool", "ratio"
-    )
-    .map_err(write_error)?;
+    writeln!(out, "bmc benchmark: ipmi_sim, cipher suite 3, {} iterations, medians", report.iterations)
+        .map_err(write_error)?;
+    writeln!(out, "{:<16} {:>10} {:>12} {:>8}", "operation", "kvmha", "ipmitool", "ratio").map_err(write_error)?;
     for measurement in &report.measurements {
         writeln!(
             out,
             "{:<16} {:>7.1} ms {:>9.1} ms {:>7.1}x",
-            measurement.operation,
-            measurement.ours_median_ms,
-            measurement.ipmitool_median_ms,
-            measurement.ratio
+            measurement.operation, measurement.ours_median_ms, measurement.ipmitool_median_ms, measurement.ratio
         )
         .map_err(write_error)?;
     }
@@ -161,10 +132,7 @@ pub fn run_blocking(args: Args) -> Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| BmcError::Io {
-            context: "start async runtime".into(),
-            source,
-        })?
+        .map_err(|source| BmcError::Io { context: "start async runtime".into(), source })?
         .block_on(run(args))
 }
 

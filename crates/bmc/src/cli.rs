@@ -114,9 +114,7 @@ pub fn driver_from_args(args: &Args) -> Result<Box<dyn PowerControl>> {
             config.system_id = args.system_id.clone();
             config.tls = match (&args.ca_bundle, args.insecure) {
                 (Some(_), true) => {
-                    return Err(BmcError::Config {
-                        reason: "--ca-bundle and --insecure contradict each other".into(),
-                    })
+                    return Err(BmcError::Config { reason: "--ca-bundle and --insecure contradict each other".into() })
                 }
                 (Some(path), false) => RedfishTls::CaBundle(path.clone()),
                 (None, true) => RedfishTls::Insecure,
@@ -138,10 +136,7 @@ pub fn run_blocking(args: Args) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| BmcError::Io {
-            context: "start async runtime".into(),
-            source,
-        })?;
+        .map_err(|source| BmcError::Io { context: "start async runtime".into(), source })?;
     runtime.block_on(run(args))
 }
 
@@ -149,10 +144,7 @@ pub fn run_blocking(args: Args) -> Result<()> {
 pub async fn run_to(args: &Args, out: &mut dyn Write) -> Result<()> {
     let driver = driver_from_args(args)?;
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
-    let write_error = |source| BmcError::Io {
-        context: "write output".into(),
-        source,
-    };
+    let write_error = |source| BmcError::Io { context: "write output".into(), source };
     let outcome = act(args, driver.as_ref(), timeout).await;
     // Courtesy cleanup (a Redfish session slot); never changes the outcome.
     if let Err(error) = bounded(timeout, "close", driver.close()).await {
@@ -162,8 +154,7 @@ pub async fn run_to(args: &Args, out: &mut dyn Write) -> Result<()> {
 }
 
 async fn act(args: &Args, driver: &dyn PowerControl, timeout: Duration) -> Result<String> {
-    let simple =
-        |name: &str| -> serde_json::Value { serde_json::json!({ "action": name, "ok": true }) };
+    let simple = |name: &str| -> serde_json::Value { serde_json::json!({ "action": name, "ok": true }) };
     let line = match args.action {
         Action::Status => {
             let power = bounded(timeout, "status", driver.status()).await?;
@@ -174,10 +165,7 @@ async fn act(args: &Args, driver: &dyn PowerControl, timeout: Duration) -> Resul
             }
         }
         Action::Fence => {
-            let fencer = Fencer {
-                deadline: timeout,
-                ..Fencer::default()
-            };
+            let fencer = Fencer { deadline: timeout, ..Fencer::default() };
             let report = fencer.fence(driver).await?;
             if args.json {
                 serde_json::to_string(&report).expect("report serializes")
@@ -209,12 +197,7 @@ async fn bounded<T>(
     operation: &str,
     call: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    tokio::time::timeout(timeout, call)
-        .await
-        .unwrap_or_else(|_elapsed| {
-            Err(BmcError::Timeout {
-                operation: operation.to_string(),
-                after_ms: timeout.as_millis() as u64,
-            })
-        })
+    tokio::time::timeout(timeout, call).await.unwrap_or_else(|_elapsed| {
+        Err(BmcError::Timeout { operation: operation.to_string(), after_ms: timeout.as_millis() as u64 })
+    })
 }

@@ -19,21 +19,13 @@ pub enum BmcError {
     /// The BMC answered and said no. For IPMI `code` is the completion code
     /// (or RMCP+ status code during session set-up); for Redfish the HTTP status.
     #[error("{operation} refused by bmc: code {} ({meaning})", display_code(*code))]
-    Refused {
-        operation: String,
-        code: u16,
-        meaning: String,
-    },
+    Refused { operation: String, code: u16, meaning: String },
 
     #[error("{operation} timed out after {after_ms} ms")]
     Timeout { operation: String, after_ms: u64 },
 
     #[error("power state never read back {wanted} within {after_ms} ms (last read: {last})")]
-    StateNeverReached {
-        wanted: PowerState,
-        last: String,
-        after_ms: u64,
-    },
+    StateNeverReached { wanted: PowerState, last: String, after_ms: u64 },
 
     /// Malformed or unverifiable bytes from the peer (bad checksum, bad
     /// integrity code, unexpected payload).
@@ -59,16 +51,11 @@ impl BmcError {
     /// True when trying again later may succeed without anyone changing
     /// anything: the network or the BMC may come back.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            BmcError::Unreachable { .. } | BmcError::Timeout { .. } | BmcError::Io { .. }
-        )
+        matches!(self, BmcError::Unreachable { .. } | BmcError::Timeout { .. } | BmcError::Io { .. })
     }
 
     pub(crate) fn protocol(reason: impl Into<String>) -> Self {
-        BmcError::Protocol {
-            reason: reason.into(),
-        }
+        BmcError::Protocol { reason: reason.into() }
     }
 }
 

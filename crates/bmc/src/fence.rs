@@ -61,20 +61,14 @@ pub struct FenceReport {
     pub evidence: String,
 }
 
-fn serialize_millis<S: serde::Serializer>(
-    duration: &Duration,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
+fn serialize_millis<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_u64(duration.as_millis() as u64)
 }
 
 /// Errors no retry can fix: stop at once rather than hammer the BMC (and
 /// lock the account) until the deadline.
 fn is_fatal(error: &BmcError) -> bool {
-    matches!(
-        error,
-        BmcError::Authentication { .. } | BmcError::Config { .. } | BmcError::Negotiation { .. }
-    )
+    matches!(error, BmcError::Authentication { .. } | BmcError::Config { .. } | BmcError::Negotiation { .. })
 }
 
 impl Fencer {
@@ -92,10 +86,7 @@ impl Fencer {
 
         let report = |outcome: FenceOutcome, attempts: u32, reads: u32, note: String| {
             let elapsed = started.elapsed();
-            let evidence = format!(
-                "bmc {target}: {note}, read back off after {}ms",
-                elapsed.as_millis()
-            );
+            let evidence = format!("bmc {target}: {note}, read back off after {}ms", elapsed.as_millis());
             tracing::info!(target = %target, ?outcome, attempts, reads, elapsed_ms = elapsed.as_millis() as u64, "fence verified");
             FenceReport {
                 outcome,
@@ -112,12 +103,7 @@ impl Fencer {
         status_reads += 1;
         match bounded(deadline, "status", bmc.status()).await {
             Ok(PowerState::Off) => {
-                return Ok(report(
-                    FenceOutcome::AlreadyOff,
-                    0,
-                    status_reads,
-                    "already off, no power off needed".into(),
-                ))
+                return Ok(report(FenceOutcome::AlreadyOff, 0, status_reads, "already off, no power off needed".into()))
             }
             Ok(PowerState::On) => last_state = Some(PowerState::On),
             Err(error) if is_fatal(&error) => return Err(error),
@@ -157,10 +143,7 @@ impl Fencer {
                     let (outcome, note) = if power_off_accepted {
                         (FenceOutcome::PoweredOff, "power off sent".to_string())
                     } else if let Some(refusal) = &power_off_refusal {
-                        (
-                            FenceOutcome::AlreadyOff,
-                            format!("power off not accepted ({refusal})"),
-                        )
+                        (FenceOutcome::AlreadyOff, format!("power off not accepted ({refusal})"))
                     } else {
                         (FenceOutcome::AlreadyOff, "power off unanswered".to_string())
                     };
@@ -185,11 +168,7 @@ impl Fencer {
             return Err(refusal);
         }
         if power_off_accepted && last_state == Some(PowerState::On) {
-            return Err(BmcError::StateNeverReached {
-                wanted: PowerState::Off,
-                last: "on".into(),
-                after_ms,
-            });
+            return Err(BmcError::StateNeverReached { wanted: PowerState::Off, last: "on".into(), after_ms });
         }
         if let Some(error) = last_error {
             return Err(error);
@@ -211,9 +190,8 @@ async fn bounded<T>(
     let remaining = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(remaining, call).await {
         Ok(outcome) => outcome,
-        Err(_elapsed) => Err(BmcError::Timeout {
-            operation: format!("fence {operation}"),
-            after_ms: remaining.as_millis() as u64,
-        }),
+        Err(_elapsed) => {
+            Err(BmcError::Timeout { operation: format!("fence {operation}"), after_ms: remaining.as_millis() as u64 })
+        }
     }
 }

@@ -73,35 +73,18 @@ impl Ipmitool {
             .arg(self.config.cipher_suite.to_string())
             .args(["-H", &self.host, "-p"])
             .arg(self.port.to_string())
-            .args([
-                "-U",
-                &self.config.username,
-                "-E",
-                "-L",
-                self.privilege_name(),
-            ])
+            .args(["-U", &self.config.username, "-E", "-L", self.privilege_name()])
             .args(["-N", &per_try_seconds.to_string(), "-R", "2"])
             .args(chassis_args)
-            .env(
-                "IPMI_PASSWORD",
-                std::ffi::OsStr::from_bytes(self.config.password.expose()),
-            )
+            .env("IPMI_PASSWORD", std::ffi::OsStr::from_bytes(self.config.password.expose()))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         let operation = format!("ipmitool {}", chassis_args.join(" "));
         let output = match tokio::time::timeout(self.config.timeout, command.output()).await {
             Err(_elapsed) => {
-                return Err(BmcError::Timeout {
-                    operation,
-                    after_ms: self.config.timeout.as_millis() as u64,
-                })
+                return Err(BmcError::Timeout { operation, after_ms: self.config.timeout.as_millis() as u64 })
             }
-            Ok(Err(source)) => {
-                return Err(BmcError::Io {
-                    context: format!("run {}", self.config.binary),
-                    source,
-                })
-            }
+            Ok(Err(source)) => return Err(BmcError::Io { context: format!("run {}", self.config.binary), source }),
             Ok(Ok(output)) => output,
         };
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -118,21 +101,13 @@ impl Ipmitool {
 /// failure; the line before it (with `-v`) says which one it was.
 fn classify_failure(operation: &str, address: &str, stderr: &str) -> BmcError {
     let lower = stderr.to_ascii_lowercase();
-    let last_line = stderr
-        .lines()
-        .rev()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let last_line = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("").trim().to_string();
     if lower.contains("rakp 2 hmac is invalid")
         || lower.contains("unauthorized name")
         || lower.contains("invalid user name")
         || lower.contains("rakp 4 message has invalid integrity check")
     {
-        return BmcError::Authentication {
-            reason: format!("ipmitool: {last_line}"),
-        };
+        return BmcError::Authentication { reason: format!("ipmitool: {last_line}") };
     }
     if lower.contains("insufficient privilege") {
         return BmcError::Refused {
@@ -145,14 +120,9 @@ fn classify_failure(operation: &str, address: &str, stderr: &str) -> BmcError {
         || lower.contains("no response from remote controller")
         || lower.contains("unable to establish lan session")
     {
-        return BmcError::Unreachable {
-            address: address.to_string(),
-            reason: format!("ipmitool: {last_line}"),
-        };
+        return BmcError::Unreachable { address: address.to_string(), reason: format!("ipmitool: {last_line}") };
     }
-    BmcError::Protocol {
-        reason: format!("{operation} failed: {last_line}"),
-    }
+    BmcError::Protocol { reason: format!("{operation} failed: {last_line}") }
 }
 
 #[async_trait::async_trait]
@@ -168,10 +138,7 @@ impl PowerControl for Ipmitool {
         } else if stdout.contains("Chassis Power is off") {
             Ok(PowerState::Off)
         } else {
-            Err(BmcError::protocol(format!(
-                "unexpected ipmitool status output {:?}",
-                stdout.trim()
-            )))
+            Err(BmcError::protocol(format!("unexpected ipmitool status output {:?}", stdout.trim())))
         }
     }
 

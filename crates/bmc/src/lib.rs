@@ -67,9 +67,7 @@ pub trait PowerControl: Send + Sync + fmt::Debug {
 
 /// Splits `HOST[:PORT]`, `[V6]:PORT` or a bare IPv6 address.
 pub(crate) fn split_host_port(address: &str, default_port: u16) -> Result<(String, u16)> {
-    let invalid = || BmcError::Config {
-        reason: format!("invalid bmc address {address:?}: expected HOST[:PORT]"),
-    };
+    let invalid = || BmcError::Config { reason: format!("invalid bmc address {address:?}: expected HOST[:PORT]") };
     if let Some(rest) = address.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(invalid)?;
         let port = match after.strip_prefix(':') {
@@ -97,18 +95,9 @@ mod tests {
     #[test]
     fn host_port_forms() {
         assert_eq!(split_host_port("bmc1", 623).unwrap(), ("bmc1".into(), 623));
-        assert_eq!(
-            split_host_port("10.0.0.1:9001", 623).unwrap(),
-            ("10.0.0.1".into(), 9001)
-        );
-        assert_eq!(
-            split_host_port("[::1]:9001", 623).unwrap(),
-            ("::1".into(), 9001)
-        );
-        assert_eq!(
-            split_host_port("fe80::1", 623).unwrap(),
-            ("fe80::1".into(), 623)
-        );
+        assert_eq!(split_host_port("10.0.0.1:9001", 623).unwrap(), ("10.0.0.1".into(), 9001));
+        assert_eq!(split_host_port("[::1]:9001", 623).unwrap(), ("::1".into(), 9001));
+        assert_eq!(split_host_port("fe80::1", 623).unwrap(), ("fe80::1".into(), 623));
         assert!(split_host_port("host:notaport", 623).is_err());
         assert!(split_host_port("", 623).is_err());
     }

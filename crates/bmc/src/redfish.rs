@@ -69,10 +69,7 @@ struct SessionToken {
 /// The token is a credential: never in Debug output.
 impl std::fmt::Debug for SessionToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionToken")
-            .field("token", &"<redacted>")
-            .field("location", &self.location)
-            .finish()
+        f.debug_struct("SessionToken").field("token", &"<redacted>").field("location", &self.location).finish()
     }
 }
 
@@ -121,47 +118,26 @@ impl RedfishClient {
             config.address.trim_end_matches('/').to_string()
         } else {
             let (host, port) = crate::split_host_port(&config.address, 443)?;
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host
-            };
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
             format!("https://{host}:{port}")
         };
-        let mut builder = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .use_rustls_tls();
+        let mut builder =
+            reqwest::Client::builder().timeout(config.timeout).connect_timeout(config.timeout).use_rustls_tls();
         builder = match &config.tls {
             RedfishTls::WebRoots => builder,
             RedfishTls::CaBundle(path) => {
-                let pem = std::fs::read(path).map_err(|source| BmcError::Io {
-                    context: format!("read ca bundle {}", path.display()),
-                    source,
-                })?;
-                let certificates =
-                    reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| {
-                        BmcError::Config {
-                            reason: format!("ca bundle {}: {error}", path.display()),
-                        }
-                    })?;
-                certificates.into_iter().fold(
-                    builder.tls_built_in_root_certs(false),
-                    |builder, certificate| builder.add_root_certificate(certificate),
-                )
+                let pem = std::fs::read(path)
+                    .map_err(|source| BmcError::Io { context: format!("read ca bundle {}", path.display()), source })?;
+                let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|error| BmcError::Config { reason: format!("ca bundle {}: {error}", path.display()) })?;
+                certificates.into_iter().fold(builder.tls_built_in_root_certs(false), |builder, certificate| {
+                    builder.add_root_certificate(certificate)
+                })
             }
             RedfishTls::Insecure => builder.danger_accept_invalid_certs(true),
         };
-        let http = builder.build().map_err(|error| BmcError::Config {
-            reason: format!("http client: {error}"),
-        })?;
-        Ok(RedfishClient {
-            config,
-            base_url,
-            http,
-            system_path: Mutex::new(None),
-            session: Mutex::new(None),
-        })
+        let http = builder.build().map_err(|error| BmcError::Config { reason: format!("http client: {error}") })?;
+        Ok(RedfishClient { config, base_url, http, system_path: Mutex::new(None), session: Mutex::new(None) })
     }
 
     fn url(&self, path: &str) -> String {
@@ -183,18 +159,15 @@ impl RedfishClient {
             reason.push_str(&cause.to_string());
             source = cause.source();
         }
-        BmcError::Unreachable {
-            address: self.base_url.clone(),
-            reason,
-        }
+        BmcError::Unreachable { address: self.base_url.clone(), reason }
     }
 
     async fn authorize(&self, request: reqwest::RequestBuilder) -> Result<reqwest::RequestBuilder> {
         match self.config.auth {
-            RedfishAuth::Basic => Ok(request.basic_auth(
-                &self.config.username,
-                Some(String::from_utf8_lossy(self.config.password.expose())),
-            )),
+            RedfishAuth::Basic => {
+                Ok(request
+                    .basic_auth(&self.config.username, Some(String::from_utf8_lossy(self.config.password.expose()))))
+            }
             RedfishAuth::Session => {
                 let mut session = self.session.lock().await;
                 if session.is_none() {
@@ -220,9 +193,7 @@ impl RedfishClient {
             .map_err(|error| self.transport_error(error))?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(BmcError::Authentication {
-                reason: format!("redfish session login answered http {status}"),
-            });
+            return Err(BmcError::Authentication { reason: format!("redfish session login answered http {status}") });
         }
         if !status.is_success() {
             return Err(BmcError::Refused {
@@ -234,20 +205,11 @@ impl RedfishClient {
                 ),
             });
         }
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_string)
-        };
-        let token = header("X-Auth-Token").ok_or_else(|| {
-            BmcError::protocol("redfish session created without an X-Auth-Token header")
-        })?;
-        Ok(SessionToken {
-            token,
-            location: header("Location"),
-        })
+        let header =
+            |name: &str| response.headers().get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
+        let token = header("X-Auth-Token")
+            .ok_or_else(|| BmcError::protocol("redfish session created without an X-Auth-Token header"))?;
+        Ok(SessionToken { token, location: header("Location") })
     }
 
     /// Deletes the Redfish session, if one was made (BMCs have few slots).
@@ -258,11 +220,7 @@ impl RedfishClient {
         let Some(location) = session.location else {
             return Ok(());
         };
-        let url = if location.starts_with("http") {
-            location
-        } else {
-            self.url(&location)
-        };
+        let url = if location.starts_with("http") { location } else { self.url(&location) };
         self.http
             .delete(url)
             .header("X-Auth-Token", session.token)
@@ -275,33 +233,17 @@ impl RedfishClient {
     /// Sends one request and returns status and body. With session auth, a
     /// 401 on a cached token (the BMC expired the session) logs in again
     /// once and repeats the request.
-    async fn execute(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(StatusCode, String)> {
+    async fn execute(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<(StatusCode, String)> {
         let mut relogged = false;
         loop {
             let mut request = self.http.request(method.clone(), self.url(path));
             if let Some(body) = body {
                 request = request.json(body);
             }
-            let response = self
-                .authorize(request)
-                .await?
-                .send()
-                .await
-                .map_err(|error| self.transport_error(error))?;
+            let response = self.authorize(request).await?.send().await.map_err(|error| self.transport_error(error))?;
             let status = response.status();
-            let text = response
-                .text()
-                .await
-                .map_err(|error| self.transport_error(error))?;
-            if status == StatusCode::UNAUTHORIZED
-                && self.config.auth == RedfishAuth::Session
-                && !relogged
-            {
+            let text = response.text().await.map_err(|error| self.transport_error(error))?;
+            if status == StatusCode::UNAUTHORIZED && self.config.auth == RedfishAuth::Session && !relogged {
                 relogged = true;
                 self.session.lock().await.take();
                 continue;
@@ -313,8 +255,7 @@ impl RedfishClient {
     async fn get_json(&self, path: &str) -> Result<Value> {
         let (status, body) = self.execute(reqwest::Method::GET, path, None).await?;
         check_status(&format!("GET {path}"), status, &body)?;
-        serde_json::from_str(&body)
-            .map_err(|error| BmcError::protocol(format!("GET {path}: invalid json: {error}")))
+        serde_json::from_str(&body).map_err(|error| BmcError::protocol(format!("GET {path}: invalid json: {error}")))
     }
 
     /// Finds the ComputerSystem to control under /redfish/v1/Systems.
@@ -327,10 +268,7 @@ impl RedfishClient {
         let members: Vec<String> = collection["Members"]
             .as_array()
             .map(|members| {
-                members
-                    .iter()
-                    .filter_map(|member| member["@odata.id"].as_str().map(str::to_string))
-                    .collect()
+                members.iter().filter_map(|member| member["@odata.id"].as_str().map(str::to_string)).collect()
             })
             .unwrap_or_default();
         let path = match &self.config.system_id {
@@ -339,18 +277,14 @@ impl RedfishClient {
                 .find(|path| path.trim_end_matches('/').rsplit('/').next() == Some(id.as_str()))
                 .cloned()
                 .ok_or_else(|| BmcError::Config {
-                    reason: format!(
-                        "no system {id:?} under /redfish/v1/Systems (found {members:?})"
-                    ),
+                    reason: format!("no system {id:?} under /redfish/v1/Systems (found {members:?})"),
                 })?,
             None => match members.as_slice() {
                 [only] => only.clone(),
                 [] => return Err(BmcError::protocol("no system under /redfish/v1/Systems")),
                 _ => {
                     return Err(BmcError::Config {
-                        reason: format!(
-                            "several systems ({members:?}): choose one with a system id"
-                        ),
+                        reason: format!("several systems ({members:?}): choose one with a system id"),
                     })
                 }
             },
@@ -362,9 +296,8 @@ impl RedfishClient {
     pub async fn power_state(&self) -> Result<PowerState> {
         let path = self.system_path().await?;
         let system = self.get_json(&path).await?;
-        let state = system["PowerState"]
-            .as_str()
-            .ok_or_else(|| BmcError::protocol(format!("{path} has no PowerState")))?;
+        let state =
+            system["PowerState"].as_str().ok_or_else(|| BmcError::protocol(format!("{path} has no PowerState")))?;
         // Only "Off" is off. "PoweringOff" is still on, and "PoweringOn"
         // already draws power: neither may count as fenced.
         Ok(match state {
@@ -379,16 +312,9 @@ impl RedfishClient {
         let target = system["Actions"]["#ComputerSystem.Reset"]["target"]
             .as_str()
             .map(str::to_string)
-            .unwrap_or_else(|| {
-                format!(
-                    "{}/Actions/ComputerSystem.Reset",
-                    path.trim_end_matches('/')
-                )
-            });
+            .unwrap_or_else(|| format!("{}/Actions/ComputerSystem.Reset", path.trim_end_matches('/')));
         let body = serde_json::json!({ "ResetType": reset_type.as_str() });
-        let (status, text) = self
-            .execute(reqwest::Method::POST, &target, Some(&body))
-            .await?;
+        let (status, text) = self.execute(reqwest::Method::POST, &target, Some(&body)).await?;
         let operation = format!("redfish reset {}", reset_type.as_str());
         match check_status(&operation, status, &text) {
             Ok(()) => Ok(()),
@@ -413,9 +339,7 @@ fn check_status(operation: &str, status: StatusCode, body: &str) -> Result<()> {
         return Ok(());
     }
     if status == StatusCode::UNAUTHORIZED {
-        return Err(BmcError::Authentication {
-            reason: format!("{operation}: http 401 unauthorized"),
-        });
+        return Err(BmcError::Authentication { reason: format!("{operation}: http 401 unauthorized") });
     }
     let message = serde_json::from_str::<Value>(body)
         .ok()
@@ -426,17 +350,8 @@ fn check_status(operation: &str, status: StatusCode, body: &str) -> Result<()> {
                 .or_else(|| error["message"].as_str())
                 .map(str::to_string)
         })
-        .unwrap_or_else(|| {
-            status
-                .canonical_reason()
-                .unwrap_or("http error")
-                .to_string()
-        });
-    Err(BmcError::Refused {
-        operation: operation.to_string(),
-        code: status.as_u16(),
-        meaning: message,
-    })
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("http error").to_string());
+    Err(BmcError::Refused { operation: operation.to_string(), code: status.as_u16(), meaning: message })
 }
 
 #[async_trait::async_trait]
@@ -465,9 +380,7 @@ impl PowerControl for RedfishClient {
         // PowerCycle is optional in Redfish (sushy's fake driver lacks it);
         // a BMC that rejects the value gets ForceRestart, the nearest one.
         match RedfishClient::reset(self, ResetType::PowerCycle).await {
-            Err(BmcError::Refused {
-                code: 400 | 501, ..
-            }) => RedfishClient::reset(self, ResetType::ForceRestart).await,
+            Err(BmcError::Refused { code: 400 | 501, .. }) => RedfishClient::reset(self, ResetType::ForceRestart).await,
             other => other,
         }
     }

@@ -83,8 +83,7 @@ impl IpmiSim {
         std::fs::write(&script, CHASSIS_SCRIPT).map_err(io("write chassis script"))?;
         set_executable(&script)?;
         let power = dir.path().join("power");
-        std::fs::write(&power, if initially_on { "1\n" } else { "0\n" })
-            .map_err(io("write power state"))?;
+        std::fs::write(&power, if initially_on { "1\n" } else { "0\n" }).map_err(io("write power state"))?;
         let port = free_udp_port()?;
         let lan_conf = format!(
             r#"name "kvmha-test"
@@ -138,12 +137,8 @@ set_working_mc 0x20
     /// hand so readiness does not depend on the code under test.
     fn wait_ready(&self) -> Result<()> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(io("bind probe socket"))?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(io("set probe timeout"))?;
-        let ping = [
-            0x06, 0x00, 0xff, 0x06, 0x00, 0x00, 0x11, 0xbe, 0x80, 0x01, 0x00, 0x00,
-        ];
+        socket.set_read_timeout(Some(Duration::from_millis(50))).map_err(io("set probe timeout"))?;
+        let ping = [0x06, 0x00, 0xff, 0x06, 0x00, 0x00, 0x11, 0xbe, 0x80, 0x01, 0x00, 0x00];
         let started = Instant::now();
         let mut buffer = [0u8; 128];
         while started.elapsed() < Duration::from_secs(10) {
@@ -154,10 +149,7 @@ set_working_mc 0x20
                 }
             }
         }
-        panic!(
-            "ipmi_sim on port {} never answered a presence ping",
-            self.port
-        );
+        panic!("ipmi_sim on port {} never answered a presence ping", self.port);
     }
 
     pub fn address(&self) -> String {
@@ -166,9 +158,7 @@ set_working_mc 0x20
 
     /// Power as the chassis script recorded it: the ground truth (unreadable = off).
     pub fn script_power(&self) -> bool {
-        std::fs::read_to_string(self.dir.path().join("power"))
-            .map(|text| text.trim() == "1")
-            .unwrap_or(false)
+        std::fs::read_to_string(self.dir.path().join("power")).map(|text| text.trim() == "1").unwrap_or(false)
     }
 
     /// Every `set` the simulator handed to the chassis script, in order.
@@ -206,9 +196,7 @@ impl Drop for IpmiSim {
 
 fn set_executable(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let mut permissions = std::fs::metadata(path)
-        .map_err(io("stat chassis script"))?
-        .permissions();
+    let mut permissions = std::fs::metadata(path).map_err(io("stat chassis script"))?.permissions();
     permissions.set_mode(0o755);
     std::fs::set_permissions(path, permissions).map_err(io("chmod chassis script"))
 }

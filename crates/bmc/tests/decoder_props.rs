@@ -24,19 +24,15 @@ fn handshake(suite: CipherSuite) -> Handshake {
 /// A datagram that starts like a real RMCP+ packet, so the fuzzing gets past
 /// the first header checks more often than uniformly random bytes would.
 fn rmcp_plus_like() -> impl Strategy<Value = Vec<u8>> {
-    (
-        any::<u8>(),
-        any::<[u8; 10]>(),
-        any::<u16>(),
-        prop::collection::vec(any::<u8>(), 0..200),
-    )
-        .prop_map(|(payload_type, ids, length, rest)| {
+    (any::<u8>(), any::<[u8; 10]>(), any::<u16>(), prop::collection::vec(any::<u8>(), 0..200)).prop_map(
+        |(payload_type, ids, length, rest)| {
             let mut packet = vec![0x06, 0x00, 0xff, 0x07, 0x06, payload_type];
             packet.extend_from_slice(&ids[..8]);
             packet.extend_from_slice(&(length % 256).to_le_bytes());
             packet.extend_from_slice(&rest);
             packet
-        })
+        },
+    )
 }
 
 fn datagram() -> impl Strategy<Value = Vec<u8>> {
@@ -119,30 +115,18 @@ fn established(suite: CipherSuite) -> (kvmha_bmc::ipmi::session::Session, Vec<u8
     let mut open = vec![9, 0, 4, 0];
     open.extend_from_slice(&7u32.to_le_bytes());
     open.extend_from_slice(&0x55u32.to_le_bytes());
-    for (kind, algorithm) in [
-        (0u8, suite.authentication_algorithm()),
-        (1, suite.integrity),
-        (2, suite.confidentiality),
-    ] {
+    for (kind, algorithm) in [(0u8, suite.authentication_algorithm()), (1, suite.integrity), (2, suite.confidentiality)]
+    {
         open.extend_from_slice(&[kind, 0, 0, 8, algorithm, 0, 0, 0]);
     }
     let setup = |payload_type, payload: &[u8]| {
         codec::encode_v2(
-            V2Header {
-                payload_type,
-                encrypted: false,
-                authenticated: false,
-                session_id: 0,
-                session_seq: 0,
-            },
+            V2Header { payload_type, encrypted: false, authenticated: false, session_id: 0, session_seq: 0 },
             payload,
             None,
         )
     };
-    handshake
-        .on_open_session_response(&setup(codec::PAYLOAD_OPEN_SESSION_RESPONSE, &open))
-        .unwrap()
-        .unwrap();
+    handshake.on_open_session_response(&setup(codec::PAYLOAD_OPEN_SESSION_RESPONSE, &open)).unwrap().unwrap();
     let inputs = crypto::RakpInputs {
         console_session_id: 7,
         managed_session_id: 0x55,
@@ -157,23 +141,13 @@ fn established(suite: CipherSuite) -> (kvmha_bmc::ipmi::session::Session, Vec<u8
     rakp2.extend_from_slice(&managed_random);
     rakp2.extend_from_slice(&guid);
     rakp2.extend(inputs.rakp2_auth_code(hash, &user_key));
-    handshake
-        .on_rakp2(&setup(codec::PAYLOAD_RAKP2, &rakp2))
-        .unwrap()
-        .unwrap();
+    handshake.on_rakp2(&setup(codec::PAYLOAD_RAKP2, &rakp2)).unwrap().unwrap();
     let sik = inputs.session_integrity_key(hash, &user_key);
     let mut rakp4 = vec![9, 0, 0, 0];
     rakp4.extend_from_slice(&7u32.to_le_bytes());
     rakp4.extend(inputs.rakp4_integrity_check(hash, &sik));
-    let session = handshake
-        .on_rakp4(&setup(codec::PAYLOAD_RAKP4, &rakp4))
-        .unwrap()
-        .unwrap();
-    (
-        session,
-        crypto::additional_key(hash, &sik, 1),
-        crypto::additional_key(hash, &sik, 2),
-    )
+    let session = handshake.on_rakp4(&setup(codec::PAYLOAD_RAKP4, &rakp4)).unwrap().unwrap();
+    (session, crypto::additional_key(hash, &sik, 1), crypto::additional_key(hash, &sik, 2))
 }
 
 /// A valid, sealed Get Chassis Status response from the BMC side.

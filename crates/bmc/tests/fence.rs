@@ -34,10 +34,7 @@ async fn fencing_a_running_host_powers_it_off_and_reads_off_back() {
     assert_eq!(report.power_off_attempts, 1);
     assert!(report.status_reads >= 2, "{report:?}");
     assert!(
-        report.evidence.starts_with(&format!(
-            "bmc {} ipmi: power off sent, read back off after ",
-            bmc.address()
-        )),
+        report.evidence.starts_with(&format!("bmc {} ipmi: power off sent, read back off after ", bmc.address())),
         "{}",
         report.evidence
     );
@@ -63,19 +60,12 @@ async fn a_failed_power_off_on_a_chassis_that_went_off_counts_as_already_off() {
     let bmc = SimBmc::start_with_mode(true, "off-then-fail").unwrap();
     let client = ipmi(bmc.address(), ADMIN_USER, ADMIN_PASSWORD);
     let error = client.power_off().await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::Refused { code: 0xff, .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Refused { code: 0xff, .. }), "{error:?}");
     // Power it back on by hand (the script honours "on") and fence for real.
     std::fs::write(bmc.dir().join("power"), "1\n").unwrap();
     let report = quick_fencer().fence(&client).await.unwrap();
     assert_eq!(report.outcome, FenceOutcome::AlreadyOff);
-    assert!(
-        report.evidence.contains("not accepted"),
-        "{}",
-        report.evidence
-    );
+    assert!(report.evidence.contains("not accepted"), "{}", report.evidence);
     assert_eq!(bmc.ipmitool_power(), "off");
 }
 
@@ -90,10 +80,7 @@ async fn a_chassis_that_stays_on_is_state_never_reached() {
         resend_after: Duration::from_millis(500),
     };
     let error = fencer.fence(&client).await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::StateNeverReached { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::StateNeverReached { .. }), "{error:?}");
     assert!(error.to_string().contains("never read back off"), "{error}");
     // Both power-off attempts reached the chassis.
     assert_eq!(bmc.script_log(), vec!["power 0", "power 0"]);
@@ -105,10 +92,7 @@ async fn fencing_with_a_wrong_password_fails_fast_as_authentication() {
     let bmc = SimBmc::start(true).unwrap();
     let client = ipmi(bmc.address(), ADMIN_USER, "wrong-password");
     let error = quick_fencer().fence(&client).await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
     assert!(bmc.script_power());
 }
 
@@ -119,44 +103,23 @@ async fn fencing_without_privilege_is_refused_with_the_code() {
     config.privilege = Privilege::User;
     let client = IpmiClient::new(config).unwrap();
     let error = quick_fencer().fence(&client).await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::Refused { code: 0xd4, .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Refused { code: 0xd4, .. }), "{error:?}");
     assert!(bmc.script_power());
 }
 
 #[tokio::test]
 async fn fencing_an_unreachable_bmc_fails_within_the_deadline() {
-    let client = ipmi(
-        format!("127.0.0.1:{}", free_udp_port()),
-        ADMIN_USER,
-        ADMIN_PASSWORD,
-    );
-    let fencer = Fencer {
-        deadline: Duration::from_secs(2),
-        ..quick_fencer()
-    };
+    let client = ipmi(format!("127.0.0.1:{}", free_udp_port()), ADMIN_USER, ADMIN_PASSWORD);
+    let fencer = Fencer { deadline: Duration::from_secs(2), ..quick_fencer() };
     let error = fencer.fence(&client).await.unwrap_err();
-    assert!(
-        matches!(
-            error,
-            BmcError::Unreachable { .. } | BmcError::Timeout { .. }
-        ),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Unreachable { .. } | BmcError::Timeout { .. }), "{error:?}");
     assert!(error.is_retryable());
 }
 
 #[tokio::test]
 async fn fencing_through_ipmitool_works_the_same() {
     let bmc = SimBmc::start(true).unwrap();
-    let driver = Ipmitool::new(IpmitoolConfig::new(
-        bmc.address(),
-        ADMIN_USER,
-        Secret::new(ADMIN_PASSWORD),
-    ))
-    .unwrap();
+    let driver = Ipmitool::new(IpmitoolConfig::new(bmc.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD))).unwrap();
     let report = quick_fencer().fence(&driver).await.unwrap();
     assert_eq!(report.outcome, FenceOutcome::PoweredOff);
     assert!(report.evidence.contains("ipmitool"), "{}", report.evidence);
@@ -167,12 +130,7 @@ async fn fencing_through_ipmitool_works_the_same() {
 async fn ipmitool_driver_full_matrix_and_typed_errors() {
     let bmc = SimBmc::start(false).unwrap();
     let driver = |user: &str, password: &str| {
-        Ipmitool::new(IpmitoolConfig::new(
-            bmc.address(),
-            user,
-            Secret::new(password),
-        ))
-        .unwrap()
+        Ipmitool::new(IpmitoolConfig::new(bmc.address(), user, Secret::new(password))).unwrap()
     };
     let admin = driver(ADMIN_USER, ADMIN_PASSWORD);
     assert_eq!(admin.status().await.unwrap(), kvmha_bmc::PowerState::Off);
@@ -182,41 +140,20 @@ async fn ipmitool_driver_full_matrix_and_typed_errors() {
     admin.power_off().await.unwrap();
     assert_eq!(bmc.script_log(), vec!["power 1", "reset 1", "power 0"]);
 
-    let error = driver(ADMIN_USER, "wrong-password")
-        .status()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    let error = driver(ADMIN_USER, "wrong-password").status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
     assert!(!format!("{error:?}").contains("wrong-password"));
     let error = driver("nobody", ADMIN_PASSWORD).status().await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
 
     let mut config = IpmitoolConfig::new(bmc.address(), VIEWER_USER, Secret::new(VIEWER_PASSWORD));
     config.privilege = Privilege::User;
     let error = Ipmitool::new(config).unwrap().power_on().await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::Refused { code: 0xd4, .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Refused { code: 0xd4, .. }), "{error:?}");
 
-    let mut config = IpmitoolConfig::new(
-        format!("127.0.0.1:{}", free_udp_port()),
-        ADMIN_USER,
-        Secret::new(ADMIN_PASSWORD),
-    );
+    let mut config =
+        IpmitoolConfig::new(format!("127.0.0.1:{}", free_udp_port()), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
     config.timeout = Duration::from_secs(4);
     let error = Ipmitool::new(config).unwrap().status().await.unwrap_err();
-    assert!(
-        matches!(
-            error,
-            BmcError::Unreachable { .. } | BmcError::Timeout { .. }
-        ),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Unreachable { .. } | BmcError::Timeout { .. }), "{error:?}");
 }

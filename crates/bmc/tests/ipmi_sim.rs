@@ -51,18 +51,12 @@ async fn power_off_then_on_acts_on_the_chassis_and_ipmitool_agrees() {
     let client = admin_client(&bmc);
 
     client.power_off().await.unwrap();
-    assert!(
-        !bmc.script_power(),
-        "chassis script was not told to power off"
-    );
+    assert!(!bmc.script_power(), "chassis script was not told to power off");
     assert_eq!(bmc.ipmitool_power(), "off");
     assert_eq!(client.status().await.unwrap(), PowerState::Off);
 
     client.power_on().await.unwrap();
-    assert!(
-        bmc.script_power(),
-        "chassis script was not told to power on"
-    );
+    assert!(bmc.script_power(), "chassis script was not told to power on");
     assert_eq!(bmc.ipmitool_power(), "on");
     assert_eq!(client.status().await.unwrap(), PowerState::On);
 
@@ -74,11 +68,7 @@ async fn reset_reaches_the_chassis_script_and_leaves_power_on() {
     let bmc = SimBmc::start(true).unwrap();
     let client = admin_client(&bmc);
     client.reset().await.unwrap();
-    assert!(
-        bmc.script_log().iter().any(|line| line == "reset 1"),
-        "script log: {:?}",
-        bmc.script_log()
-    );
+    assert!(bmc.script_log().iter().any(|line| line == "reset 1"), "script log: {:?}", bmc.script_log());
     assert_eq!(bmc.ipmitool_power(), "on");
     assert_eq!(client.status().await.unwrap(), PowerState::On);
 }
@@ -104,36 +94,22 @@ async fn several_bmcs_are_controlled_independently_at_once() {
     let bmcs: Vec<SimBmc> = (0..4).map(|_| SimBmc::start(true).unwrap()).collect();
     let clients: Vec<IpmiClient> = bmcs.iter().map(admin_client).collect();
     // Power off the even ones concurrently; the odd ones must stay on.
-    let offs = clients
-        .iter()
-        .enumerate()
-        .filter(|(index, _)| index % 2 == 0)
-        .map(|(_, client)| client.power_off());
+    let offs = clients.iter().enumerate().filter(|(index, _)| index % 2 == 0).map(|(_, client)| client.power_off());
     for outcome in futures_join_all(offs).await {
         outcome.unwrap();
     }
     let statuses = futures_join_all(clients.iter().map(|client| client.status())).await;
     for (index, (bmc, status)) in bmcs.iter().zip(statuses).enumerate() {
-        let expected = if index % 2 == 0 {
-            PowerState::Off
-        } else {
-            PowerState::On
-        };
+        let expected = if index % 2 == 0 { PowerState::Off } else { PowerState::On };
         assert_eq!(status.unwrap(), expected, "bmc {index}");
         assert_eq!(bmc.ipmitool_power(), expected.to_string(), "bmc {index}");
-        assert_eq!(
-            bmc.script_power(),
-            expected == PowerState::On,
-            "bmc {index}"
-        );
+        assert_eq!(bmc.script_power(), expected == PowerState::On, "bmc {index}");
     }
 }
 
 /// Polls all futures concurrently in this task (no spawning, so they may
 /// borrow), without pulling in the futures crate for one join_all.
-async fn futures_join_all<F: std::future::Future>(
-    futures: impl IntoIterator<Item = F>,
-) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
     let mut set = Vec::new();
     for future in futures {
         set.push(Box::pin(future));
@@ -171,10 +147,7 @@ async fn wrong_password_is_an_authentication_error_without_the_password() {
     let bmc = SimBmc::start(true).unwrap();
     let wrong = "not-the-password-xyz";
     let error = client(&bmc, ADMIN_USER, wrong).status().await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
     let shown = format!("{error} {error:?}");
     assert!(shown.contains("authentication failed"), "{shown}");
     assert!(!shown.contains(wrong), "{shown}");
@@ -184,25 +157,15 @@ async fn wrong_password_is_an_authentication_error_without_the_password() {
 #[tokio::test]
 async fn unknown_user_is_an_authentication_error() {
     let bmc = SimBmc::start(true).unwrap();
-    let error = client(&bmc, "nobody", ADMIN_PASSWORD)
-        .power_off()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    let error = client(&bmc, "nobody", ADMIN_PASSWORD).power_off().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
     assert!(bmc.script_power(), "a failed login must not touch power");
 }
 
 #[tokio::test]
 async fn unreachable_port_fails_as_unreachable_within_the_timeout() {
     let port = free_udp_port(); // nothing listens here
-    let mut config = IpmiConfig::new(
-        format!("127.0.0.1:{port}"),
-        ADMIN_USER,
-        Secret::new(ADMIN_PASSWORD),
-    );
+    let mut config = IpmiConfig::new(format!("127.0.0.1:{port}"), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
     config.attempt_timeout = Duration::from_millis(100);
     config.attempts_max = 2;
     config.operation_timeout = Duration::from_secs(5);
@@ -238,12 +201,7 @@ async fn user_privilege_reads_status_but_is_refused_power_control() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert!(
-        error
-            .to_string()
-            .contains("code 0xd4 (insufficient privilege level)"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("code 0xd4 (insufficient privilege level)"), "{error}");
     assert!(bmc.script_power(), "refused power off must leave power on");
     assert_eq!(bmc.ipmitool_power(), "on");
 }
@@ -253,19 +211,10 @@ async fn one_session_carries_many_commands_with_advancing_sequence_numbers() {
     let bmc = SimBmc::start(false).unwrap();
     let mut session = admin_client(&bmc).open_session().await.unwrap();
     for _ in 0..20 {
-        assert_eq!(
-            session.chassis_status().await.unwrap().power,
-            PowerState::Off
-        );
+        assert_eq!(session.chassis_status().await.unwrap().power, PowerState::Off);
     }
-    session
-        .chassis_control(kvmha_bmc::ipmi::commands::ChassisControl::PowerUp)
-        .await
-        .unwrap();
-    assert_eq!(
-        session.chassis_status().await.unwrap().power,
-        PowerState::On
-    );
+    session.chassis_control(kvmha_bmc::ipmi::commands::ChassisControl::PowerUp).await.unwrap();
+    assert_eq!(session.chassis_status().await.unwrap().power, PowerState::On);
     session.close().await.unwrap();
     assert!(bmc.script_power());
 }
@@ -282,10 +231,7 @@ async fn suite_zero_is_refused_unless_allowed() {
 #[tokio::test]
 async fn soft_shutdown_reaches_the_chassis_script() {
     let bmc = SimBmc::start(true).unwrap();
-    admin_client(&bmc)
-        .chassis_control(kvmha_bmc::ipmi::commands::ChassisControl::SoftShutdown)
-        .await
-        .unwrap();
+    admin_client(&bmc).chassis_control(kvmha_bmc::ipmi::commands::ChassisControl::SoftShutdown).await.unwrap();
     assert_eq!(bmc.script_log(), vec!["shutdown 1"]);
 }
 

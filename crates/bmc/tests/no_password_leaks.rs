@@ -64,10 +64,8 @@ fn debug_of_every_config_and_client_is_redacted() {
 async fn logs_and_errors_never_carry_the_password() {
     let captured = Captured::default();
     let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || writer.clone()).finish();
     // The test runtime is single-threaded, so a thread-local default sees
     // every event of the code under test.
     let _guard = tracing::subscriber::set_default(subscriber);
@@ -79,12 +77,7 @@ async fn logs_and_errors_never_carry_the_password() {
         let mut config = IpmiConfig::new(bmc.address(), ADMIN_USER, Secret::new(password));
         config.attempt_timeout = Duration::from_millis(300);
         let ipmi = IpmiClient::new(config).unwrap();
-        let ipmitool = Ipmitool::new(IpmitoolConfig::new(
-            bmc.address(),
-            ADMIN_USER,
-            Secret::new(password),
-        ))
-        .unwrap();
+        let ipmitool = Ipmitool::new(IpmitoolConfig::new(bmc.address(), ADMIN_USER, Secret::new(password))).unwrap();
         for driver in [&ipmi as &dyn PowerControl, &ipmitool] {
             match Fencer::default().fence(driver).await {
                 Ok(report) => shown.push_str(&format!("{report:?} {}", report.evidence)),

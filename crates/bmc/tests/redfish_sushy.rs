@@ -96,20 +96,12 @@ struct SushyOptions {
 }
 
 fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn run_checked(command: &mut Command) {
     let output = command.output().expect("run helper");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 impl Sushy {
@@ -163,17 +155,10 @@ impl Sushy {
             .env("SESSIONS_LOG", dir.path().join("sessions.log"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("sushy.log")).unwrap(),
-            ))
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("sushy.log")).unwrap()))
             .spawn()
             .expect("start sushy-emulator (PyPI sushy-tools)");
-        let sushy = Sushy {
-            child,
-            dir,
-            port,
-            tls: options.tls,
-        };
+        let sushy = Sushy { child, dir, port, tls: options.tls };
         sushy.wait_ready();
         sushy
     }
@@ -196,9 +181,7 @@ impl Sushy {
     }
 
     fn deleted_sessions(&self) -> usize {
-        std::fs::read_to_string(self.dir.path().join("sessions.log"))
-            .map(|text| text.lines().count())
-            .unwrap_or(0)
+        std::fs::read_to_string(self.dir.path().join("sessions.log")).map(|text| text.lines().count()).unwrap_or(0)
     }
 
     fn ca(&self) -> PathBuf {
@@ -234,11 +217,7 @@ impl Sushy {
             .env("CA", if self.tls { self.ca().display().to_string() } else { String::new() })
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 }
@@ -310,10 +289,7 @@ fn make_certificates(dir: &Path) {
 
 #[tokio::test]
 async fn status_off_on_read_back_and_witness_agrees() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        ..Default::default()
-    });
+    let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
     let client = sushy.client(PASSWORD);
     assert_eq!(client.status().await.unwrap(), PowerState::On);
     client.power_off().await.unwrap();
@@ -326,10 +302,7 @@ async fn status_off_on_read_back_and_witness_agrees() {
 
 #[tokio::test]
 async fn reset_and_cycle_end_on() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        ..Default::default()
-    });
+    let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
     let client = sushy.client(PASSWORD);
     PowerControl::reset(&client).await.unwrap();
     assert_eq!(client.status().await.unwrap(), PowerState::On);
@@ -340,22 +313,12 @@ async fn reset_and_cycle_end_on() {
 
 #[tokio::test]
 async fn fencing_over_redfish_reads_off_back() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        ..Default::default()
-    });
+    let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
     let client = sushy.client(PASSWORD);
-    let fencer = Fencer {
-        deadline: Duration::from_secs(10),
-        ..Fencer::default()
-    };
+    let fencer = Fencer { deadline: Duration::from_secs(10), ..Fencer::default() };
     let report = fencer.fence(&client).await.unwrap();
     assert_eq!(report.outcome, FenceOutcome::PoweredOff);
-    assert!(
-        report.evidence.contains("redfish: power off sent"),
-        "{}",
-        report.evidence
-    );
+    assert!(report.evidence.contains("redfish: power off sent"), "{}", report.evidence);
     assert_eq!(sushy.witness_power(), "Off");
     let again = fencer.fence(&client).await.unwrap();
     assert_eq!(again.outcome, FenceOutcome::AlreadyOff);
@@ -363,16 +326,10 @@ async fn fencing_over_redfish_reads_off_back() {
 
 #[tokio::test]
 async fn wrong_password_is_authentication_and_never_shown() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        ..Default::default()
-    });
+    let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
     let wrong = "wrong-redfish-pw";
     let error = sushy.client(wrong).power_off().await.unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
     assert!(!format!("{error} {error:?}").contains(wrong));
     assert_eq!(sushy.witness_power(), "On");
 }
@@ -381,16 +338,9 @@ async fn wrong_password_is_authentication_and_never_shown() {
 async fn refused_power_off_is_resolved_by_reading_the_state_back() {
     // With power-off disabled sushy answers 400 to ForceOff: on a host that
     // is off that refusal is moot, on a host that is on it is a refusal.
-    let off = Sushy::start(SushyOptions {
-        disable_power_off: true,
-        ..Default::default()
-    });
+    let off = Sushy::start(SushyOptions { disable_power_off: true, ..Default::default() });
     off.client(PASSWORD).power_off().await.unwrap();
-    let on = Sushy::start(SushyOptions {
-        initially_on: true,
-        disable_power_off: true,
-        ..Default::default()
-    });
+    let on = Sushy::start(SushyOptions { initially_on: true, disable_power_off: true, ..Default::default() });
     let error = on.client(PASSWORD).power_off().await.unwrap_err();
     match &error {
         BmcError::Refused { code, meaning, .. } => {
@@ -400,99 +350,49 @@ async fn refused_power_off_is_resolved_by_reading_the_state_back() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(error.to_string().contains("code http 400"), "{error}");
-    let fenced = Fencer {
-        deadline: Duration::from_secs(2),
-        ..Fencer::default()
-    }
-    .fence(&on.client(PASSWORD))
-    .await
-    .unwrap_err();
-    assert!(
-        matches!(fenced, BmcError::Refused { code: 400, .. }),
-        "{fenced:?}"
-    );
+    let fenced =
+        Fencer { deadline: Duration::from_secs(2), ..Fencer::default() }.fence(&on.client(PASSWORD)).await.unwrap_err();
+    assert!(matches!(fenced, BmcError::Refused { code: 400, .. }), "{fenced:?}");
     assert_eq!(on.witness_power(), "On");
 }
 
 #[tokio::test]
 async fn unreachable_port_is_unreachable() {
-    let mut config = RedfishConfig::new(
-        format!("http://127.0.0.1:{}", free_tcp_port()),
-        USER,
-        Secret::new(PASSWORD),
-    );
+    let mut config = RedfishConfig::new(format!("http://127.0.0.1:{}", free_tcp_port()), USER, Secret::new(PASSWORD));
     config.timeout = Duration::from_secs(2);
-    let error = RedfishClient::new(config)
-        .unwrap()
-        .status()
-        .await
-        .unwrap_err();
+    let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Unreachable { .. }), "{error:?}");
 }
 
 #[tokio::test]
 async fn tls_verifies_against_the_ca_bundle_and_insecure_is_explicit() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        tls: true,
-        ..Default::default()
-    });
-    assert_eq!(
-        sushy.client(PASSWORD).status().await.unwrap(),
-        PowerState::On
-    );
+    let sushy = Sushy::start(SushyOptions { initially_on: true, tls: true, ..Default::default() });
+    assert_eq!(sushy.client(PASSWORD).status().await.unwrap(), PowerState::On);
 
     // Without the CA the self-signed chain must be rejected…
     let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
     config.timeout = Duration::from_secs(5);
-    let error = RedfishClient::new(config.clone())
-        .unwrap()
-        .status()
-        .await
-        .unwrap_err();
+    let error = RedfishClient::new(config.clone()).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Unreachable { .. }), "{error:?}");
-    assert!(
-        error.to_string().to_lowercase().contains("certificate"),
-        "{error}"
-    );
+    assert!(error.to_string().to_lowercase().contains("certificate"), "{error}");
 
     // …unless the operator explicitly chose insecure mode.
     config.tls = RedfishTls::Insecure;
-    assert_eq!(
-        RedfishClient::new(config).unwrap().status().await.unwrap(),
-        PowerState::On
-    );
+    assert_eq!(RedfishClient::new(config).unwrap().status().await.unwrap(), PowerState::On);
 }
 
 #[tokio::test]
 async fn session_auth_against_a_bmc_without_session_service_fails_clearly() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        ..Default::default()
-    });
+    let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
     let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
     config.auth = RedfishAuth::Session;
-    let error = RedfishClient::new(config)
-        .unwrap()
-        .status()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            error,
-            BmcError::Refused { .. } | BmcError::Authentication { .. }
-        ),
-        "{error:?}"
-    );
+    let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Refused { .. } | BmcError::Authentication { .. }), "{error:?}");
 }
 
 #[tokio::test]
 async fn session_auth_logs_in_controls_power_and_logs_out() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        sessions: true,
-        ..Default::default()
-    });
+    let sushy = Sushy::start(SushyOptions { initially_on: true, sessions: true, ..Default::default() });
     let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
     config.auth = RedfishAuth::Session;
     let client = RedfishClient::new(config.clone()).unwrap();
@@ -501,22 +401,11 @@ async fn session_auth_logs_in_controls_power_and_logs_out() {
     assert_eq!(client.status().await.unwrap(), PowerState::Off);
     assert_eq!(sushy.witness_power(), "Off");
     client.close().await.unwrap();
-    assert_eq!(
-        sushy.deleted_sessions(),
-        1,
-        "the session must be deleted on close"
-    );
+    assert_eq!(sushy.deleted_sessions(), 1, "the session must be deleted on close");
 
     config.password = Secret::new("wrong-session-pw");
-    let error = RedfishClient::new(config)
-        .unwrap()
-        .status()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
 }
 
 /// The CLI's Redfish path in-process: flags to driver to output.
@@ -550,26 +439,15 @@ async fn cli(sushy: &Sushy, extra: &[&str]) -> Result<String, BmcError> {
 
 #[tokio::test]
 async fn cli_over_redfish_with_tls_status_and_fence() {
-    let sushy = Sushy::start(SushyOptions {
-        initially_on: true,
-        tls: true,
-        ..Default::default()
-    });
+    let sushy = Sushy::start(SushyOptions { initially_on: true, tls: true, ..Default::default() });
     let ca = sushy.ca().display().to_string();
-    assert_eq!(
-        cli(&sushy, &["status", "--json", "--ca-bundle", &ca])
-            .await
-            .unwrap(),
-        r#"{"power":"on"}"#
-    );
+    assert_eq!(cli(&sushy, &["status", "--json", "--ca-bundle", &ca]).await.unwrap(), r#"{"power":"on"}"#);
     // Without a CA bundle the self-signed chain is refused, not trusted.
     let error = cli(&sushy, &["status"]).await.unwrap_err();
     assert!(matches!(error, BmcError::Unreachable { .. }), "{error:?}");
     let fenced = cli(&sushy, &["fence", "--insecure"]).await.unwrap();
     assert!(fenced.contains("redfish: power off sent"), "{fenced}");
     assert_eq!(sushy.witness_power(), "Off");
-    let error = cli(&sushy, &["status", "--insecure", "--ca-bundle", &ca])
-        .await
-        .unwrap_err();
+    let error = cli(&sushy, &["status", "--insecure", "--ca-bundle", &ca]).await.unwrap_err();
     assert!(matches!(error, BmcError::Config { .. }), "{error:?}");
 }

@@ -39,13 +39,7 @@ fn reply_message(request: &[u8], completion_code: u8, data: &[u8]) -> Vec<u8> {
 }
 
 fn setup(payload_type: u8, payload: &[u8]) -> Vec<u8> {
-    let header = V2Header {
-        payload_type,
-        encrypted: false,
-        authenticated: false,
-        session_id: 0,
-        session_seq: 0,
-    };
+    let header = V2Header { payload_type, encrypted: false, authenticated: false, session_id: 0, session_seq: 0 };
     codec::encode_v2(header, payload, None)
 }
 
@@ -61,10 +55,7 @@ fn answer(state: &mut BmcState, packet: &[u8]) -> Option<Vec<u8>> {
         return Some(codec::encode_v15_sessionless(&message));
     }
     let suite = CipherSuite::SUITE_17;
-    let header = codec::decode_v2(packet, 0)
-        .or_else(|_| codec::decode_v2(packet, 16))
-        .ok()?
-        .header;
+    let header = codec::decode_v2(packet, 0).or_else(|_| codec::decode_v2(packet, 16)).ok()?.header;
     match header.payload_type {
         codec::PAYLOAD_OPEN_SESSION_REQUEST => {
             let request = codec::decode_v2(packet, 0).ok()?.payload.to_vec();
@@ -180,10 +171,7 @@ fn answer(state: &mut BmcState, packet: &[u8]) -> Option<Vec<u8>> {
 async fn start_responder() -> (String, Arc<Mutex<BmcState>>, tokio::task::JoinHandle<()>) {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let address = socket.local_addr().unwrap().to_string();
-    let state = Arc::new(Mutex::new(BmcState {
-        power_on: true,
-        ..Default::default()
-    }));
+    let state = Arc::new(Mutex::new(BmcState { power_on: true, ..Default::default() }));
     let shared = state.clone();
     let task = tokio::spawn(async move {
         let mut buffer = [0u8; 2048];
@@ -218,11 +206,7 @@ async fn suite_17_is_negotiated_first_and_carries_power_control() {
     let commands = state.lock().unwrap().commands.clone();
     for window in commands.windows(2) {
         if window[1].0 == 0x00 {
-            assert_eq!(
-                window[0],
-                (0x06, 0x3b),
-                "chassis command without set privilege first: {commands:?}"
-            );
+            assert_eq!(window[0], (0x06, 0x3b), "chassis command without set privilege first: {commands:?}");
         }
     }
     task.abort();
@@ -231,22 +215,10 @@ async fn suite_17_is_negotiated_first_and_carries_power_control() {
 #[tokio::test]
 async fn suite_17_wrong_password_and_wrong_user_are_authentication_errors() {
     let (address, state, task) = start_responder().await;
-    let error = client(address.clone(), USER, "not-it")
-        .power_off()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
-    let error = client(address, "intruder", PASSWORD)
-        .power_off()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(error, BmcError::Authentication { .. }),
-        "{error:?}"
-    );
+    let error = client(address.clone(), USER, "not-it").power_off().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
+    let error = client(address, "intruder", PASSWORD).power_off().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
     assert!(state.lock().unwrap().power_on);
     task.abort();
 }

@@ -55,10 +55,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|index| u8::from_str_radix(&text[index..index + 2], 16).unwrap())
-        .collect()
+    (0..text.len()).step_by(2).map(|index| u8::from_str_radix(&text[index..index + 2], 16).unwrap()).collect()
 }
 
 fn python_vectors(covered: &[Vec<u8>]) -> serde_json::Value {
@@ -72,11 +69,7 @@ fn python_vectors(covered: &[Vec<u8>]) -> serde_json::Value {
         .args(["-c", PYTHON_VECTORS, &input.to_string()])
         .output()
         .expect("python3 is needed for the suite 17 vectors");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -88,23 +81,12 @@ fn vector(values: &serde_json::Value, name: &str) -> Vec<u8> {
 fn openssl_aes(decrypt: bool, key: &[u8], iv: &[u8], input: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut command = Command::new("openssl");
-    command.args([
-        "enc",
-        "-aes-128-cbc",
-        "-nopad",
-        "-K",
-        &hex(&key[..16]),
-        "-iv",
-        &hex(iv),
-    ]);
+    command.args(["enc", "-aes-128-cbc", "-nopad", "-K", &hex(&key[..16]), "-iv", &hex(iv)]);
     if decrypt {
         command.arg("-d");
     }
-    let mut child = command
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("openssl");
+    let mut child =
+        command.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().expect("openssl");
     child.stdin.take().unwrap().write_all(input).unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
@@ -113,13 +95,7 @@ fn openssl_aes(decrypt: bool, key: &[u8], iv: &[u8], input: &[u8]) -> Vec<u8> {
 
 fn setup_packet(payload_type: u8, payload: &[u8]) -> Vec<u8> {
     codec::encode_v2(
-        V2Header {
-            payload_type,
-            encrypted: false,
-            authenticated: false,
-            session_id: 0,
-            session_seq: 0,
-        },
+        V2Header { payload_type, encrypted: false, authenticated: false, session_id: 0, session_seq: 0 },
         payload,
         None,
     )
@@ -176,27 +152,18 @@ fn suite_17_handshake_and_session_match_independent_vectors() {
     assert_eq!(request.payload[16 + 4], 0x04, "hmac-sha256-128");
     assert_eq!(request.payload[24 + 4], 0x01, "aes-cbc-128");
 
-    let rakp1 = handshake
-        .on_open_session_response(&open_session_response())
-        .unwrap()
-        .expect("rakp1");
+    let rakp1 = handshake.on_open_session_response(&open_session_response()).unwrap().expect("rakp1");
     let rakp1 = codec::decode_v2(&rakp1, 0).unwrap();
     assert_eq!(&rakp1.payload[4..8], &SIDC.to_le_bytes());
     assert_eq!(&rakp1.payload[8..24], &RM);
     assert_eq!(rakp1.payload[24], ROLE);
     assert_eq!(&rakp1.payload[28..], USER.as_bytes());
 
-    let rakp3 = handshake
-        .on_rakp2(&rakp2(&vector(&values, "rakp2")))
-        .unwrap()
-        .expect("rakp3");
+    let rakp3 = handshake.on_rakp2(&rakp2(&vector(&values, "rakp2"))).unwrap().expect("rakp3");
     let rakp3 = codec::decode_v2(&rakp3, 0).unwrap();
     assert_eq!(&rakp3.payload[8..], &vector(&values, "rakp3")[..]);
 
-    let mut session = handshake
-        .on_rakp4(&rakp4(&vector(&values, "rakp4")))
-        .unwrap()
-        .expect("session");
+    let mut session = handshake.on_rakp4(&rakp4(&vector(&values, "rakp4"))).unwrap().expect("session");
     assert_eq!(session.suite().id, 17);
 
     // A sealed request: its integrity code and ciphertext must match what
@@ -213,12 +180,7 @@ fn suite_17_handshake_and_session_match_independent_vectors() {
     assert_eq!(&sealed.payload[..16], &iv);
     let k2 = vector(&values, "k2");
     let plaintext = openssl_aes(true, &k2, &iv, &sealed.payload[16..]);
-    let message = codec::encode_ipmi_request(&codec::IpmiRequest {
-        netfn: 0x00,
-        cmd: 0x01,
-        rq_seq,
-        data: vec![],
-    });
+    let message = codec::encode_ipmi_request(&codec::IpmiRequest { netfn: 0x00, cmd: 0x01, rq_seq, data: vec![] });
     // Data, then pad bytes 1..n, then n, filling a 16-byte block.
     let mut expected = message.clone();
     let pad_len = 16 - (message.len() + 1) % 16;
@@ -264,10 +226,7 @@ fn suite_17_handshake_and_session_match_independent_vectors() {
 #[test]
 fn suite_17_rakp2_from_a_bmc_with_another_password_is_an_authentication_failure() {
     let mut handshake = handshake();
-    handshake
-        .on_open_session_response(&open_session_response())
-        .unwrap()
-        .expect("rakp1");
+    handshake.on_open_session_response(&open_session_response()).unwrap().expect("rakp1");
     let mut forged = python_vectors(&[]);
     let mut code = vector(&forged, "rakp2");
     code[0] ^= 0xff;
@@ -282,18 +241,9 @@ fn suite_17_rakp2_from_a_bmc_with_another_password_is_an_authentication_failure(
 fn suite_17_rakp4_with_a_wrong_integrity_check_is_refused() {
     let values = python_vectors(&[]);
     let mut handshake = handshake();
-    handshake
-        .on_open_session_response(&open_session_response())
-        .unwrap()
-        .expect("rakp1");
-    handshake
-        .on_rakp2(&rakp2(&vector(&values, "rakp2")))
-        .unwrap()
-        .expect("rakp3");
+    handshake.on_open_session_response(&open_session_response()).unwrap().expect("rakp1");
+    handshake.on_rakp2(&rakp2(&vector(&values, "rakp2"))).unwrap().expect("rakp3");
     let mut icv = vector(&values, "rakp4");
     icv[15] ^= 0x01;
-    assert!(matches!(
-        handshake.on_rakp4(&rakp4(&icv)),
-        Err(HandshakeFailure::Error(BmcError::Authentication { .. }))
-    ));
+    assert!(matches!(handshake.on_rakp4(&rakp4(&icv)), Err(HandshakeFailure::Error(BmcError::Authentication { .. }))));
 }

@@ -12,13 +12,7 @@ fn kvmha_bmc(bmc: &SimBmc, password: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kvmha"))
         .arg("bmc")
         .args(args)
-        .args([
-            "--address",
-            &bmc.address(),
-            "--user",
-            ADMIN_USER,
-            "--password-file",
-        ])
+        .args(["--address", &bmc.address(), "--user", ADMIN_USER, "--password-file"])
         .arg(&password_file)
         .env("RUST_BACKTRACE", "0")
         .output()
@@ -34,18 +28,10 @@ fn status_json_prints_exactly_the_power_object() {
     let on = SimBmc::start(true).unwrap();
     let off = SimBmc::start(false).unwrap();
     for driver in ["ipmi", "ipmitool"] {
-        let output = kvmha_bmc(
-            &on,
-            ADMIN_PASSWORD,
-            &["status", "--json", "--driver", driver],
-        );
+        let output = kvmha_bmc(&on, ADMIN_PASSWORD, &["status", "--json", "--driver", driver]);
         assert!(output.status.success(), "{output:?}");
         assert_eq!(stdout(&output), r#"{"power":"on"}"#);
-        let output = kvmha_bmc(
-            &off,
-            ADMIN_PASSWORD,
-            &["status", "--json", "--driver", driver],
-        );
+        let output = kvmha_bmc(&off, ADMIN_PASSWORD, &["status", "--json", "--driver", driver]);
         assert_eq!(stdout(&output), r#"{"power":"off"}"#);
     }
 }
@@ -55,11 +41,7 @@ fn fence_powers_off_and_ipmitool_confirms() {
     let bmc = SimBmc::start(true).unwrap();
     let output = kvmha_bmc(&bmc, ADMIN_PASSWORD, &["fence", "--cipher-suite", "3"]);
     assert!(output.status.success(), "{output:?}");
-    assert!(
-        stdout(&output).contains("power off sent, read back off after"),
-        "{}",
-        stdout(&output)
-    );
+    assert!(stdout(&output).contains("power off sent, read back off after"), "{}", stdout(&output));
     assert_eq!(bmc.ipmitool_power(), "off");
     assert_eq!(bmc.script_log(), vec!["power 0"]);
 }
@@ -83,10 +65,7 @@ fn wrong_password_exits_non_zero_saying_authentication_failed() {
         let output = kvmha_bmc(&bmc, wrong, &["off", "--driver", driver]);
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            stderr.contains("authentication failed"),
-            "{driver}: {stderr}"
-        );
+        assert!(stderr.contains("authentication failed"), "{driver}: {stderr}");
         assert!(!stderr.contains(wrong) && !stdout(&output).contains(wrong));
     }
     assert!(bmc.script_power());

@@ -23,10 +23,7 @@ pub enum StorageError {
     #[error("record checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     ChecksumMismatch { stored: u32, computed: u32 },
     #[error("malformed record field {field}: {reason}")]
-    MalformedField {
-        field: &'static str,
-        reason: &'static str,
-    },
+    MalformedField { field: &'static str, reason: &'static str },
     /// A valid record of another cluster sharing the pool: never mistaken for ours.
     #[error("record belongs to cluster {found:?}, expected {expected:?}")]
     ForeignCluster { expected: String, found: String },
@@ -55,11 +52,7 @@ pub enum StorageError {
     /// The pool did not answer by the deadline. The operation may still complete
     /// later on the pool's worker: a timeout means "unknown", never "did not happen".
     #[error("pool {pool} did not complete {op} within {deadline:?}")]
-    Timeout {
-        pool: String,
-        op: &'static str,
-        deadline: Duration,
-    },
+    Timeout { pool: String, op: &'static str, deadline: Duration },
     /// The pool's worker is stuck and its bounded queue is full: refused at once
     /// instead of piling up work behind a hung mount.
     #[error("pool {pool} is hung: {queue_capacity} operations already queued")]
@@ -70,22 +63,14 @@ pub enum StorageError {
     // ---- lease outcomes ----
     /// Another host's lease record kept changing while we watched it.
     #[error("lease {vm} is held by {owner} (boot {boot_id}) and seen renewed")]
-    LeaseHeld {
-        vm: String,
-        owner: String,
-        boot_id: String,
-    },
+    LeaseHeld { vm: String, owner: String, boot_id: String },
     /// We wrote our claim, but someone else's claim replaced it before we confirmed.
     #[error("lease {vm}: our claim was overwritten by a concurrent acquirer")]
     LeaseContended { vm: String },
     /// The acquirer was too slow between reading the record and writing its claim,
     /// so its read can no longer justify the claim.
     #[error("lease {vm}: {elapsed:?} between read and claim exceeds the i/o timeout {limit:?}")]
-    AcquireTooSlow {
-        vm: String,
-        elapsed: Duration,
-        limit: Duration,
-    },
+    AcquireTooSlow { vm: String, elapsed: Duration, limit: Duration },
     /// The lease is no longer ours (taken over, or not renewed in time): the VM must
     /// be stopped before anyone else may start it.
     #[error("lease {vm} lost: {reason}")]

@@ -36,18 +36,8 @@ impl HeartbeatWriter {
     }
 
     /// A writer whose first write has counter `last_counter + 1` (wrapping).
-    pub fn starting_after(
-        pool: Pool,
-        identity: HostIdentity,
-        io_timeout: Duration,
-        last_counter: u64,
-    ) -> Self {
-        Self {
-            pool,
-            identity,
-            io_timeout,
-            counter: last_counter,
-        }
+    pub fn starting_after(pool: Pool, identity: HostIdentity, io_timeout: Duration, last_counter: u64) -> Self {
+        Self { pool, identity, io_timeout, counter: last_counter }
     }
 
     /// Continues after this host's existing record on the pool, if it can be read in
@@ -68,11 +58,7 @@ impl HeartbeatWriter {
     /// Writes the next record. The counter advances even when a write fails or times
     /// out, because a timed-out write may still land later and the next one must not
     /// repeat its counter.
-    pub async fn beat(
-        &mut self,
-        agent_state: AgentState,
-        watchdog_armed: bool,
-    ) -> Result<HeartbeatRecord> {
+    pub async fn beat(&mut self, agent_state: AgentState, watchdog_armed: bool) -> Result<HeartbeatRecord> {
         self.counter = self.counter.wrapping_add(1);
         let record = HeartbeatRecord {
             cluster: self.identity.cluster.clone(),
@@ -119,10 +105,7 @@ pub async fn read_heartbeat(
     };
     let record = HeartbeatRecord::decode(&bytes, cluster)?;
     if &record.host != host {
-        return Err(StorageError::WrongSubject {
-            expected: host.to_string(),
-            found: record.host.to_string(),
-        });
+        return Err(StorageError::WrongSubject { expected: host.to_string(), found: record.host.to_string() });
     }
     Ok(Some(record))
 }
@@ -152,21 +135,8 @@ pub struct HeartbeatMonitor {
 
 impl HeartbeatMonitor {
     /// `expiry`: how long the record must stay unchanged on our clock to be stale.
-    pub fn new(
-        pool: Pool,
-        cluster: Name,
-        host: Name,
-        io_timeout: Duration,
-        expiry: Duration,
-    ) -> Self {
-        Self {
-            pool,
-            cluster,
-            host,
-            io_timeout,
-            tracker: LivenessTracker::new(expiry),
-            record: None,
-        }
+    pub fn new(pool: Pool, cluster: Name, host: Name, io_timeout: Duration, expiry: Duration) -> Self {
+        Self { pool, cluster, host, io_timeout, tracker: LivenessTracker::new(expiry), record: None }
     }
 
     /// Reads once and judges. A failed or unreadable read is no observation: the verdict
@@ -183,11 +153,7 @@ impl HeartbeatMonitor {
             Ok(None) => None,
             Err(error) => Some(error),
         };
-        HeartbeatObservation {
-            liveness: self.tracker.judge(),
-            record: self.record.clone(),
-            read_error,
-        }
+        HeartbeatObservation { liveness: self.tracker.judge(), record: self.record.clone(), read_error }
     }
 }
 

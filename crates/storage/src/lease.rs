@@ -59,17 +59,10 @@ use crate::timing::LeaseTimings;
 /// Reads `vm`'s lease without being a lease client (the manager's VM-activity
 /// investigator, operators' tools): `Ok(None)` if none exists; a typed error for a
 /// torn, corrupt, foreign-cluster or misplaced record.
-pub async fn read_lease(
-    pool: &Pool,
-    cluster: &Name,
-    vm: &Name,
-    io_timeout: Duration,
-) -> Result<Option<LeaseRecord>> {
+pub async fn read_lease(pool: &Pool, cluster: &Name, vm: &Name, io_timeout: Duration) -> Result<Option<LeaseRecord>> {
     let (path_cluster, path_vm) = (cluster.clone(), vm.clone());
     let bytes = pool
-        .run("read lease", io_timeout, move |root| {
-            read_bytes(&layout::lease_path(root, &path_cluster, &path_vm))
-        })
+        .run("read lease", io_timeout, move |root| read_bytes(&layout::lease_path(root, &path_cluster, &path_vm)))
         .await?;
     let Some(bytes) = bytes else {
         return Ok(None);
@@ -80,10 +73,7 @@ pub async fn read_lease(
 fn decode_lease(bytes: &[u8], cluster: &Name, vm: &Name) -> Result<LeaseRecord> {
     let record = LeaseRecord::decode(bytes, cluster)?;
     if &record.vm != vm {
-        return Err(StorageError::WrongSubject {
-            expected: vm.to_string(),
-            found: record.vm.to_string(),
-        });
+        return Err(StorageError::WrongSubject { expected: vm.to_string(), found: record.vm.to_string() });
     }
     Ok(record)
 }
@@ -144,12 +134,7 @@ impl LeaseClient {
         // Watching a held lease, we must read often enough to see renewals well
         // within the expiry.
         let poll_interval = (timings.renewal_interval / 2).max(Duration::from_millis(10));
-        Ok(Self {
-            pool,
-            identity,
-            timings,
-            poll_interval,
-        })
+        Ok(Self { pool, identity, timings, poll_interval })
     }
 
     pub fn timings(&self) -> &LeaseTimings {
@@ -162,23 +147,14 @@ impl LeaseClient {
 
     /// Reads `vm`'s lease (for investigators and operators): `None` if none exists.
     pub async fn read(&self, vm: &Name) -> Result<Option<LeaseRecord>> {
-        read_lease(
-            &self.pool,
-            &self.identity.cluster,
-            vm,
-            self.timings.io_timeout,
-        )
-        .await
+        read_lease(&self.pool, &self.identity.cluster, vm, self.timings.io_timeout).await
     }
 
     /// Acquires `vm`'s lease (see the module documentation for the algorithm). May
     /// take `lease_expiry` and more when the lease was held by a host that stopped.
     pub async fn acquire(&self, vm: &Name) -> Result<HeldLease> {
         let mut observation = self.observe(vm).await?;
-        let current = observation
-            .bytes
-            .as_deref()
-            .map(|bytes| self.decode(vm, bytes));
+        let current = observation.bytes.as_deref().map(|bytes| self.decode(vm, bytes));
         let claimable_now = match &current {
             None => true,
             Some(Ok(record)) => record.state == LeaseState::Released || self.is_mine(record),
@@ -189,22 +165,15 @@ impl LeaseClient {
         if !claimable_now {
             observation = self.wait_for_expiry(vm, observation).await?;
         }
-        let previous_counter = observation
-            .bytes
-            .as_deref()
-            .and_then(|bytes| self.decode(vm, bytes).ok())
-            .map(|record| record.counter);
+        let previous_counter =
+            observation.bytes.as_deref().and_then(|bytes| self.decode(vm, bytes).ok()).map(|record| record.counter);
         self.claim(vm, &observation, previous_counter).await
     }
 
     /// Renews a held lease. `LeaseLost` means the VM must be stopped now.
     pub async fn renew(&self, held: &mut HeldLease) -> Result<()> {
         let current = self.check_still_mine(held).await?;
-        let record = LeaseRecord {
-            counter: current.counter.wrapping_add(1),
-            writer_unix_ms: unix_now_ms(),
-            ..current
-        };
+        let record = LeaseRecord { counter: current.counter.wrapping_add(1), writer_unix_ms: unix_now_ms(), ..current };
         self.write_own(held, record).await
     }
 
@@ -240,11 +209,7 @@ impl LeaseClient {
                 read_bytes(&layout::lease_path(root, &cluster, &vm))
             })
             .await?;
-        Ok(Observation {
-            bytes,
-            read_started_at,
-            read_finished_at: Instant::now(),
-        })
+        Ok(Observation { bytes, read_started_at, read_finished_at: Instant::now() })
     }
 
     /// Step 2: watch a lease held by someone else until it has stayed unchanged for
@@ -264,10 +229,7 @@ impl LeaseClient {
             match verdict {
                 Liveness::Stale { .. } => return Ok(observation),
                 Liveness::Alive { .. } => {
-                    let current = observation
-                        .bytes
-                        .as_deref()
-                        .map(|bytes| self.decode(vm, bytes));
+                    let current = observation.bytes.as_deref().map(|bytes| self.decode(vm, bytes));
                     return match current {
                         None => Ok(observation),
                         Some(Ok(record)) if record.state == LeaseState::Released => Ok(observation),
@@ -290,20 +252,11 @@ impl LeaseClient {
 
     /// Steps 3 and 4: write our claim within the window our read justifies, wait,
     /// confirm.
-    async fn claim(
-        &self,
-        vm: &Name,
-        justification: &Observation,
-        previous_counter: Option<u64>,
-    ) -> Result<HeldLease> {
+    async fn claim(&self, vm: &Name, justification: &Observation, previous_counter: Option<u64>) -> Result<HeldLease> {
         let io_timeout = self.timings.io_timeout;
         let since_read = justification.read_started_at.elapsed();
         if since_read > io_timeout {
-            return Err(StorageError::AcquireTooSlow {
-                vm: vm.to_string(),
-                elapsed: since_read,
-                limit: io_timeout,
-            });
+            return Err(StorageError::AcquireTooSlow { vm: vm.to_string(), elapsed: since_read, limit: io_timeout });
         }
         let counter = previous_counter.map_or(1, |counter| counter.wrapping_add(1));
         let record = LeaseRecord {
@@ -325,12 +278,7 @@ impl LeaseClient {
         if confirmation.bytes.as_deref() != Some(&bytes[..]) {
             return Err(StorageError::LeaseContended { vm: vm.to_string() });
         }
-        let mut held = HeldLease {
-            record,
-            bytes,
-            unconfirmed: None,
-            last_renewal_started_at: write_started_at,
-        };
+        let mut held = HeldLease { record, bytes, unconfirmed: None, last_renewal_started_at: write_started_at };
         // The self-fence clock has been running since the claim write started, and the
         // acquire delay ate part of it: renew once at once so the caller starts with
         // (nearly) the whole budget. If this write fails the lease is still ours, just
@@ -348,10 +296,7 @@ impl LeaseClient {
     /// (others may be taking the lease over), and refuse if the record on storage is
     /// not ours.
     async fn check_still_mine(&self, held: &HeldLease) -> Result<LeaseRecord> {
-        let lost = |reason| StorageError::LeaseLost {
-            vm: held.vm().to_string(),
-            reason,
-        };
+        let lost = |reason| StorageError::LeaseLost { vm: held.vm().to_string(), reason };
         if held.last_renewal_started_at.elapsed() >= self.timings.self_fence_deadline {
             return Err(lost("not renewed within the self-fence deadline"));
         }
@@ -359,10 +304,8 @@ impl LeaseClient {
         let Some(bytes) = observation.bytes else {
             return Err(lost("lease record removed"));
         };
-        let ours = bytes[..] == held.bytes[..]
-            || held
-                .unconfirmed
-                .is_some_and(|unconfirmed| bytes[..] == unconfirmed[..]);
+        let ours =
+            bytes[..] == held.bytes[..] || held.unconfirmed.is_some_and(|unconfirmed| bytes[..] == unconfirmed[..]);
         if !ours {
             return Err(lost("record changed by another writer"));
         }
@@ -373,8 +316,7 @@ impl LeaseClient {
         let bytes = record.encode();
         held.unconfirmed = Some(bytes);
         let write_started_at = Instant::now();
-        self.write(held.vm(), bytes, self.timings.io_timeout)
-            .await?;
+        self.write(held.vm(), bytes, self.timings.io_timeout).await?;
         held.record = record;
         held.bytes = bytes;
         held.unconfirmed = None;
@@ -426,18 +368,12 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let client = client(directory.path());
         let vm = Name::new("vm1").unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         runtime.block_on(async {
             let mut held = client.acquire(&vm).await.unwrap();
             // Simulate: the renewal was submitted, its caller saw a timeout, and the
             // write landed later anyway.
-            let late = LeaseRecord {
-                counter: held.record.counter + 1,
-                ..held.record.clone()
-            };
+            let late = LeaseRecord { counter: held.record.counter + 1, ..held.record.clone() };
             let late_bytes = late.encode();
             held.unconfirmed = Some(late_bytes);
             let path = layout::lease_path(directory.path(), &held.record.cluster, &vm);
@@ -448,15 +384,9 @@ mod tests {
             assert_eq!(held.unconfirmed, None);
 
             // Without the unconfirmed write on record, the same bytes are a theft.
-            let foreign = LeaseRecord {
-                counter: held.record.counter + 1,
-                ..held.record.clone()
-            };
+            let foreign = LeaseRecord { counter: held.record.counter + 1, ..held.record.clone() };
             std::fs::write(&path, foreign.encode()).unwrap();
-            assert!(matches!(
-                client.renew(&mut held).await,
-                Err(StorageError::LeaseLost { .. })
-            ));
+            assert!(matches!(client.renew(&mut held).await, Err(StorageError::LeaseLost { .. })));
         });
     }
 }

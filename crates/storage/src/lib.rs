@@ -20,13 +20,9 @@ pub mod record;
 pub mod timing;
 
 pub use error::{Result, StorageError};
-pub use heartbeat::{
-    read_heartbeat, HeartbeatMonitor, HeartbeatObservation, HeartbeatWriter, HostIdentity,
-};
+pub use heartbeat::{read_heartbeat, HeartbeatMonitor, HeartbeatObservation, HeartbeatWriter, HostIdentity};
 pub use lease::{read_lease, HeldLease, LeaseClient};
 pub use liveness::{Liveness, LivenessTracker};
 pub use pool::{Pool, PoolHealth};
-pub use record::{
-    AgentState, AnyRecord, BootId, HeartbeatRecord, LeaseRecord, LeaseState, Name, RECORD_LEN,
-};
+pub use record::{AgentState, AnyRecord, BootId, HeartbeatRecord, LeaseRecord, LeaseState, Name, RECORD_LEN};
 pub use timing::LeaseTimings;

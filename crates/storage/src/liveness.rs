@@ -62,10 +62,7 @@ pub struct LivenessTracker<P> {
 impl<P: PartialEq> LivenessTracker<P> {
     /// `expiry`: how long a record must stay unchanged on our clock to be stale.
     pub fn new(expiry: Duration) -> Self {
-        assert!(
-            !expiry.is_zero(),
-            "a zero expiry would call every record stale"
-        );
+        assert!(!expiry.is_zero(), "a zero expiry would call every record stale");
         Self { expiry, seen: None }
     }
 
@@ -87,20 +84,11 @@ impl<P: PartialEq> LivenessTracker<P> {
             }
             Some(seen) => {
                 let read_at = seen.last_read_at.max(read_at);
-                *seen = Seen {
-                    progress,
-                    first_seen_at: read_at,
-                    last_read_at: read_at,
-                    seen_changing: true,
-                };
+                *seen = Seen { progress, first_seen_at: read_at, last_read_at: read_at, seen_changing: true };
             }
             None => {
-                self.seen = Some(Seen {
-                    progress,
-                    first_seen_at: read_at,
-                    last_read_at: read_at,
-                    seen_changing: false,
-                });
+                self.seen =
+                    Some(Seen { progress, first_seen_at: read_at, last_read_at: read_at, seen_changing: false });
             }
         }
         self.judge()
@@ -112,9 +100,7 @@ impl<P: PartialEq> LivenessTracker<P> {
         let Some(seen) = &self.seen else {
             return Liveness::NeverSeen;
         };
-        let unchanged_for = seen
-            .last_read_at
-            .saturating_duration_since(seen.first_seen_at);
+        let unchanged_for = seen.last_read_at.saturating_duration_since(seen.first_seen_at);
         if unchanged_for >= self.expiry {
             return Liveness::Stale { unchanged_for };
         }
@@ -156,14 +142,8 @@ mod tests {
     fn a_first_read_is_no_evidence_of_life() {
         let base = Instant::now();
         let mut tracker = LivenessTracker::new(EXPIRY);
-        assert!(matches!(
-            tracker.observe(5u64, base),
-            Liveness::Undetermined { .. }
-        ));
-        assert!(matches!(
-            tracker.observe(5u64, at(base, 9_999)),
-            Liveness::Undetermined { .. }
-        ));
+        assert!(matches!(tracker.observe(5u64, base), Liveness::Undetermined { .. }));
+        assert!(matches!(tracker.observe(5u64, at(base, 9_999)), Liveness::Undetermined { .. }));
         assert!(tracker.observe(5u64, at(base, 10_000)).is_stale());
     }
 
@@ -175,12 +155,7 @@ mod tests {
         assert!(tracker.observe(2, at(base, 1_000)).is_alive());
         assert!(tracker.observe(3, at(base, 2_000)).is_alive());
         assert!(tracker.observe(3, at(base, 11_999)).is_alive());
-        assert_eq!(
-            tracker.observe(3, at(base, 12_000)),
-            Liveness::Stale {
-                unchanged_for: EXPIRY
-            }
-        );
+        assert_eq!(tracker.observe(3, at(base, 12_000)), Liveness::Stale { unchanged_for: EXPIRY });
         // A write after staleness makes it alive again: stale is a judgement, not a
         // latch (the caller decides what a stale verdict triggers).
         assert!(tracker.observe(4, at(base, 13_000)).is_alive());
@@ -205,19 +180,9 @@ mod tests {
         tracker.observe(2, at(base, 5_000));
         // An earlier instant than the last read: no time passed, no panic.
         let earlier = base - Duration::from_secs(30);
-        assert_eq!(
-            tracker.observe(2, earlier),
-            Liveness::Alive {
-                unchanged_for: Duration::ZERO
-            }
-        );
+        assert_eq!(tracker.observe(2, earlier), Liveness::Alive { unchanged_for: Duration::ZERO });
         assert!(tracker.observe(3, earlier).is_alive());
-        assert_eq!(
-            tracker.observe(3, at(base, 5_000) + EXPIRY),
-            Liveness::Stale {
-                unchanged_for: EXPIRY
-            }
-        );
+        assert_eq!(tracker.observe(3, at(base, 5_000) + EXPIRY), Liveness::Stale { unchanged_for: EXPIRY });
     }
 
     #[test]

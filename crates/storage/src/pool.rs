@@ -55,10 +55,7 @@ pub enum PoolHealth {
     /// Idle, or busy within the deadline of the current operation.
     Responsive,
     /// The current operation is past its deadline: the mount is hung (or very slow).
-    Hung {
-        operation: &'static str,
-        stuck_for: Duration,
-    },
+    Hung { operation: &'static str, stuck_for: Duration },
 }
 
 /// Handle to one pool. Cheap to clone; the worker exits when the last handle is
@@ -76,21 +73,10 @@ impl Pool {
         Self::with_queue_capacity(name, root, DEFAULT_QUEUE_CAPACITY)
     }
 
-    pub fn with_queue_capacity(
-        name: &str,
-        root: impl Into<PathBuf>,
-        queue_capacity: usize,
-    ) -> Result<Self> {
-        assert!(
-            queue_capacity > 0,
-            "a pool needs room for one queued operation"
-        );
-        let shared = Arc::new(Shared {
-            name: name.to_owned(),
-            root: root.into(),
-            queue_capacity,
-            busy: Mutex::new(None),
-        });
+    pub fn with_queue_capacity(name: &str, root: impl Into<PathBuf>, queue_capacity: usize) -> Result<Self> {
+        assert!(queue_capacity > 0, "a pool needs room for one queued operation");
+        let shared =
+            Arc::new(Shared { name: name.to_owned(), root: root.into(), queue_capacity, busy: Mutex::new(None) });
         let (sender, receiver) = sync_channel::<Job>(queue_capacity);
         thread::Builder::new()
             .name(format!("kvmha-pool-{name}"))
@@ -101,11 +87,7 @@ impl Pool {
                     let _ = catch_unwind(AssertUnwindSafe(job));
                 }
             })
-            .map_err(|source| StorageError::Io {
-                op: "start pool worker",
-                path: shared.root.clone(),
-                source,
-            })?;
+            .map_err(|source| StorageError::Io { op: "start pool worker", path: shared.root.clone(), source })?;
         Ok(Self { shared, sender })
     }
 
@@ -119,11 +101,7 @@ impl Pool {
 
     /// Hung if the worker's current operation is past its deadline at `now`.
     pub fn health(&self, now: Instant) -> PoolHealth {
-        let busy = *self
-            .shared
-            .busy
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let busy = *self.shared.busy.lock().unwrap_or_else(PoisonError::into_inner);
         match busy {
             Some(busy) if now >= busy.deadline_at => PoolHealth::Hung {
                 operation: busy.operation,
@@ -148,14 +126,7 @@ impl Pool {
             if Instant::now() >= deadline_at {
                 return;
             }
-            set_busy(
-                &shared,
-                Some(Busy {
-                    operation: name,
-                    started_at: Instant::now(),
-                    deadline_at,
-                }),
-            );
+            set_busy(&shared, Some(Busy { operation: name, started_at: Instant::now(), deadline_at }));
             let result = operation(&shared.root);
             set_busy(&shared, None);
             let _ = reply.send(result);
@@ -169,16 +140,10 @@ impl Pool {
                 })
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(StorageError::PoolStopped {
-                    pool: self.shared.name.clone(),
-                })
+                return Err(StorageError::PoolStopped { pool: self.shared.name.clone() })
             }
         }
-        let timeout = || StorageError::Timeout {
-            pool: self.shared.name.clone(),
-            op: name,
-            deadline,
-        };
+        let timeout = || StorageError::Timeout { pool: self.shared.name.clone(), op: name, deadline };
         match tokio::time::timeout_at(deadline_at.into(), answer).await {
             Ok(Ok(result)) => result,
             // The worker dropped the job unrun (deadline passed in the queue) or the
@@ -193,15 +158,8 @@ fn set_busy(shared: &Shared, busy: Option<Busy>) {
     *shared.busy.lock().unwrap_or_else(PoisonError::into_inner) = busy;
 }
 
-fn io_error<'path>(
-    op: &'static str,
-    path: &'path Path,
-) -> impl FnOnce(std::io::Error) -> StorageError + 'path {
-    move |source| StorageError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
+fn io_error<'path>(op: &'static str, path: &'path Path) -> impl FnOnce(std::io::Error) -> StorageError + 'path {
+    move |source| StorageError::Io { op, path: path.to_owned(), source }
 }
 
 /// Blocking: replaces `path` with `bytes` so that readers see the old record or the
@@ -218,24 +176,15 @@ pub fn write_replace(path: &Path, temporary: &Path, bytes: &[u8]) -> Result<()> 
         .truncate(true)
         .open(temporary)
         .map_err(io_error("open temporary record", temporary))?;
-    file.write_all(bytes)
-        .map_err(io_error("write temporary record", temporary))?;
-    file.sync_all()
-        .map_err(io_error("fsync temporary record", temporary))?;
+    file.write_all(bytes).map_err(io_error("write temporary record", temporary))?;
+    file.sync_all().map_err(io_error("fsync temporary record", temporary))?;
     drop(file);
     fs::rename(temporary, path).map_err(io_error("rename record into place", path))?;
     match File::open(directory).and_then(|directory| directory.sync_all()) {
         Ok(()) => Ok(()),
         // Some network and FUSE file systems cannot fsync a directory; the rename is
         // then as durable as that file system makes it.
-        Err(error)
-            if matches!(
-                error.kind(),
-                ErrorKind::InvalidInput | ErrorKind::Unsupported
-            ) =>
-        {
-            Ok(())
-        }
+        Err(error) if matches!(error.kind(), ErrorKind::InvalidInput | ErrorKind::Unsupported) => Ok(()),
         Err(error) => Err(io_error("fsync record directory", directory)(error)),
     }
 }
@@ -250,9 +199,7 @@ pub fn read_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
         Err(error) => return Err(io_error("open record", path)(error)),
     };
     let mut bytes = Vec::with_capacity(RECORD_LEN + 1);
-    file.take(RECORD_LEN as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io_error("read record", path))?;
+    file.take(RECORD_LEN as u64 + 1).read_to_end(&mut bytes).map_err(io_error("read record", path))?;
     Ok(Some(bytes))
 }
 
@@ -262,21 +209,15 @@ mod tests {
     use std::sync::mpsc;
 
     fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
     }
 
     #[test]
     fn operations_run_on_the_worker_and_return_results() {
         let directory = tempfile::tempdir().unwrap();
         let pool = Pool::open("test", directory.path()).unwrap();
-        let root = runtime()
-            .block_on(pool.run("echo root", Duration::from_secs(10), |root| {
-                Ok(root.to_owned())
-            }))
-            .unwrap();
+        let root =
+            runtime().block_on(pool.run("echo root", Duration::from_secs(10), |root| Ok(root.to_owned()))).unwrap();
         assert_eq!(root, directory.path());
     }
 
@@ -294,39 +235,22 @@ mod tests {
             let _ = blocked.recv();
             Ok(())
         }));
-        assert!(matches!(
-            result,
-            Err(StorageError::Timeout { op: "block", .. })
-        ));
-        assert!(matches!(
-            pool.health(Instant::now()),
-            PoolHealth::Hung {
-                operation: "block",
-                ..
-            }
-        ));
+        assert!(matches!(result, Err(StorageError::Timeout { op: "block", .. })));
+        assert!(matches!(pool.health(Instant::now()), PoolHealth::Hung { operation: "block", .. }));
         // Two more fit in the queue (and time out); the next is refused at once.
         for _ in 0..2 {
             let queued = runtime.block_on(pool.run("queued", deadline, |_| Ok(())));
             assert!(matches!(queued, Err(StorageError::Timeout { .. })));
         }
         let refused = runtime.block_on(pool.run("refused", Duration::from_secs(3600), |_| Ok(())));
-        assert!(matches!(
-            refused,
-            Err(StorageError::PoolHung {
-                queue_capacity: 2,
-                ..
-            })
-        ));
+        assert!(matches!(refused, Err(StorageError::PoolHung { queue_capacity: 2, .. })));
         // Once unstuck, the stale queued jobs are dropped unrun and the pool serves again.
         release.send(()).unwrap();
         let ran = runtime.block_on(async {
             // The worker needs a moment to drain the queue it was stuck behind.
             for _ in 0..500 {
                 match pool.run("after", Duration::from_secs(10), |_| Ok(7)).await {
-                    Err(StorageError::PoolHung { .. }) => {
-                        tokio::time::sleep(Duration::from_millis(10)).await
-                    }
+                    Err(StorageError::PoolHung { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
                     other => return other,
                 }
             }

@@ -75,10 +75,7 @@ pub struct Name(String);
 
 impl Name {
     pub fn new(name: &str) -> Result<Self> {
-        let invalid = |reason| StorageError::InvalidName {
-            name: name.to_owned(),
-            reason,
-        };
+        let invalid = |reason| StorageError::InvalidName { name: name.to_owned(), reason };
         if name.is_empty() {
             return Err(invalid("empty"));
         }
@@ -120,9 +117,7 @@ pub struct BootId(pub [u8; 16]);
 impl BootId {
     /// Parses the kernel's text form (hex with dashes).
     pub fn parse(text: &str) -> Result<Self> {
-        let invalid = || StorageError::InvalidBootId {
-            text: text.to_owned(),
-        };
+        let invalid = || StorageError::InvalidBootId { text: text.to_owned() };
         let digits: Vec<u8> = text.trim().bytes().filter(|&byte| byte != b'-').collect();
         if digits.len() != 32 {
             return Err(invalid());
@@ -187,10 +182,7 @@ impl AgentState {
         match byte {
             1 => Ok(Self::Running),
             2 => Ok(Self::StoppedCleanly),
-            _ => Err(StorageError::MalformedField {
-                field: "agent state",
-                reason: "unknown value",
-            }),
+            _ => Err(StorageError::MalformedField { field: "agent state", reason: "unknown value" }),
         }
     }
 }
@@ -232,10 +224,7 @@ impl LeaseState {
         match byte {
             1 => Ok(Self::Held),
             2 => Ok(Self::Released),
-            _ => Err(StorageError::MalformedField {
-                field: "lease state",
-                reason: "unknown value",
-            }),
+            _ => Err(StorageError::MalformedField { field: "lease state", reason: "unknown value" }),
         }
     }
 }
@@ -282,19 +271,11 @@ impl HeartbeatRecord {
     /// Decodes without the cluster check (for tools that inspect any file).
     pub fn decode_any_cluster(bytes: &[u8]) -> Result<Self> {
         let bytes = open(bytes, HEARTBEAT_MAGIC)?;
-        require_zero(
-            &bytes[OFFSET_KIND + HEARTBEAT_KIND_USED..OFFSET_RESERVED],
-            "heartbeat padding",
-        )?;
+        require_zero(&bytes[OFFSET_KIND + HEARTBEAT_KIND_USED..OFFSET_RESERVED], "heartbeat padding")?;
         let watchdog_armed = match bytes[OFFSET_WATCHDOG_ARMED] {
             0 => false,
             1 => true,
-            _ => {
-                return Err(StorageError::MalformedField {
-                    field: "watchdog armed",
-                    reason: "not 0 or 1",
-                })
-            }
+            _ => return Err(StorageError::MalformedField { field: "watchdog armed", reason: "not 0 or 1" }),
         };
         Ok(Self {
             cluster: get_name(bytes, OFFSET_CLUSTER, "cluster")?,
@@ -340,10 +321,7 @@ impl LeaseRecord {
     /// Decodes without the cluster check (for tools that inspect any file).
     pub fn decode_any_cluster(bytes: &[u8]) -> Result<Self> {
         let bytes = open(bytes, LEASE_MAGIC)?;
-        require_zero(
-            &bytes[OFFSET_LEASE_STATE + 1..OFFSET_OWNER_HOST],
-            "lease padding",
-        )?;
+        require_zero(&bytes[OFFSET_LEASE_STATE + 1..OFFSET_OWNER_HOST], "lease padding")?;
         Ok(Self {
             cluster: get_name(bytes, OFFSET_CLUSTER, "cluster")?,
             vm: get_name(bytes, OFFSET_SUBJECT, "vm")?,
@@ -399,23 +377,15 @@ fn seal(bytes: &mut [u8; RECORD_LEN]) {
 /// write is usually short), then magic and version (someone else's file), then the
 /// checksum (damage), then the fixed header fields and the reserved area.
 fn open(bytes: &[u8], magic: [u8; 4]) -> Result<&[u8; RECORD_LEN]> {
-    let bytes: &[u8; RECORD_LEN] = bytes.try_into().map_err(|_| StorageError::WrongLength {
-        expected: RECORD_LEN,
-        actual: bytes.len(),
-    })?;
+    let bytes: &[u8; RECORD_LEN] =
+        bytes.try_into().map_err(|_| StorageError::WrongLength { expected: RECORD_LEN, actual: bytes.len() })?;
     let found_magic: [u8; 4] = [bytes[0], bytes[1], bytes[2], bytes[3]];
     if found_magic != magic {
-        return Err(StorageError::BadMagic {
-            expected: magic,
-            found: found_magic,
-        });
+        return Err(StorageError::BadMagic { expected: magic, found: found_magic });
     }
     let version = u16::from_le_bytes([bytes[OFFSET_VERSION], bytes[OFFSET_VERSION + 1]]);
     if version != FORMAT_VERSION {
-        return Err(StorageError::UnsupportedVersion {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
+        return Err(StorageError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
     }
     let stored = u32::from_le_bytes([
         bytes[OFFSET_CHECKSUM],
@@ -440,20 +410,14 @@ fn open(bytes: &[u8], magic: [u8; 4]) -> Result<&[u8; RECORD_LEN]> {
 
 fn check_cluster(expected: &Name, found: &Name) -> Result<()> {
     if expected != found {
-        return Err(StorageError::ForeignCluster {
-            expected: expected.to_string(),
-            found: found.to_string(),
-        });
+        return Err(StorageError::ForeignCluster { expected: expected.to_string(), found: found.to_string() });
     }
     Ok(())
 }
 
 fn require_zero(bytes: &[u8], field: &'static str) -> Result<()> {
     if bytes.iter().any(|&byte| byte != 0) {
-        return Err(StorageError::MalformedField {
-            field,
-            reason: "padding is not zero",
-        });
+        return Err(StorageError::MalformedField { field, reason: "padding is not zero" });
     }
     Ok(())
 }
@@ -515,17 +479,7 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_the_pool_directory_are_refused() {
-        for bad in [
-            "",
-            ".",
-            "..",
-            "a/b",
-            "-rf",
-            ".hidden",
-            "a b",
-            "é",
-            &"x".repeat(64),
-        ] {
+        for bad in ["", ".", "..", "a/b", "-rf", ".hidden", "a b", "é", &"x".repeat(64)] {
             assert!(Name::new(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["h", "host-1", "vm_01.prod", &"x".repeat(63)] {
@@ -561,10 +515,7 @@ mod tests {
     #[test]
     fn heartbeat_is_not_accepted_as_a_lease() {
         let bytes = heartbeat().encode();
-        assert!(matches!(
-            LeaseRecord::decode(&bytes, &name("prod")),
-            Err(StorageError::BadMagic { .. })
-        ));
+        assert!(matches!(LeaseRecord::decode(&bytes, &name("prod")), Err(StorageError::BadMagic { .. })));
     }
 
     #[test]
@@ -572,10 +523,7 @@ mod tests {
         let mut bytes = heartbeat().encode();
         bytes[OFFSET_AGENT_STATE] = 9;
         seal(&mut bytes);
-        assert!(matches!(
-            HeartbeatRecord::decode(&bytes, &name("prod")),
-            Err(StorageError::MalformedField { .. })
-        ));
+        assert!(matches!(HeartbeatRecord::decode(&bytes, &name("prod")), Err(StorageError::MalformedField { .. })));
         let mut bytes = heartbeat().encode();
         bytes[OFFSET_WATCHDOG_ARMED] = 2;
         seal(&mut bytes);

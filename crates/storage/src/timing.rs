@@ -47,19 +47,11 @@ impl LeaseTimings {
     /// Ok, or the first rule broken, naming the numbers that conflict.
     pub fn check(&self) -> Result<()> {
         let conflict = |rule, detail: String| Err(StorageError::TimingConflict { rule, detail });
-        let Self {
-            renewal_interval,
-            io_timeout,
-            self_fence_deadline,
-            watchdog_timeout,
-            lease_expiry,
-        } = *self;
+        let Self { renewal_interval, io_timeout, self_fence_deadline, watchdog_timeout, lease_expiry } = *self;
         if renewal_interval.is_zero() || io_timeout.is_zero() {
             return conflict(
                 "positive intervals",
-                format!(
-                    "renewal interval {renewal_interval:?} and i/o timeout {io_timeout:?} must be above zero"
-                ),
+                format!("renewal interval {renewal_interval:?} and i/o timeout {io_timeout:?} must be above zero"),
             );
         }
         if io_timeout > renewal_interval {
@@ -140,54 +132,32 @@ mod tests {
 
     #[test]
     fn takeover_before_the_host_is_fenced_is_refused_naming_the_numbers() {
-        let timings = LeaseTimings {
-            lease_expiry: ms(9_000),
-            ..balanced()
-        };
+        let timings = LeaseTimings { lease_expiry: ms(9_000), ..balanced() };
         let error = timings.check().unwrap_err().to_string();
         assert!(error.contains("self-fence before takeover"), "{error}");
-        assert!(
-            error.contains("4s") && error.contains("5s") && error.contains("9s"),
-            "{error}"
-        );
+        assert!(error.contains("4s") && error.contains("5s") && error.contains("9s"), "{error}");
         // Equality is a conflict too: "before" means strictly before.
-        let timings = LeaseTimings {
-            lease_expiry: ms(9_001),
-            ..balanced()
-        };
+        let timings = LeaseTimings { lease_expiry: ms(9_001), ..balanced() };
         timings.check().unwrap();
     }
 
     #[test]
     fn a_self_fence_deadline_shorter_than_two_renewals_is_refused() {
-        let timings = LeaseTimings {
-            renewal_interval: ms(1_800),
-            ..balanced()
-        };
+        let timings = LeaseTimings { renewal_interval: ms(1_800), ..balanced() };
         assert_eq!(rule_of(timings), "self-fence deadline allows two renewals");
     }
 
     #[test]
     fn a_self_fence_deadline_shorter_than_an_acquisition_is_refused() {
-        let timings = LeaseTimings {
-            renewal_interval: ms(1_000),
-            io_timeout: ms(1_000),
-            ..balanced()
-        };
+        let timings = LeaseTimings { renewal_interval: ms(1_000), io_timeout: ms(1_000), ..balanced() };
         assert_eq!(rule_of(timings), "self-fence deadline allows acquiring");
     }
 
     #[test]
     fn zero_and_oversized_intervals_are_refused() {
-        let zero = LeaseTimings {
-            renewal_interval: Duration::ZERO,
-            ..balanced()
-        };
+        let zero = LeaseTimings { renewal_interval: Duration::ZERO, ..balanced() };
         assert_eq!(rule_of(zero), "positive intervals");
-        let slow_io = LeaseTimings {
-            io_timeout: ms(1_500),
-            ..balanced()
-        };
+        let slow_io = LeaseTimings { io_timeout: ms(1_500), ..balanced() };
         assert_eq!(rule_of(slow_io), "i/o timeout within renewal interval");
     }
 

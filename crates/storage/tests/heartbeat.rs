@@ -5,8 +5,7 @@ use std::time::{Duration, Instant};
 
 use kvmha_storage::layout::heartbeat_path;
 use kvmha_storage::{
-    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LivenessTracker, Name, Pool,
-    StorageError,
+    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LivenessTracker, Name, Pool, StorageError,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -16,18 +15,11 @@ fn name(text: &str) -> Name {
 }
 
 fn identity(cluster: &str, host: &str) -> HostIdentity {
-    HostIdentity {
-        cluster: name(cluster),
-        host: name(host),
-        boot_id: BootId([host.len() as u8; 16]),
-    }
+    HostIdentity { cluster: name(cluster), host: name(host), boot_id: BootId([host.len() as u8; 16]) }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
 }
 
 #[test]
@@ -37,43 +29,27 @@ fn beats_are_read_back_and_seen_advancing() {
     let me = identity("prod", "host1");
     runtime().block_on(async {
         let mut writer = HeartbeatWriter::new(pool.clone(), me.clone(), IO_TIMEOUT);
-        assert_eq!(
-            read_heartbeat(&pool, &me.cluster, &me.host, IO_TIMEOUT)
-                .await
-                .unwrap(),
-            None
-        );
+        assert_eq!(read_heartbeat(&pool, &me.cluster, &me.host, IO_TIMEOUT).await.unwrap(), None);
         let mut tracker = LivenessTracker::new(Duration::from_secs(5));
         let start = Instant::now();
         for tick in 0..5u64 {
             let written = writer.beat(AgentState::Running, true).await.unwrap();
-            let read = read_heartbeat(&pool, &me.cluster, &me.host, IO_TIMEOUT)
-                .await
-                .unwrap()
-                .unwrap();
+            let read = read_heartbeat(&pool, &me.cluster, &me.host, IO_TIMEOUT).await.unwrap().unwrap();
             assert_eq!(read, written);
             assert_eq!(read.counter, tick + 1);
             let verdict = tracker.observe(read.progress(), start + Duration::from_secs(tick));
             assert_eq!(verdict.is_alive(), tick > 0, "tick {tick}: {verdict:?}");
         }
-        let stopped = writer
-            .beat(AgentState::StoppedCleanly, false)
-            .await
-            .unwrap();
-        let read = read_heartbeat(&pool, &me.cluster, &me.host, IO_TIMEOUT)
-            .await
-            .unwrap()
-            .unwrap();
+        let stopped = writer.beat(AgentState::StoppedCleanly, false).await.unwrap();
+        let read = read_heartbeat(&pool, &me.cluster, &me.host, IO_TIMEOUT).await.unwrap().unwrap();
         assert_eq!(read, stopped);
         assert_eq!(read.agent_state, AgentState::StoppedCleanly);
         assert!(!read.watchdog_armed);
     });
     // Only the record is left behind: the temporary file was renamed into place.
     let hosts = heartbeat_path(directory.path(), &me.cluster, &me.host);
-    let entries: Vec<_> = fs::read_dir(hosts.parent().unwrap())
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name())
-        .collect();
+    let entries: Vec<_> =
+        fs::read_dir(hosts.parent().unwrap()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
     assert_eq!(entries, vec![std::ffi::OsString::from("host1.hb")]);
 }
 
@@ -83,16 +59,8 @@ fn a_restarted_writer_resumes_the_counter_and_wraps_past_u64_max() {
     let pool = Pool::open("p1", directory.path()).unwrap();
     let me = identity("prod", "host1");
     runtime().block_on(async {
-        let mut writer =
-            HeartbeatWriter::starting_after(pool.clone(), me.clone(), IO_TIMEOUT, u64::MAX - 2);
-        assert_eq!(
-            writer
-                .beat(AgentState::Running, true)
-                .await
-                .unwrap()
-                .counter,
-            u64::MAX - 1
-        );
+        let mut writer = HeartbeatWriter::starting_after(pool.clone(), me.clone(), IO_TIMEOUT, u64::MAX - 2);
+        assert_eq!(writer.beat(AgentState::Running, true).await.unwrap().counter, u64::MAX - 1);
         drop(writer);
         let mut resumed = HeartbeatWriter::resume(pool.clone(), me.clone(), IO_TIMEOUT).await;
         let mut tracker = LivenessTracker::new(Duration::from_secs(5));
@@ -124,21 +92,12 @@ fn damaged_foreign_and_misplaced_records_are_typed_errors() {
         writer.beat(AgentState::Running, true).await.unwrap();
     });
     let good = fs::read(&path).unwrap();
-    let read = |cluster: &str, host: &str| {
-        runtime.block_on(read_heartbeat(
-            &pool,
-            &name(cluster),
-            &name(host),
-            IO_TIMEOUT,
-        ))
-    };
+    let read =
+        |cluster: &str, host: &str| runtime.block_on(read_heartbeat(&pool, &name(cluster), &name(host), IO_TIMEOUT));
 
     // A torn write that left half a record.
     fs::write(&path, &good[..100]).unwrap();
-    assert!(matches!(
-        read("prod", "host1"),
-        Err(StorageError::WrongLength { actual: 100, .. })
-    ));
+    assert!(matches!(read("prod", "host1"), Err(StorageError::WrongLength { actual: 100, .. })));
     // Garbage of the right size.
     fs::write(&path, vec![0xA5; good.len()]).unwrap();
     assert!(read("prod", "host1").unwrap_err().is_corrupt_record());
@@ -146,17 +105,11 @@ fn damaged_foreign_and_misplaced_records_are_typed_errors() {
     let foreign_path = heartbeat_path(directory.path(), &name("test"), &me.host);
     fs::create_dir_all(foreign_path.parent().unwrap()).unwrap();
     fs::write(&foreign_path, &good).unwrap();
-    assert!(matches!(
-        read("test", "host1"),
-        Err(StorageError::ForeignCluster { .. })
-    ));
+    assert!(matches!(read("test", "host1"), Err(StorageError::ForeignCluster { .. })));
     // host1's record copied to host2's file name.
     let misplaced = heartbeat_path(directory.path(), &me.cluster, &name("host2"));
     fs::write(&misplaced, &good).unwrap();
-    assert!(matches!(
-        read("prod", "host2"),
-        Err(StorageError::WrongSubject { .. })
-    ));
+    assert!(matches!(read("prod", "host2"), Err(StorageError::WrongSubject { .. })));
 }
 
 #[test]

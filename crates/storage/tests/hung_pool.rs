@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use kvmha_storage::pool::PoolHealth;
 use kvmha_storage::{
-    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LeaseClient, LeaseTimings,
-    LivenessTracker, Name, Pool, StorageError,
+    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LeaseClient, LeaseTimings, LivenessTracker,
+    Name, Pool, StorageError,
 };
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -37,16 +37,10 @@ impl FreezableMount {
             .stdin(Stdio::null())
             .spawn()
             .expect("bindfs runs (install it with scripts/setup.sh)");
-        let mount = Self {
-            daemon,
-            mount_point: mount_point.to_owned(),
-        };
+        let mount = Self { daemon, mount_point: mount_point.to_owned() };
         let give_up_at = Instant::now() + PATIENCE;
         while !mount.is_mounted() {
-            assert!(
-                Instant::now() < give_up_at,
-                "bindfs never mounted {mount_point:?}"
-            );
+            assert!(Instant::now() < give_up_at, "bindfs never mounted {mount_point:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
         mount
@@ -55,17 +49,11 @@ impl FreezableMount {
     fn is_mounted(&self) -> bool {
         let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let wanted = self.mount_point.to_string_lossy();
-        table
-            .lines()
-            .any(|line| line.split(' ').nth(4) == Some(wanted.as_ref()))
+        table.lines().any(|line| line.split(' ').nth(4) == Some(wanted.as_ref()))
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(signal)
-            .arg(self.daemon.id().to_string())
-            .status()
-            .expect("kill runs");
+        let status = Command::new("kill").arg(signal).arg(self.daemon.id().to_string()).status().expect("kill runs");
         assert!(status.success(), "kill {signal} failed");
     }
 
@@ -80,10 +68,7 @@ impl FreezableMount {
 
 impl Drop for FreezableMount {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-CONT")
-            .arg(self.daemon.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-CONT").arg(self.daemon.id().to_string()).status();
         let unmounted = Command::new("fusermount")
             .arg("-u")
             .arg("-z")
@@ -91,10 +76,7 @@ impl Drop for FreezableMount {
             .status()
             .is_ok_and(|status| status.success());
         if !unmounted {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&self.mount_point)
-                .status();
+            let _ = Command::new("umount").arg("-l").arg(&self.mount_point).status();
         }
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
@@ -102,11 +84,7 @@ impl Drop for FreezableMount {
 }
 
 fn identity() -> HostIdentity {
-    HostIdentity {
-        cluster: Name::new("prod").unwrap(),
-        host: Name::new("host1").unwrap(),
-        boot_id: BootId([1; 16]),
-    }
+    HostIdentity { cluster: Name::new("prod").unwrap(), host: Name::new("host1").unwrap(), boot_id: BootId([1; 16]) }
 }
 
 #[test]
@@ -122,10 +100,7 @@ fn a_hung_pool_times_out_and_never_delays_the_other_pools_heartbeat() {
     let good = Pool::open("good", &good_root).unwrap();
     let hung = Pool::with_queue_capacity("hung", &hung_root, 4).unwrap();
     let me = identity();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
 
     runtime.block_on(async {
         let mut good_writer = HeartbeatWriter::new(good.clone(), me.clone(), IO_TIMEOUT);
@@ -290,13 +265,9 @@ fn a_hung_lease_pool_reports_lease_lost_only_at_the_self_fence_deadline() {
         lease_expiry: Duration::from_millis(1_500),
     };
     let me = identity();
-    let leases =
-        LeaseClient::new(Pool::open("hung", &hung_root).unwrap(), me.clone(), timings).unwrap();
+    let leases = LeaseClient::new(Pool::open("hung", &hung_root).unwrap(), me.clone(), timings).unwrap();
     let good = Pool::open("good", &good_root).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     runtime.block_on(async {
         let vm = Name::new("vm1").unwrap();
         let mut held = leases.acquire(&vm).await.unwrap();

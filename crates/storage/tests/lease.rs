@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use kvmha_storage::layout::lease_path;
 use kvmha_storage::{
-    BootId, HostIdentity, LeaseClient, LeaseRecord, LeaseState, LeaseTimings, Name, Pool,
-    StorageError,
+    BootId, HostIdentity, LeaseClient, LeaseRecord, LeaseState, LeaseTimings, Name, Pool, StorageError,
 };
 
 /// Generous i/o budget: the machine is shared with other builds, and a slow fsync must
@@ -31,19 +30,12 @@ fn name(text: &str) -> Name {
 
 fn client(directory: &std::path::Path, host: &str, boot: u8) -> LeaseClient {
     let pool = Pool::open(host, directory).unwrap();
-    let identity = HostIdentity {
-        cluster: name("prod"),
-        host: name(host),
-        boot_id: BootId([boot; 16]),
-    };
+    let identity = HostIdentity { cluster: name("prod"), host: name(host), boot_id: BootId([boot; 16]) };
     LeaseClient::new(pool, identity, timings()).unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
 }
 
 /// N hosts start acquiring the same free lease at the same instant, over many
@@ -74,35 +66,23 @@ fn concurrent_acquirers_exactly_one_wins() {
                             return outcome.map(|_| index);
                         };
                         let give_up_at = Instant::now() + Duration::from_secs(120);
-                        while finished.load(Ordering::SeqCst) < HOSTS && Instant::now() < give_up_at
-                        {
+                        while finished.load(Ordering::SeqCst) < HOSTS && Instant::now() < give_up_at {
                             tokio::time::sleep(client.timings().renewal_interval).await;
-                            client
-                                .renew(&mut held)
-                                .await
-                                .expect("winner keeps its lease");
+                            client.renew(&mut held).await.expect("winner keeps its lease");
                         }
                         Ok(index)
                     })
                 })
             })
             .collect();
-        let outcomes: Vec<Result<usize, StorageError>> = handles
-            .into_iter()
-            .map(|handle| handle.join().unwrap())
-            .collect();
-        let winners: Vec<usize> = outcomes
-            .iter()
-            .filter_map(|outcome| outcome.as_ref().ok().copied())
-            .collect();
+        let outcomes: Vec<Result<usize, StorageError>> =
+            handles.into_iter().map(|handle| handle.join().unwrap()).collect();
+        let winners: Vec<usize> = outcomes.iter().filter_map(|outcome| outcome.as_ref().ok().copied()).collect();
         assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
         for outcome in &outcomes {
             if let Err(error) = outcome {
                 assert!(
-                    matches!(
-                        error,
-                        StorageError::LeaseContended { .. } | StorageError::LeaseHeld { .. }
-                    ),
+                    matches!(error, StorageError::LeaseContended { .. } | StorageError::LeaseHeld { .. }),
                     "round {round}: unexpected loss {error:?}"
                 );
             }
@@ -134,10 +114,7 @@ fn a_live_holder_keeps_its_lease_and_an_expired_one_is_taken_over() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             host_b.acquire(&vm).await
         });
-        assert!(
-            matches!(&attempt, Err(StorageError::LeaseHeld { owner, .. }) if owner == "host-a"),
-            "{attempt:?}"
-        );
+        assert!(matches!(&attempt, Err(StorageError::LeaseHeld { owner, .. }) if owner == "host-a"), "{attempt:?}");
 
         // A stops renewing (its host died). B may take over, but not before the record
         // has stayed unchanged for the expiry on B's clock.
@@ -148,10 +125,7 @@ fn a_live_holder_keeps_its_lease_and_an_expired_one_is_taken_over() {
 
         // A comes back: its lease is gone, whatever it tries.
         let lost = host_a.renew(&mut held).await;
-        assert!(
-            matches!(lost, Err(StorageError::LeaseLost { .. })),
-            "{lost:?}"
-        );
+        assert!(matches!(lost, Err(StorageError::LeaseLost { .. })), "{lost:?}");
     });
 }
 
@@ -216,19 +190,10 @@ fn released_leases_are_claimed_without_waiting_and_a_restarted_agent_keeps_its_o
         assert_eq!(record.state, LeaseState::Released);
         // The read-only path (no lease client, as the manager reads) agrees.
         let reader = Pool::open("manager", directory.path()).unwrap();
-        let read_only =
-            kvmha_storage::read_lease(&reader, &name("prod"), &vm, Duration::from_secs(10))
-                .await
-                .unwrap();
+        let read_only = kvmha_storage::read_lease(&reader, &name("prod"), &vm, Duration::from_secs(10)).await.unwrap();
         assert_eq!(read_only, Some(record));
-        let absent = kvmha_storage::read_lease(
-            &reader,
-            &name("prod"),
-            &name("nope"),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        let absent =
+            kvmha_storage::read_lease(&reader, &name("prod"), &name("nope"), Duration::from_secs(10)).await.unwrap();
         assert_eq!(absent, None);
         let started = Instant::now();
         let taken = host_b.acquire(&vm).await.unwrap();
@@ -260,15 +225,8 @@ fn a_corrupt_lease_is_claimed_only_after_it_stays_unchanged_for_the_expiry() {
 fn unsafe_timings_are_refused_when_the_client_is_built() {
     let directory = tempfile::tempdir().unwrap();
     let pool = Pool::open("p", directory.path()).unwrap();
-    let identity = HostIdentity {
-        cluster: name("prod"),
-        host: name("host-a"),
-        boot_id: BootId([1; 16]),
-    };
-    let unsafe_timings = LeaseTimings {
-        lease_expiry: Duration::from_millis(1_400),
-        ..timings()
-    };
+    let identity = HostIdentity { cluster: name("prod"), host: name("host-a"), boot_id: BootId([1; 16]) };
+    let unsafe_timings = LeaseTimings { lease_expiry: Duration::from_millis(1_400), ..timings() };
     let refused = LeaseClient::new(pool, identity, unsafe_timings);
     assert!(matches!(refused, Err(StorageError::TimingConflict { .. })));
 }

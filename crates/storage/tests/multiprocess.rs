@@ -8,9 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use kvmha_storage::layout::lease_path;
-use kvmha_storage::{
-    read_heartbeat, LeaseRecord, LeaseState, Liveness, LivenessTracker, Name, Pool,
-};
+use kvmha_storage::{read_heartbeat, LeaseRecord, LeaseState, Liveness, LivenessTracker, Name, Pool};
 
 const TOOL: &str = env!("CARGO_BIN_EXE_kvmha-storage-tool");
 /// Bound on every wait in this file: generous, because the machine is shared.
@@ -80,14 +78,7 @@ fn acquire_command(pool: &Path, host: &str, boot: u8, vm: &str, hold: bool) -> C
     command.args(["--cluster", "prod", "--host", host, "--vm", vm]);
     command.args(["--boot-id", &format!("{boot:02x}").repeat(16)]);
     command.args(["--renewal-ms", "300", "--io-timeout-ms", "250"]);
-    command.args([
-        "--self-fence-ms",
-        "1250",
-        "--watchdog-ms",
-        "200",
-        "--expiry-ms",
-        "1500",
-    ]);
+    command.args(["--self-fence-ms", "1250", "--watchdog-ms", "200", "--expiry-ms", "1500"]);
     if hold {
         command.arg("--hold");
     }
@@ -102,10 +93,7 @@ fn a_killed_writer_process_is_alive_then_stale_on_the_readers_clock() {
     let pool = Pool::open("reader", directory.path()).unwrap();
     let (cluster, host) = (name("prod"), name("host1"));
     let expiry = Duration::from_secs(2);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     runtime.block_on(async {
         let mut tracker = LivenessTracker::new(expiry);
         let read = || async {
@@ -123,10 +111,7 @@ fn a_killed_writer_process_is_alive_then_stale_on_the_readers_clock() {
                     break;
                 }
             }
-            assert!(
-                Instant::now() < give_up_at,
-                "heartbeat never seen advancing"
-            );
+            assert!(Instant::now() < give_up_at, "heartbeat never seen advancing");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
 
@@ -138,28 +123,17 @@ fn a_killed_writer_process_is_alive_then_stale_on_the_readers_clock() {
         // been unchanged for the expiry on our clock.
         let verdict = loop {
             let progress = read().await.unwrap();
-            assert_eq!(
-                progress, last_written,
-                "record changed after the writer died"
-            );
+            assert_eq!(progress, last_written, "record changed after the writer died");
             let verdict = tracker.observe(progress, Instant::now());
             if verdict.is_stale() {
                 break verdict;
             }
-            assert!(
-                Instant::now() < killed_at + PATIENCE,
-                "never went stale: {verdict:?}"
-            );
+            assert!(Instant::now() < killed_at + PATIENCE, "never went stale: {verdict:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let Liveness::Stale { unchanged_for } = verdict else {
-            unreachable!()
-        };
+        let Liveness::Stale { unchanged_for } = verdict else { unreachable!() };
         assert!(unchanged_for >= expiry);
-        eprintln!(
-            "measured: stale {:?} after the kill (expiry {expiry:?})",
-            killed_at.elapsed()
-        );
+        eprintln!("measured: stale {:?} after the kill (expiry {expiry:?})", killed_at.elapsed());
     });
 }
 
@@ -176,24 +150,15 @@ fn lease_contention_between_processes() {
         let contenders: Vec<usize> = (0..CONTENDERS)
             .map(|index| {
                 let host = format!("host{index}");
-                children.spawn(&mut acquire_command(
-                    pool,
-                    &host,
-                    index as u8 + 1,
-                    &vm,
-                    true,
-                ))
+                children.spawn(&mut acquire_command(pool, &host, index as u8 + 1, &vm, true))
             })
             .collect();
 
         // Losers exit with 3; the one winner holds and keeps renewing.
         let give_up_at = Instant::now() + PATIENCE;
         let winner = loop {
-            let running: Vec<usize> = contenders
-                .iter()
-                .copied()
-                .filter(|&index| children.try_wait(index).is_none())
-                .collect();
+            let running: Vec<usize> =
+                contenders.iter().copied().filter(|&index| children.try_wait(index).is_none()).collect();
             if running.len() == 1 {
                 // Give a slow loser the chance to show up as a second holder.
                 std::thread::sleep(Duration::from_secs(2));
@@ -202,20 +167,12 @@ fn lease_contention_between_processes() {
                 }
             }
             assert!(!running.is_empty(), "round {round}: nobody holds the lease");
-            assert!(
-                Instant::now() < give_up_at,
-                "round {round}: {} still contending",
-                running.len()
-            );
+            assert!(Instant::now() < give_up_at, "round {round}: {} still contending", running.len());
             std::thread::sleep(Duration::from_millis(50));
         };
         for &index in &contenders {
             if index != winner {
-                assert_eq!(
-                    children.try_wait(index).unwrap().code(),
-                    Some(3),
-                    "round {round}"
-                );
+                assert_eq!(children.try_wait(index).unwrap().code(), Some(3), "round {round}");
             }
         }
         let record_path = lease_path(pool, &cluster, &name(&vm));
@@ -231,8 +188,7 @@ fn lease_contention_between_processes() {
             children.kill(winner);
             let successor = children.spawn(&mut acquire_command(pool, "host9", 9, &vm, false));
             assert_eq!(children.wait_with_patience(successor).code(), Some(0));
-            let record =
-                LeaseRecord::decode(&std::fs::read(&record_path).unwrap(), &cluster).unwrap();
+            let record = LeaseRecord::decode(&std::fs::read(&record_path).unwrap(), &cluster).unwrap();
             assert_eq!(record.owner_host.as_str(), "host9");
         }
     }

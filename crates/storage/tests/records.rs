@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use kvmha_storage::{
-    AgentState, BootId, HeartbeatRecord, LeaseRecord, LeaseState, Liveness, LivenessTracker, Name,
-    StorageError, RECORD_LEN,
+    AgentState, BootId, HeartbeatRecord, LeaseRecord, LeaseState, Liveness, LivenessTracker, Name, StorageError,
+    RECORD_LEN,
 };
 use proptest::prelude::*;
 
@@ -24,19 +24,17 @@ fn heartbeat_strategy() -> impl Strategy<Value = HeartbeatRecord> {
         prop_oneof![Just(AgentState::Running), Just(AgentState::StoppedCleanly)],
         any::<bool>(),
     )
-        .prop_map(
-            |(cluster, host, boot_id, counter, writer_unix_ms, agent_state, watchdog_armed)| {
-                HeartbeatRecord {
-                    cluster,
-                    host,
-                    boot_id: BootId(boot_id),
-                    counter,
-                    writer_unix_ms,
-                    agent_state,
-                    watchdog_armed,
-                }
-            },
-        )
+        .prop_map(|(cluster, host, boot_id, counter, writer_unix_ms, agent_state, watchdog_armed)| {
+            HeartbeatRecord {
+                cluster,
+                host,
+                boot_id: BootId(boot_id),
+                counter,
+                writer_unix_ms,
+                agent_state,
+                watchdog_armed,
+            }
+        })
 }
 
 fn lease_strategy() -> impl Strategy<Value = LeaseRecord> {
@@ -50,20 +48,16 @@ fn lease_strategy() -> impl Strategy<Value = LeaseRecord> {
         any::<u64>(),
         any::<u64>(),
     )
-        .prop_map(
-            |(cluster, vm, state, owner_host, boot_id, counter, acquired_at, writer_unix_ms)| {
-                LeaseRecord {
-                    cluster,
-                    vm,
-                    state,
-                    owner_host,
-                    owner_boot_id: BootId(boot_id),
-                    counter,
-                    acquired_at_counter: acquired_at,
-                    writer_unix_ms,
-                }
-            },
-        )
+        .prop_map(|(cluster, vm, state, owner_host, boot_id, counter, acquired_at, writer_unix_ms)| LeaseRecord {
+            cluster,
+            vm,
+            state,
+            owner_host,
+            owner_boot_id: BootId(boot_id),
+            counter,
+            acquired_at_counter: acquired_at,
+            writer_unix_ms,
+        })
 }
 
 proptest! {

@@ -15,8 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvmha_storage::{
-    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LeaseClient, LeaseTimings,
-    LivenessTracker, Name, Pool, StorageError,
+    read_heartbeat, AgentState, BootId, HeartbeatWriter, HostIdentity, LeaseClient, LeaseTimings, LivenessTracker,
+    Name, Pool, StorageError,
 };
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -41,18 +41,10 @@ impl LoopbackSshfs {
                 .expect("ssh-keygen runs");
             assert!(status.success());
         }
-        std::fs::copy(
-            directory.join("client_key.pub"),
-            directory.join("authorized_keys"),
-        )
-        .unwrap();
+        std::fs::copy(directory.join("client_key.pub"), directory.join("authorized_keys")).unwrap();
         // A port the kernel just handed out; another process could take it before
         // sshd binds, in which case sshd exits and the test reports it.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let config = format!(
             "ListenAddress 127.0.0.1\nPort {port}\nHostKey {host_key}\nAuthorizedKeysFile {authorized}\n\
              PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n\
@@ -70,12 +62,7 @@ impl LoopbackSshfs {
             .stdin(Stdio::null())
             .spawn()
             .expect("sshd runs (install openssh-server with scripts/setup.sh)");
-        Self {
-            directory: directory.to_owned(),
-            sshd,
-            port,
-            mounts: Vec::new(),
-        }
+        Self { directory: directory.to_owned(), sshd, port, mounts: Vec::new() }
     }
 
     fn mount(&mut self, remote: &Path, mount_point: &Path) {
@@ -86,16 +73,8 @@ impl LoopbackSshfs {
                 .arg("-p")
                 .arg(self.port.to_string())
                 .arg("-o")
-                .arg(format!(
-                    "IdentityFile={}",
-                    self.directory.join("client_key").display()
-                ))
-                .args([
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                ])
+                .arg(format!("IdentityFile={}", self.directory.join("client_key").display()))
+                .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
                 .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"])
                 .arg(format!("root@127.0.0.1:{}", remote.display()))
                 .arg(mount_point)
@@ -106,10 +85,7 @@ impl LoopbackSshfs {
                 return;
             }
             // sshd may still be starting.
-            assert!(
-                Instant::now() < give_up_at,
-                "sshfs never mounted {mount_point:?}"
-            );
+            assert!(Instant::now() < give_up_at, "sshfs never mounted {mount_point:?}");
             assert!(self.sshd.try_wait().unwrap().is_none(), "sshd exited");
             thread::sleep(Duration::from_millis(100));
         }
@@ -119,11 +95,7 @@ impl LoopbackSshfs {
 impl Drop for LoopbackSshfs {
     fn drop(&mut self) {
         for mount_point in &self.mounts {
-            let _ = Command::new("fusermount")
-                .arg("-u")
-                .arg("-z")
-                .arg(mount_point)
-                .status();
+            let _ = Command::new("fusermount").arg("-u").arg("-z").arg(mount_point).status();
         }
         let _ = self.sshd.kill();
         let _ = self.sshd.wait();
@@ -135,11 +107,7 @@ fn name(text: &str) -> Name {
 }
 
 fn identity(host: &str, boot: u8) -> HostIdentity {
-    HostIdentity {
-        cluster: name("prod"),
-        host: name(host),
-        boot_id: BootId([boot; 16]),
-    }
+    HostIdentity { cluster: name("prod"), host: name(host), boot_id: BootId([boot; 16]) }
 }
 
 #[test]
@@ -152,15 +120,11 @@ fn records_written_through_one_mount_are_seen_through_another() {
     sshfs.mount(&shared, &mount_a);
     sshfs.mount(&shared, &mount_b);
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     runtime.block_on(async {
         let io_timeout = Duration::from_secs(5);
         let me = identity("host1", 1);
-        let mut writer =
-            HeartbeatWriter::new(Pool::open("a", &mount_a).unwrap(), me.clone(), io_timeout);
+        let mut writer = HeartbeatWriter::new(Pool::open("a", &mount_a).unwrap(), me.clone(), io_timeout);
         let reader = Pool::open("b", &mount_b).unwrap();
         let mut tracker = LivenessTracker::new(Duration::from_secs(3600));
         // Every write through A is what the next read through B returns: no stale
@@ -170,10 +134,7 @@ fn records_written_through_one_mount_are_seen_through_another() {
             let started = Instant::now();
             let written = writer.beat(AgentState::Running, true).await.unwrap();
             latencies.push(started.elapsed());
-            let read = read_heartbeat(&reader, &me.cluster, &me.host, io_timeout)
-                .await
-                .unwrap()
-                .unwrap();
+            let read = read_heartbeat(&reader, &me.cluster, &me.host, io_timeout).await.unwrap().unwrap();
             assert_eq!(read, written, "tick {tick}");
             let verdict = tracker.observe(read.progress(), Instant::now());
             assert_eq!(verdict.is_alive(), tick > 0, "tick {tick}: {verdict:?}");
@@ -196,9 +157,7 @@ fn lease_contention_through_different_mounts_has_one_winner() {
     let shared = directory.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     let mut sshfs = LoopbackSshfs::start(directory.path());
-    let mounts: Vec<PathBuf> = (0..HOSTS)
-        .map(|index| directory.path().join(format!("m{index}")))
-        .collect();
+    let mounts: Vec<PathBuf> = (0..HOSTS).map(|index| directory.path().join(format!("m{index}"))).collect();
     for mount_point in &mounts {
         sshfs.mount(&shared, mount_point);
     }
@@ -218,19 +177,11 @@ fn lease_contention_through_different_mounts_has_one_winner() {
             .enumerate()
             .map(|(index, mount_point)| {
                 let pool = Pool::open(&format!("m{index}"), mount_point).unwrap();
-                let client = LeaseClient::new(
-                    pool,
-                    identity(&format!("host{index}"), index as u8 + 1),
-                    timings,
-                )
-                .unwrap();
-                let (barrier, finished, vm) =
-                    (Arc::clone(&barrier), Arc::clone(&finished), vm.clone());
+                let client =
+                    LeaseClient::new(pool, identity(&format!("host{index}"), index as u8 + 1), timings).unwrap();
+                let (barrier, finished, vm) = (Arc::clone(&barrier), Arc::clone(&finished), vm.clone());
                 thread::spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_time()
-                        .build()
-                        .unwrap();
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
                     runtime.block_on(async {
                         barrier.wait();
                         let outcome = client.acquire(&vm).await;
@@ -239,34 +190,20 @@ fn lease_contention_through_different_mounts_has_one_winner() {
                         // Hold on (renewing) until every contender is done, so a late
                         // one meets a live holder rather than an abandoned lease.
                         let give_up_at = Instant::now() + PATIENCE;
-                        while finished.load(Ordering::SeqCst) < HOSTS && Instant::now() < give_up_at
-                        {
+                        while finished.load(Ordering::SeqCst) < HOSTS && Instant::now() < give_up_at {
                             tokio::time::sleep(timings.renewal_interval).await;
-                            client
-                                .renew(&mut held)
-                                .await
-                                .expect("the winner keeps its lease");
+                            client.renew(&mut held).await.expect("the winner keeps its lease");
                         }
                         Ok(held.record().owner_host.clone())
                     })
                 })
             })
             .collect();
-        let outcomes: Vec<Result<Name, StorageError>> = handles
-            .into_iter()
-            .map(|handle| handle.join().unwrap())
-            .collect();
-        let winners: Vec<&Name> = outcomes
-            .iter()
-            .filter_map(|outcome| outcome.as_ref().ok())
-            .collect();
+        let outcomes: Vec<Result<Name, StorageError>> =
+            handles.into_iter().map(|handle| handle.join().unwrap()).collect();
+        let winners: Vec<&Name> = outcomes.iter().filter_map(|outcome| outcome.as_ref().ok()).collect();
         assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
-        let record_bytes = std::fs::read(kvmha_storage::layout::lease_path(
-            &shared,
-            &name("prod"),
-            &vm,
-        ))
-        .unwrap();
+        let record_bytes = std::fs::read(kvmha_storage::layout::lease_path(&shared, &name("prod"), &vm)).unwrap();
         let record = kvmha_storage::LeaseRecord::decode(&record_bytes, &name("prod")).unwrap();
         assert_eq!(&record.owner_host, winners[0], "round {round}");
     }

@@ -51,16 +51,11 @@ fn rmcp_header(class: u8) -> [u8; 4] {
 
 /// Two's-complement checksum used twice in every IPMI message (§13.8).
 pub fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |sum, byte| sum.wrapping_add(*byte))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |sum, byte| sum.wrapping_add(*byte)).wrapping_neg()
 }
 
 fn take<'a>(bytes: &'a [u8], at: usize, len: usize, what: &str) -> Result<&'a [u8]> {
-    bytes
-        .get(at..at.saturating_add(len))
-        .ok_or_else(|| BmcError::protocol(format!("{what}: packet too short")))
+    bytes.get(at..at.saturating_add(len)).ok_or_else(|| BmcError::protocol(format!("{what}: packet too short")))
 }
 
 fn read_u32_le(bytes: &[u8], at: usize, what: &str) -> Result<u32> {
@@ -95,13 +90,8 @@ pub fn decode_asf_presence_pong(bytes: &[u8]) -> Result<AsfPong> {
     }
     let data_len = usize::from(asf[7]);
     let data = take(bytes, 12, data_len, "asf pong data")?;
-    let entities = *data
-        .get(8)
-        .ok_or_else(|| BmcError::protocol("asf pong data too short"))?;
-    Ok(AsfPong {
-        tag: asf[5],
-        ipmi_supported: entities & 0x80 != 0,
-    })
+    let entities = *data.get(8).ok_or_else(|| BmcError::protocol("asf pong data too short"))?;
+    Ok(AsfPong { tag: asf[5], ipmi_supported: entities & 0x80 != 0 })
 }
 
 // ---------------------------------------------------------------- IPMI messages
@@ -266,17 +256,12 @@ pub fn decode_v2(bytes: &[u8], auth_code_len: usize) -> Result<V2Packet<'_>> {
     }
     let fixed = take(bytes, 4, 12, "rmcp+ session header")?;
     if fixed[0] != AUTH_TYPE_RMCP_PLUS {
-        return Err(BmcError::protocol(format!(
-            "expected rmcp+ auth type 06h, got {:#04x}",
-            fixed[0]
-        )));
+        return Err(BmcError::protocol(format!("expected rmcp+ auth type 06h, got {:#04x}", fixed[0])));
     }
     let payload_type_byte = fixed[1];
     let payload_type = payload_type_byte & PAYLOAD_TYPE_MASK;
     if payload_type == PAYLOAD_OEM_EXPLICIT {
-        return Err(BmcError::protocol(
-            "oem explicit payloads are not supported",
-        ));
+        return Err(BmcError::protocol("oem explicit payloads are not supported"));
     }
     let header = V2Header {
         payload_type,
@@ -291,16 +276,9 @@ pub fn decode_v2(bytes: &[u8], auth_code_len: usize) -> Result<V2Packet<'_>> {
     let payload_end = payload_start + payload_len;
     if !header.authenticated {
         if payload_end != bytes.len() {
-            return Err(BmcError::protocol(
-                "trailing bytes after unauthenticated payload",
-            ));
+            return Err(BmcError::protocol("trailing bytes after unauthenticated payload"));
         }
-        return Ok(V2Packet {
-            header,
-            payload,
-            integrity_range: &bytes[4..payload_end],
-            auth_code: &[],
-        });
+        return Ok(V2Packet { header, payload, integrity_range: &bytes[4..payload_end], auth_code: &[] });
     }
     // Trailer: pad (0-3 x FFh), pad length, next header, auth code.
     let trailer_len = bytes.len() - payload_end;
@@ -314,9 +292,7 @@ pub fn decode_v2(bytes: &[u8], auth_code_len: usize) -> Result<V2Packet<'_>> {
         return Err(BmcError::protocol("integrity pad length inconsistent"));
     }
     if bytes[next_header_at] != NEXT_HEADER_RMCP {
-        return Err(BmcError::protocol(
-            "integrity trailer next header is not 07h",
-        ));
+        return Err(BmcError::protocol("integrity trailer next header is not 07h"));
     }
     Ok(V2Packet {
         header,
@@ -344,11 +320,9 @@ pub fn encode_open_session_request(
 ) -> Vec<u8> {
     let mut payload = vec![tag, max_privilege, 0x00, 0x00];
     payload.extend_from_slice(&console_session_id.to_le_bytes());
-    for (payload_kind, algorithm) in [
-        (0x00, algorithms.authentication),
-        (0x01, algorithms.integrity),
-        (0x02, algorithms.confidentiality),
-    ] {
+    for (payload_kind, algorithm) in
+        [(0x00, algorithms.authentication), (0x01, algorithms.integrity), (0x02, algorithms.confidentiality)]
+    {
         payload.extend_from_slice(&[payload_kind, 0x00, 0x00, 0x08, algorithm, 0x00, 0x00, 0x00]);
     }
     payload
@@ -395,13 +369,7 @@ pub fn decode_open_session_response(payload: &[u8]) -> Result<OpenSessionRespons
     })
 }
 
-pub fn encode_rakp1(
-    tag: u8,
-    managed_session_id: u32,
-    console_random: &[u8; 16],
-    role: u8,
-    username: &[u8],
-) -> Vec<u8> {
+pub fn encode_rakp1(tag: u8, managed_session_id: u32, console_random: &[u8; 16], role: u8, username: &[u8]) -> Vec<u8> {
     let mut payload = vec![tag, 0x00, 0x00, 0x00];
     payload.extend_from_slice(&managed_session_id.to_le_bytes());
     payload.extend_from_slice(console_random);
@@ -476,12 +444,7 @@ pub fn decode_rakp4(payload: &[u8]) -> Result<Rakp4> {
             integrity_check: Vec::new(),
         });
     }
-    Ok(Rakp4 {
-        tag,
-        status,
-        console_session_id: console_session_id?,
-        integrity_check: payload[8..].to_vec(),
-    })
+    Ok(Rakp4 { tag, status, console_session_id: console_session_id?, integrity_check: payload[8..].to_vec() })
 }
 
 #[cfg(test)]
@@ -491,25 +454,15 @@ mod tests {
     #[test]
     fn checksum_makes_the_sum_zero() {
         let bytes = [0x20, 0x18];
-        let sum = bytes
-            .iter()
-            .fold(checksum(&bytes), |acc, byte| acc.wrapping_add(*byte));
+        let sum = bytes.iter().fold(checksum(&bytes), |acc, byte| acc.wrapping_add(*byte));
         assert_eq!(sum, 0);
         assert_eq!(checksum(&[0x20, 0x18]), 0xc8);
     }
 
     #[test]
     fn get_channel_auth_caps_request_matches_the_spec_layout() {
-        let message = encode_ipmi_request(&IpmiRequest {
-            netfn: 0x06,
-            cmd: 0x38,
-            rq_seq: 0,
-            data: vec![0x8e, 0x04],
-        });
-        assert_eq!(
-            message,
-            vec![0x20, 0x18, 0xc8, 0x81, 0x00, 0x38, 0x8e, 0x04, 0xb5]
-        );
+        let message = encode_ipmi_request(&IpmiRequest { netfn: 0x06, cmd: 0x38, rq_seq: 0, data: vec![0x8e, 0x04] });
+        assert_eq!(message, vec![0x20, 0x18, 0xc8, 0x81, 0x00, 0x38, 0x8e, 0x04, 0xb5]);
         let packet = encode_v15_sessionless(&message);
         assert_eq!(&packet[..4], &[0x06, 0x00, 0xff, 0x07]);
         assert_eq!(packet[13], 9);

@@ -48,9 +48,7 @@ impl std::str::FromStr for Privilege {
             "user" => Ok(Privilege::User),
             "operator" => Ok(Privilege::Operator),
             "administrator" | "admin" => Ok(Privilege::Administrator),
-            other => Err(BmcError::Config {
-                reason: format!("unknown privilege level {other:?}"),
-            }),
+            other => Err(BmcError::Config { reason: format!("unknown privilege level {other:?}") }),
         }
     }
 }
@@ -94,11 +92,7 @@ pub fn decode_chassis_status(data: &[u8]) -> Result<ChassisStatus> {
     }
     let state = data[0];
     Ok(ChassisStatus {
-        power: if state & 0x01 != 0 {
-            PowerState::On
-        } else {
-            PowerState::Off
-        },
+        power: if state & 0x01 != 0 { PowerState::On } else { PowerState::Off },
         power_overload: state & 0x02 != 0,
         interlock: state & 0x04 != 0,
         power_fault: state & 0x08 != 0,

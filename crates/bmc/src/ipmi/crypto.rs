@@ -35,8 +35,7 @@ impl Hash {
                 mac.finalize().into_bytes().to_vec()
             }
             Hash::Sha256 => {
-                let mut mac =
-                    Hmac::<sha2::Sha256>::new_from_slice(key).expect("hmac takes any key");
+                let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("hmac takes any key");
                 parts.iter().for_each(|part| mac.update(part));
                 mac.finalize().into_bytes().to_vec()
             }
@@ -74,12 +73,8 @@ pub struct CipherSuite {
 }
 
 impl CipherSuite {
-    pub const SUITE_0: CipherSuite = CipherSuite {
-        id: 0,
-        hash: None,
-        integrity: INTEGRITY_NONE,
-        confidentiality: CONFIDENTIALITY_NONE,
-    };
+    pub const SUITE_0: CipherSuite =
+        CipherSuite { id: 0, hash: None, integrity: INTEGRITY_NONE, confidentiality: CONFIDENTIALITY_NONE };
     pub const SUITE_3: CipherSuite = CipherSuite {
         id: 3,
         hash: Some(Hash::Sha1),
@@ -98,9 +93,9 @@ impl CipherSuite {
             0 => Ok(Self::SUITE_0),
             3 => Ok(Self::SUITE_3),
             17 => Ok(Self::SUITE_17),
-            other => Err(BmcError::Config {
-                reason: format!("cipher suite {other} is not supported (supported: 17, 3, 0)"),
-            }),
+            other => {
+                Err(BmcError::Config { reason: format!("cipher suite {other} is not supported (supported: 17, 3, 0)") })
+            }
         }
     }
 
@@ -174,28 +169,12 @@ impl RakpInputs<'_> {
     /// Session integrity key: HMAC_Kg(Rm, Rc, ROLEm, ULENm, UNAMEm). Without a
     /// BMC key (Kg) configured, the user key stands in for it.
     pub fn session_integrity_key(&self, hash: Hash, kg: &[u8]) -> Vec<u8> {
-        hash.hmac(
-            kg,
-            &[
-                self.console_random,
-                self.managed_random,
-                &[self.role],
-                &self.username_len(),
-                self.username,
-            ],
-        )
+        hash.hmac(kg, &[self.console_random, self.managed_random, &[self.role], &self.username_len(), self.username])
     }
 
     /// RAKP4 integrity check value the BMC must send: HMAC_SIK(Rm, SIDc, GUIDc), truncated.
     pub fn rakp4_integrity_check(&self, hash: Hash, sik: &[u8]) -> Vec<u8> {
-        let mut icv = hash.hmac(
-            sik,
-            &[
-                self.console_random,
-                &self.managed_session_id.to_le_bytes(),
-                self.managed_guid,
-            ],
-        );
+        let mut icv = hash.hmac(sik, &[self.console_random, &self.managed_session_id.to_le_bytes(), self.managed_guid]);
         icv.truncate(hash.rakp4_icv_len());
         icv
     }
@@ -234,8 +213,7 @@ pub fn encrypt_aes_cbc_128(k2: &[u8], iv: &[u8; 16], plaintext: &[u8]) -> Vec<u8
     let mut buffer = plaintext.to_vec();
     buffer.extend((1..=pad_len as u8).collect::<Vec<u8>>());
     buffer.push(pad_len as u8);
-    let cipher = cbc::Encryptor::<Aes128>::new_from_slices(&k2[..16], iv)
-        .expect("aes-128 key and iv are 16 bytes");
+    let cipher = cbc::Encryptor::<Aes128>::new_from_slices(&k2[..16], iv).expect("aes-128 key and iv are 16 bytes");
     let ciphertext = cipher.encrypt_padded_vec_mut::<NoPadding>(&buffer);
     let mut payload = iv.to_vec();
     payload.extend_from_slice(&ciphertext);
@@ -244,31 +222,22 @@ pub fn encrypt_aes_cbc_128(k2: &[u8], iv: &[u8; 16], plaintext: &[u8]) -> Vec<u8
 
 pub fn decrypt_aes_cbc_128(k2: &[u8], payload: &[u8]) -> Result<Vec<u8>> {
     if payload.len() < 2 * AES_BLOCK_LEN || payload.len() % AES_BLOCK_LEN != 0 {
-        return Err(BmcError::protocol(
-            "encrypted payload length is not iv plus whole blocks",
-        ));
+        return Err(BmcError::protocol("encrypted payload length is not iv plus whole blocks"));
     }
     let (iv, ciphertext) = payload.split_at(AES_BLOCK_LEN);
-    let cipher = cbc::Decryptor::<Aes128>::new_from_slices(&k2[..16], iv)
-        .expect("aes-128 key and iv are 16 bytes");
+    let cipher = cbc::Decryptor::<Aes128>::new_from_slices(&k2[..16], iv).expect("aes-128 key and iv are 16 bytes");
     let mut plaintext = cipher
         .decrypt_padded_vec_mut::<NoPadding>(ciphertext)
         .map_err(|_| BmcError::protocol("aes-cbc decryption failed"))?;
     let pad_len = usize::from(*plaintext.last().expect("at least one block"));
     if pad_len >= AES_BLOCK_LEN || pad_len + 1 > plaintext.len() {
-        return Err(BmcError::protocol(
-            "aes-cbc confidentiality pad length invalid",
-        ));
+        return Err(BmcError::protocol("aes-cbc confidentiality pad length invalid"));
     }
     let data_len = plaintext.len() - 1 - pad_len;
-    let pad_ok = plaintext[data_len..data_len + pad_len]
-        .iter()
-        .enumerate()
-        .all(|(index, byte)| usize::from(*byte) == index + 1);
+    let pad_ok =
+        plaintext[data_len..data_len + pad_len].iter().enumerate().all(|(index, byte)| usize::from(*byte) == index + 1);
     if !pad_ok {
-        return Err(BmcError::protocol(
-            "aes-cbc confidentiality pad bytes invalid",
-        ));
+        return Err(BmcError::protocol("aes-cbc confidentiality pad bytes invalid"));
     }
     plaintext.truncate(data_len);
     Ok(plaintext)
@@ -296,8 +265,8 @@ mod tests {
         assert_eq!(
             mac,
             [
-                0xb6, 0x17, 0x31, 0x86, 0x55, 0x05, 0x72, 0x64, 0xe2, 0x8b, 0xc0, 0xb6, 0xfb, 0x37,
-                0x8c, 0x8e, 0xf1, 0x46, 0xbe, 0x00
+                0xb6, 0x17, 0x31, 0x86, 0x55, 0x05, 0x72, 0x64, 0xe2, 0x8b, 0xc0, 0xb6, 0xfb, 0x37, 0x8c, 0x8e, 0xf1,
+                0x46, 0xbe, 0x00
             ]
         );
     }

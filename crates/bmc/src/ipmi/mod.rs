@@ -59,9 +59,7 @@ impl IpmiConfig {
 
     fn suites(&self) -> Result<Vec<CipherSuite>> {
         if self.cipher_suites.is_empty() {
-            return Err(BmcError::Config {
-                reason: "no cipher suite configured".into(),
-            });
+            return Err(BmcError::Config { reason: "no cipher suite configured".into() });
         }
         self.cipher_suites
             .iter()
@@ -92,14 +90,10 @@ impl IpmiClient {
         let suites = config.suites()?;
         crate::split_host_port(&config.address, IPMI_PORT_DEFAULT)?;
         if config.username.len() > 16 {
-            return Err(BmcError::Config {
-                reason: "ipmi user names are at most 16 bytes".into(),
-            });
+            return Err(BmcError::Config { reason: "ipmi user names are at most 16 bytes".into() });
         }
         if config.password.len() > 20 {
-            return Err(BmcError::Config {
-                reason: "ipmi v2.0 passwords are at most 20 bytes".into(),
-            });
+            return Err(BmcError::Config { reason: "ipmi v2.0 passwords are at most 20 bytes".into() });
         }
         Ok(IpmiClient { config, suites })
     }
@@ -110,12 +104,9 @@ impl IpmiClient {
 
     async fn resolve(&self) -> Result<SocketAddr> {
         let (host, port) = crate::split_host_port(&self.config.address, IPMI_PORT_DEFAULT)?;
-        let mut addresses = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|error| BmcError::Unreachable {
-                address: self.config.address.clone(),
-                reason: format!("cannot resolve: {error}"),
-            })?;
+        let mut addresses = tokio::net::lookup_host((host.as_str(), port)).await.map_err(|error| {
+            BmcError::Unreachable { address: self.config.address.clone(), reason: format!("cannot resolve: {error}") }
+        })?;
         addresses.next().ok_or_else(|| BmcError::Unreachable {
             address: self.config.address.clone(),
             reason: "name resolved to no address".into(),
@@ -166,25 +157,15 @@ impl IpmiClient {
                 }
                 Err(HandshakeFailure::SuiteUnsupported { status }) => {
                     tracing::debug!(peer = %peer, suite = suite.id, status, "cipher suite not offered");
-                    unsupported.push(format!(
-                        "suite {}: {}",
-                        suite.id,
-                        commands::rmcp_plus_status_meaning(status)
-                    ));
+                    unsupported.push(format!("suite {}: {}", suite.id, commands::rmcp_plus_status_meaning(status)));
                 }
                 Err(HandshakeFailure::Error(error)) => return Err(error),
             }
         }
-        Err(BmcError::Negotiation {
-            reason: format!("bmc {peer} accepted none of: {}", unsupported.join("; ")),
-        })
+        Err(BmcError::Negotiation { reason: format!("bmc {peer} accepted none of: {}", unsupported.join("; ")) })
     }
 
-    async fn handshake(
-        &self,
-        transport: &Transport,
-        suite: CipherSuite,
-    ) -> Result<Session, HandshakeFailure> {
+    async fn handshake(&self, transport: &Transport, suite: CipherSuite) -> Result<Session, HandshakeFailure> {
         let mut console_session_id = 0;
         while console_session_id == 0 {
             console_session_id = rand::random();
@@ -212,16 +193,12 @@ impl IpmiClient {
         let rakp1 = finish_step(rakp1, hard_failure.take())?;
 
         let rakp3 = transport
-            .exchange("rakp 1", &[rakp1], |bytes| {
-                judge_handshake(handshake.on_rakp2(bytes), &mut hard_failure)
-            })
+            .exchange("rakp 1", &[rakp1], |bytes| judge_handshake(handshake.on_rakp2(bytes), &mut hard_failure))
             .await;
         let rakp3 = finish_step(rakp3, hard_failure.take())?;
 
         let session = transport
-            .exchange("rakp 3", &[rakp3], |bytes| {
-                judge_handshake(handshake.on_rakp4(bytes), &mut hard_failure)
-            })
+            .exchange("rakp 3", &[rakp3], |bytes| judge_handshake(handshake.on_rakp4(bytes), &mut hard_failure))
             .await;
         finish_step(session, hard_failure.take())
     }
@@ -233,9 +210,7 @@ impl IpmiClient {
         operation: &str,
         work: impl for<'a> FnOnce(
             &'a mut IpmiSession,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>,
-        >,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>>,
     ) -> Result<T> {
         let timeout = self.config.operation_timeout;
         let run = async {
@@ -258,17 +233,11 @@ impl IpmiClient {
     }
 
     pub async fn chassis_status(&self) -> Result<ChassisStatus> {
-        self.with_session("get chassis status", |session| {
-            Box::pin(session.chassis_status())
-        })
-        .await
+        self.with_session("get chassis status", |session| Box::pin(session.chassis_status())).await
     }
 
     pub async fn chassis_control(&self, action: ChassisControl) -> Result<()> {
-        self.with_session(action.name(), move |session| {
-            Box::pin(session.chassis_control(action))
-        })
-        .await
+        self.with_session(action.name(), move |session| Box::pin(session.chassis_control(action))).await
     }
 }
 
@@ -276,10 +245,7 @@ impl IpmiClient {
 /// not reachable, which the fencer treats differently from a stuck session.
 fn unreachable_if_silent(error: BmcError, peer: &SocketAddr) -> BmcError {
     match error {
-        BmcError::Timeout {
-            operation,
-            after_ms,
-        } => BmcError::Unreachable {
+        BmcError::Timeout { operation, after_ms } => BmcError::Unreachable {
             address: peer.to_string(),
             reason: format!("no answer to {operation} within {after_ms} ms"),
         },
@@ -302,15 +268,11 @@ fn judge_handshake<T>(
     }
 }
 
-fn finish_step<T>(
-    exchanged: Result<Option<T>>,
-    hard_failure: Option<HandshakeFailure>,
-) -> Result<T, HandshakeFailure> {
+fn finish_step<T>(exchanged: Result<Option<T>>, hard_failure: Option<HandshakeFailure>) -> Result<T, HandshakeFailure> {
     match exchanged? {
         Some(value) => Ok(value),
-        None => Err(hard_failure.unwrap_or_else(|| {
-            HandshakeFailure::Error(BmcError::protocol("handshake stopped without a reason"))
-        })),
+        None => Err(hard_failure
+            .unwrap_or_else(|| HandshakeFailure::Error(BmcError::protocol("handshake stopped without a reason")))),
     }
 }
 
@@ -320,31 +282,22 @@ async fn channel_auth_capabilities(transport: &Transport, privilege: Privilege) 
         netfn: commands::NETFN_APP,
         cmd: commands::CMD_GET_CHANNEL_AUTH_CAPABILITIES,
         rq_seq,
-        data: vec![
-            commands::CHANNEL_REQUEST_V2_DATA | commands::CHANNEL_CURRENT,
-            privilege.level(),
-        ],
+        data: vec![commands::CHANNEL_REQUEST_V2_DATA | commands::CHANNEL_CURRENT, privilege.level()],
     });
     let packet = codec::encode_v15_sessionless(&message);
     let response = transport
-        .exchange(
-            "get channel authentication capabilities",
-            &[packet],
-            |bytes| {
-                let decoded =
-                    codec::decode_v15_sessionless(bytes).and_then(codec::decode_ipmi_response);
-                Ok(match decoded {
-                    Ok(response)
-                        if response.cmd == commands::CMD_GET_CHANNEL_AUTH_CAPABILITIES
-                            && response.rq_seq == rq_seq =>
-                    {
-                        Verdict::Done(response)
-                    }
-                    Ok(_) => Verdict::Ignore("answer to another request".into()),
-                    Err(error) => Verdict::Ignore(error.to_string()),
-                })
-            },
-        )
+        .exchange("get channel authentication capabilities", &[packet], |bytes| {
+            let decoded = codec::decode_v15_sessionless(bytes).and_then(codec::decode_ipmi_response);
+            Ok(match decoded {
+                Ok(response)
+                    if response.cmd == commands::CMD_GET_CHANNEL_AUTH_CAPABILITIES && response.rq_seq == rq_seq =>
+                {
+                    Verdict::Done(response)
+                }
+                Ok(_) => Verdict::Ignore("answer to another request".into()),
+                Err(error) => Verdict::Ignore(error.to_string()),
+            })
+        })
         .await?;
     commands::check_completion(
         "get channel authentication capabilities",
@@ -352,12 +305,9 @@ async fn channel_auth_capabilities(transport: &Transport, privilege: Privilege) 
         commands::completion_code_meaning,
     )?;
     // Byte 2 bit 7: extended capabilities present; byte 4 bit 1: IPMI v2.0.
-    let supports_v2 =
-        response.data.len() >= 4 && response.data[1] & 0x80 != 0 && response.data[3] & 0x02 != 0;
+    let supports_v2 = response.data.len() >= 4 && response.data[1] & 0x80 != 0 && response.data[3] & 0x02 != 0;
     if !supports_v2 {
-        return Err(BmcError::Negotiation {
-            reason: "bmc does not offer ipmi v2.0 (rmcp+) on this channel".into(),
-        });
+        return Err(BmcError::Negotiation { reason: "bmc does not offer ipmi v2.0 (rmcp+) on this channel".into() });
     }
     Ok(())
 }
@@ -377,25 +327,16 @@ impl IpmiSession {
 
     /// Sends one command and returns the response whatever its completion
     /// code; the typed helpers below turn non-zero codes into errors.
-    pub async fn command(
-        &mut self,
-        netfn: u8,
-        cmd: u8,
-        data: &[u8],
-    ) -> Result<codec::IpmiResponse> {
+    pub async fn command(&mut self, netfn: u8, cmd: u8, data: &[u8]) -> Result<codec::IpmiResponse> {
         // Every retransmission gets its own session sequence number (a BMC
         // may drop a repeated one) but keeps the rqSeq, so a late answer to
         // an earlier copy still matches.
         let attempts = self.transport.attempts_max() as usize;
         let mut packets = Vec::with_capacity(attempts);
-        let (first, rq_seq) = self
-            .session
-            .seal_request(netfn, cmd, data, None, rand::random());
+        let (first, rq_seq) = self.session.seal_request(netfn, cmd, data, None, rand::random());
         packets.push(first);
         for _ in 1..attempts {
-            let (packet, _) =
-                self.session
-                    .seal_request(netfn, cmd, data, Some(rq_seq), rand::random());
+            let (packet, _) = self.session.seal_request(netfn, cmd, data, Some(rq_seq), rand::random());
             packets.push(packet);
         }
         let session = &mut self.session;
@@ -403,11 +344,7 @@ impl IpmiSession {
         self.transport
             .exchange(&operation, &packets, |bytes| {
                 Ok(match session.open_response(bytes) {
-                    Ok(response)
-                        if response.cmd == cmd
-                            && response.netfn == netfn + 1
-                            && response.rq_seq == rq_seq =>
-                    {
+                    Ok(response) if response.cmd == cmd && response.netfn == netfn + 1 && response.rq_seq == rq_seq => {
                         Verdict::Done(response)
                     }
                     Ok(_) => Verdict::Ignore("answer to another request".into()),
@@ -418,13 +355,8 @@ impl IpmiSession {
     }
 
     pub async fn set_privilege(&mut self, privilege: Privilege) -> Result<Privilege> {
-        let response = self
-            .command(
-                commands::NETFN_APP,
-                commands::CMD_SET_SESSION_PRIVILEGE_LEVEL,
-                &[privilege.level()],
-            )
-            .await?;
+        let response =
+            self.command(commands::NETFN_APP, commands::CMD_SET_SESSION_PRIVILEGE_LEVEL, &[privilege.level()]).await?;
         commands::check_completion(
             "set session privilege level",
             response.completion_code,
@@ -441,29 +373,13 @@ impl IpmiSession {
     }
 
     pub async fn chassis_status(&mut self) -> Result<ChassisStatus> {
-        let response = self
-            .command(
-                commands::NETFN_CHASSIS,
-                commands::CMD_GET_CHASSIS_STATUS,
-                &[],
-            )
-            .await?;
-        commands::check_completion(
-            "get chassis status",
-            response.completion_code,
-            commands::completion_code_meaning,
-        )?;
+        let response = self.command(commands::NETFN_CHASSIS, commands::CMD_GET_CHASSIS_STATUS, &[]).await?;
+        commands::check_completion("get chassis status", response.completion_code, commands::completion_code_meaning)?;
         commands::decode_chassis_status(&response.data)
     }
 
     pub async fn chassis_control(&mut self, action: ChassisControl) -> Result<()> {
-        let response = self
-            .command(
-                commands::NETFN_CHASSIS,
-                commands::CMD_CHASSIS_CONTROL,
-                &[action as u8],
-            )
-            .await?;
+        let response = self.command(commands::NETFN_CHASSIS, commands::CMD_CHASSIS_CONTROL, &[action as u8]).await?;
         commands::check_completion(
             &format!("chassis control ({})", action.name()),
             response.completion_code,
@@ -473,18 +389,8 @@ impl IpmiSession {
 
     pub async fn close(mut self) -> Result<()> {
         let session_id = self.session.managed_session_id().to_le_bytes();
-        let response = self
-            .command(
-                commands::NETFN_APP,
-                commands::CMD_CLOSE_SESSION,
-                &session_id,
-            )
-            .await?;
-        commands::check_completion(
-            "close session",
-            response.completion_code,
-            commands::completion_code_meaning,
-        )
+        let response = self.command(commands::NETFN_APP, commands::CMD_CLOSE_SESSION, &session_id).await?;
+        commands::check_completion("close session", response.completion_code, commands::completion_code_meaning)
     }
 }
 

@@ -6,8 +6,8 @@
 
 use super::codec::{self, Algorithms, IpmiRequest, IpmiResponse, V2Header};
 use super::commands::{
-    rmcp_plus_status_meaning, status_means_bad_credentials, status_means_suite_unsupported,
-    Privilege, ROLE_NAME_ONLY_LOOKUP,
+    rmcp_plus_status_meaning, status_means_bad_credentials, status_means_suite_unsupported, Privilege,
+    ROLE_NAME_ONLY_LOOKUP,
 };
 use super::crypto::{self, CipherSuite, RakpInputs};
 use crate::error::{BmcError, Result};
@@ -27,15 +27,8 @@ pub struct HandshakeParams {
 
 enum Step {
     AwaitOpenSessionResponse,
-    AwaitRakp2 {
-        managed_session_id: u32,
-    },
-    AwaitRakp4 {
-        managed_session_id: u32,
-        managed_random: [u8; 16],
-        managed_guid: [u8; 16],
-        sik: Vec<u8>,
-    },
+    AwaitRakp2 { managed_session_id: u32 },
+    AwaitRakp4 { managed_session_id: u32, managed_random: [u8; 16], managed_guid: [u8; 16], sik: Vec<u8> },
 }
 
 /// Hand-written so the session integrity key never reaches a log.
@@ -43,13 +36,10 @@ impl std::fmt::Debug for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Step::AwaitOpenSessionResponse => f.write_str("AwaitOpenSessionResponse"),
-            Step::AwaitRakp2 { managed_session_id } => f
-                .debug_struct("AwaitRakp2")
-                .field("managed_session_id", managed_session_id)
-                .finish(),
-            Step::AwaitRakp4 {
-                managed_session_id, ..
-            } => f
+            Step::AwaitRakp2 { managed_session_id } => {
+                f.debug_struct("AwaitRakp2").field("managed_session_id", managed_session_id).finish()
+            }
+            Step::AwaitRakp4 { managed_session_id, .. } => f
                 .debug_struct("AwaitRakp4")
                 .field("managed_session_id", managed_session_id)
                 .field("sik", &"<redacted>")
@@ -81,24 +71,15 @@ pub struct Handshake {
 impl Handshake {
     pub fn new(params: HandshakeParams) -> Result<Self> {
         if params.username.len() > 16 {
-            return Err(BmcError::Config {
-                reason: "ipmi user names are at most 16 bytes".into(),
-            });
+            return Err(BmcError::Config { reason: "ipmi user names are at most 16 bytes".into() });
         }
         if params.password.len() > 20 {
-            return Err(BmcError::Config {
-                reason: "ipmi v2.0 passwords are at most 20 bytes".into(),
-            });
+            return Err(BmcError::Config { reason: "ipmi v2.0 passwords are at most 20 bytes".into() });
         }
         if params.console_session_id == 0 {
-            return Err(BmcError::Config {
-                reason: "session id 0 is reserved for session-less messages".into(),
-            });
+            return Err(BmcError::Config { reason: "session id 0 is reserved for session-less messages".into() });
         }
-        Ok(Handshake {
-            params,
-            step: Step::AwaitOpenSessionResponse,
-        })
+        Ok(Handshake { params, step: Step::AwaitOpenSessionResponse })
     }
 
     fn role(&self) -> u8 {
@@ -107,13 +88,7 @@ impl Handshake {
 
     fn setup_packet(payload_type: u8, payload: &[u8]) -> Vec<u8> {
         codec::encode_v2(
-            V2Header {
-                payload_type,
-                encrypted: false,
-                authenticated: false,
-                session_id: 0,
-                session_seq: 0,
-            },
+            V2Header { payload_type, encrypted: false, authenticated: false, session_id: 0, session_seq: 0 },
             payload,
             None,
         )
@@ -145,12 +120,8 @@ impl Handshake {
     }
 
     /// Handles the Open Session Response; returns RAKP message 1 to send.
-    pub fn on_open_session_response(
-        &mut self,
-        packet: &[u8],
-    ) -> Result<Option<Vec<u8>>, HandshakeFailure> {
-        let Some(payload) = self.setup_payload(packet, codec::PAYLOAD_OPEN_SESSION_RESPONSE)?
-        else {
+    pub fn on_open_session_response(&mut self, packet: &[u8]) -> Result<Option<Vec<u8>>, HandshakeFailure> {
+        let Some(payload) = self.setup_payload(packet, codec::PAYLOAD_OPEN_SESSION_RESPONSE)? else {
             return Ok(None);
         };
         let response = codec::decode_open_session_response(payload)?;
@@ -159,16 +130,12 @@ impl Handshake {
         }
         if response.status != 0 {
             if status_means_suite_unsupported(response.status) {
-                return Err(HandshakeFailure::SuiteUnsupported {
-                    status: response.status,
-                });
+                return Err(HandshakeFailure::SuiteUnsupported { status: response.status });
             }
             return Err(refusal("open session", response.status).into());
         }
         if response.console_session_id != self.params.console_session_id {
-            return Err(
-                BmcError::protocol("open session response for another console session").into(),
-            );
+            return Err(BmcError::protocol("open session response for another console session").into());
         }
         let suite = self.params.suite;
         let offered = Algorithms {
@@ -195,9 +162,7 @@ impl Handshake {
             self.role(),
             self.params.username.as_bytes(),
         );
-        self.step = Step::AwaitRakp2 {
-            managed_session_id: response.managed_session_id,
-        };
+        self.step = Step::AwaitRakp2 { managed_session_id: response.managed_session_id };
         Ok(Some(Self::setup_packet(codec::PAYLOAD_RAKP1, &rakp1)))
     }
 
@@ -242,10 +207,7 @@ impl Handshake {
                     }
                     .into());
                 }
-                (
-                    inputs.rakp3_auth_code(hash, &user_key),
-                    inputs.session_integrity_key(hash, &user_key),
-                )
+                (inputs.rakp3_auth_code(hash, &user_key), inputs.session_integrity_key(hash, &user_key))
             }
         };
         let rakp3 = codec::encode_rakp3(self.params.tag, 0, managed_session_id, &rakp3_code);
@@ -260,13 +222,7 @@ impl Handshake {
 
     /// Handles RAKP message 4: verifies the BMC derived the same session key.
     pub fn on_rakp4(&self, packet: &[u8]) -> Result<Option<Session>, HandshakeFailure> {
-        let Step::AwaitRakp4 {
-            managed_session_id,
-            managed_random,
-            managed_guid,
-            ref sik,
-        } = self.step
-        else {
+        let Step::AwaitRakp4 { managed_session_id, managed_random, managed_guid, ref sik } = self.step else {
             return Err(BmcError::protocol("rakp4 out of order").into());
         };
         let Some(payload) = self.setup_payload(packet, codec::PAYLOAD_RAKP4)? else {
@@ -302,10 +258,7 @@ impl Handshake {
                     }
                     .into());
                 }
-                (
-                    crypto::additional_key(hash, sik, 0x01),
-                    crypto::additional_key(hash, sik, 0x02),
-                )
+                (crypto::additional_key(hash, sik, 0x01), crypto::additional_key(hash, sik, 0x02))
             }
         };
         Ok(Some(Session {
@@ -332,10 +285,7 @@ fn refusal(operation: &str, status: u8) -> BmcError {
 fn rakp_failure(operation: &str, status: u8) -> BmcError {
     if status_means_bad_credentials(status) {
         return BmcError::Authentication {
-            reason: format!(
-                "{operation} status {status:#04x}: {}",
-                rmcp_plus_status_meaning(status)
-            ),
+            reason: format!("{operation} status {status:#04x}: {}", rmcp_plus_status_meaning(status)),
         };
     }
     refusal(operation, status)
@@ -347,10 +297,7 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
     if left.len() != right.len() {
         return false;
     }
-    left.iter()
-        .zip(right)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    left.iter().zip(right).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// An established RMCP+ session: keys, ids and sequence numbers.
@@ -395,31 +342,15 @@ impl Session {
     /// Seals one IPMI request. Every call uses a fresh session sequence
     /// number (never 0, which is reserved) and a fresh 6-bit rqSeq unless
     /// `rq_seq` is given (retransmissions keep it so a late answer still matches).
-    pub fn seal_request(
-        &mut self,
-        netfn: u8,
-        cmd: u8,
-        data: &[u8],
-        rq_seq: Option<u8>,
-        iv: [u8; 16],
-    ) -> (Vec<u8>, u8) {
+    pub fn seal_request(&mut self, netfn: u8, cmd: u8, data: &[u8], rq_seq: Option<u8>, iv: [u8; 16]) -> (Vec<u8>, u8) {
         let rq_seq = rq_seq.unwrap_or_else(|| {
             self.rq_seq = (self.rq_seq + 1) & 0x3f;
             self.rq_seq
         });
         self.outbound_seq = self.outbound_seq.wrapping_add(1).max(1);
-        let message = codec::encode_ipmi_request(&IpmiRequest {
-            netfn,
-            cmd,
-            rq_seq,
-            data: data.to_vec(),
-        });
+        let message = codec::encode_ipmi_request(&IpmiRequest { netfn, cmd, rq_seq, data: data.to_vec() });
         let encrypted = self.suite.confidentiality == crypto::CONFIDENTIALITY_AES_CBC_128;
-        let payload = if encrypted {
-            crypto::encrypt_aes_cbc_128(&self.k2, &iv, &message)
-        } else {
-            message
-        };
+        let payload = if encrypted { crypto::encrypt_aes_cbc_128(&self.k2, &iv, &message) } else { message };
         let header = V2Header {
             payload_type: codec::PAYLOAD_IPMI,
             encrypted,
@@ -451,9 +382,7 @@ impl Session {
         let wants_integrity = self.suite.integrity != crypto::INTEGRITY_NONE;
         if wants_integrity {
             if !decoded.header.authenticated {
-                return Err(BmcError::protocol(
-                    "unauthenticated packet in an authenticated session",
-                ));
+                return Err(BmcError::protocol("unauthenticated packet in an authenticated session"));
             }
             let expected = crypto::integrity_code(self.suite, &self.k1, decoded.integrity_range);
             if !constant_time_eq(&expected, decoded.auth_code) {
@@ -462,16 +391,12 @@ impl Session {
         }
         let seq = decoded.header.session_seq;
         if seq == 0 || seq.wrapping_add(INBOUND_SEQ_WINDOW) <= self.inbound_seq_highest {
-            return Err(BmcError::protocol(
-                "response sequence number outside the window",
-            ));
+            return Err(BmcError::protocol("response sequence number outside the window"));
         }
         let wants_confidentiality = self.suite.confidentiality != crypto::CONFIDENTIALITY_NONE;
         let message = if wants_confidentiality {
             if !decoded.header.encrypted {
-                return Err(BmcError::protocol(
-                    "cleartext payload in an encrypted session",
-                ));
+                return Err(BmcError::protocol("cleartext payload in an encrypted session"));
             }
             crypto::decrypt_aes_cbc_128(&self.k2, decoded.payload)?
         } else {

@@ -23,35 +23,18 @@ pub(crate) enum Verdict<T> {
 }
 
 impl Transport {
-    pub(crate) async fn connect(
-        peer: SocketAddr,
-        attempt_timeout: Duration,
-        attempts_max: u32,
-    ) -> Result<Self> {
-        let bind: SocketAddr = if peer.is_ipv6() {
-            "[::]:0".parse().expect("literal")
-        } else {
-            "0.0.0.0:0".parse().expect("literal")
-        };
+    pub(crate) async fn connect(peer: SocketAddr, attempt_timeout: Duration, attempts_max: u32) -> Result<Self> {
+        let bind: SocketAddr =
+            if peer.is_ipv6() { "[::]:0".parse().expect("literal") } else { "0.0.0.0:0".parse().expect("literal") };
         let io = |context: &str| {
             let context = format!("{context} {peer}");
             move |source| BmcError::Io { context, source }
         };
-        let socket = UdpSocket::bind(bind)
-            .await
-            .map_err(io("bind udp socket for"))?;
+        let socket = UdpSocket::bind(bind).await.map_err(io("bind udp socket for"))?;
         // A connected socket only hears from the BMC, and an ICMP port
         // unreachable surfaces as ECONNREFUSED instead of silence.
-        socket
-            .connect(peer)
-            .await
-            .map_err(io("connect udp socket to"))?;
-        Ok(Transport {
-            socket,
-            peer,
-            attempt_timeout,
-            attempts_max: attempts_max.max(1),
-        })
+        socket.connect(peer).await.map_err(io("connect udp socket to"))?;
+        Ok(Transport { socket, peer, attempt_timeout, attempts_max: attempts_max.max(1) })
     }
 
     /// Sends `packets[attempt]` (the last one again if fewer were given) and
@@ -81,32 +64,25 @@ impl Transport {
                     continue;
                 }
                 Err(source) => {
-                    return Err(BmcError::Io {
-                        context: format!("send {operation} to {}", self.peer),
-                        source,
-                    })
+                    return Err(BmcError::Io { context: format!("send {operation} to {}", self.peer), source })
                 }
             }
             let attempt_deadline = Instant::now() + self.attempt_timeout;
             loop {
-                let received =
-                    tokio::time::timeout_at(attempt_deadline, self.socket.recv(&mut buffer)).await;
+                let received = tokio::time::timeout_at(attempt_deadline, self.socket.recv(&mut buffer)).await;
                 let length = match received {
                     Err(_elapsed) => break,
                     Ok(Ok(length)) => length,
                     Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
                         refused = true;
-                        tokio::time::sleep_until(attempt_deadline.min(
-                            Instant::now() + self.attempt_timeout.min(Duration::from_millis(50)),
-                        ))
+                        tokio::time::sleep_until(
+                            attempt_deadline.min(Instant::now() + self.attempt_timeout.min(Duration::from_millis(50))),
+                        )
                         .await;
                         break;
                     }
                     Ok(Err(source)) => {
-                        return Err(BmcError::Io {
-                            context: format!("receive {operation} from {}", self.peer),
-                            source,
-                        })
+                        return Err(BmcError::Io { context: format!("receive {operation} from {}", self.peer), source })
                     }
                 };
                 if length > super::codec::DATAGRAM_MAX {
@@ -135,10 +111,7 @@ impl Transport {
                 self.attempts_max
             )));
         }
-        Err(BmcError::Timeout {
-            operation: format!("{operation} ({} attempts)", self.attempts_max),
-            after_ms,
-        })
+        Err(BmcError::Timeout { operation: format!("{operation} ({} attempts)", self.attempts_max), after_ms })
     }
 }
 

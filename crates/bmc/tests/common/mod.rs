@@ -3,9 +3,7 @@
 
 #![allow(dead_code, unused_imports)]
 
-pub use kvmha_bmc::sim::{
-    IpmiSim as SimBmc, ADMIN_PASSWORD, ADMIN_USER, VIEWER_PASSWORD, VIEWER_USER,
-};
+pub use kvmha_bmc::sim::{IpmiSim as SimBmc, ADMIN_PASSWORD, ADMIN_USER, VIEWER_PASSWORD, VIEWER_USER};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -37,11 +35,7 @@ impl SimBmcExt for SimBmc {
     fn ipmitool_power(&self) -> String {
         let output = self.ipmitool(ADMIN_USER, ADMIN_PASSWORD, &["chassis", "power", "status"]);
         let text = String::from_utf8_lossy(&output.stdout).to_string();
-        assert!(
-            output.status.success(),
-            "ipmitool failed: {text} {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "ipmitool failed: {text} {}", String::from_utf8_lossy(&output.stderr));
         if text.contains("is on") {
             "on".into()
         } else if text.contains("is off") {

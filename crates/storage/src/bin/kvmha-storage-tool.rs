@@ -19,8 +19,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kvmha_storage::{
-    AgentState, AnyRecord, BootId, HeartbeatWriter, HostIdentity, LeaseClient, LeaseTimings, Name,
-    Pool, StorageError,
+    AgentState, AnyRecord, BootId, HeartbeatWriter, HostIdentity, LeaseClient, LeaseTimings, Name, Pool, StorageError,
 };
 
 const USAGE: &str = "usage: kvmha-storage-tool show FILE | heartbeat --pool DIR --cluster C --host H [...] | acquire --pool DIR --cluster C --host H --vm V [--hold] [...]";
@@ -38,10 +37,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("a current-thread runtime starts");
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a current-thread runtime starts");
     let outcome = match command.as_str() {
         "show" => show(&options),
         "heartbeat" => runtime.block_on(heartbeat(&options)),
@@ -68,11 +65,7 @@ struct Options {
 impl Options {
     fn parse(arguments: &[String]) -> Result<Self, String> {
         const FLAGS: [&str; 1] = ["hold"];
-        let mut options = Self {
-            values: HashMap::new(),
-            flags: Vec::new(),
-            positional: Vec::new(),
-        };
+        let mut options = Self { values: HashMap::new(), flags: Vec::new(), positional: Vec::new() };
         let mut iterator = arguments.iter();
         while let Some(argument) = iterator.next() {
             let Some(key) = argument.strip_prefix("--") else {
@@ -83,19 +76,14 @@ impl Options {
                 options.flags.push(key.to_owned());
                 continue;
             }
-            let value = iterator
-                .next()
-                .ok_or_else(|| format!("--{key} needs a value"))?;
+            let value = iterator.next().ok_or_else(|| format!("--{key} needs a value"))?;
             options.values.insert(key.to_owned(), value.clone());
         }
         Ok(options)
     }
 
     fn text(&self, key: &str) -> Result<&str, String> {
-        self.values
-            .get(key)
-            .map(String::as_str)
-            .ok_or_else(|| format!("--{key} is required"))
+        self.values.get(key).map(String::as_str).ok_or_else(|| format!("--{key} is required"))
     }
 
     fn name(&self, key: &str) -> Result<Name, String> {
@@ -106,9 +94,7 @@ impl Options {
         let Some(text) = self.values.get(key) else {
             return Ok(Duration::from_millis(default));
         };
-        text.parse()
-            .map(Duration::from_millis)
-            .map_err(|_| format!("--{key} wants milliseconds, got {text:?}"))
+        text.parse().map(Duration::from_millis).map_err(|_| format!("--{key} wants milliseconds, got {text:?}"))
     }
 
     fn identity(&self) -> Result<HostIdentity, String> {
@@ -117,11 +103,7 @@ impl Options {
             None => BootId::current(),
         }
         .map_err(|error| error.to_string())?;
-        Ok(HostIdentity {
-            cluster: self.name("cluster")?,
-            host: self.name("host")?,
-            boot_id,
-        })
+        Ok(HostIdentity { cluster: self.name("cluster")?, host: self.name("host")?, boot_id })
     }
 
     fn pool(&self) -> Result<Pool, String> {
@@ -167,8 +149,7 @@ async fn heartbeat(options: &Options) -> Result<(), String> {
         Some(text) => Some(text.parse().map_err(|_| "--count wants a number")?),
         None => None,
     };
-    let mut writer =
-        HeartbeatWriter::resume(options.pool()?, options.identity()?, io_timeout).await;
+    let mut writer = HeartbeatWriter::resume(options.pool()?, options.identity()?, io_timeout).await;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut written = 0u64;
@@ -237,6 +218,5 @@ fn lease_client(options: &Options) -> Result<LeaseClient, String> {
         watchdog_timeout: options.millis("watchdog-ms", 5_000)?,
         lease_expiry: options.millis("expiry-ms", 10_000)?,
     };
-    LeaseClient::new(options.pool()?, options.identity()?, timings)
-        .map_err(|error| error.to_string())
+    LeaseClient::new(options.pool()?, options.identity()?, timings).map_err(|error| error.to_string())
 }
