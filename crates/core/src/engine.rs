@@ -841,12 +841,14 @@ impl Engine {
                 neighbours.iter().map(HostName::as_str).collect::<Vec<_>>().join(",")
             ),
         );
+        let evidence_after = self.evidence_after(name);
         fx.commands.push(Command::Investigate {
             host: name.clone(),
             investigation: id,
             round,
             kinds,
             neighbours,
+            evidence_after,
             deadline,
         });
     }
@@ -855,6 +857,7 @@ impl Engine {
         let id = self.next_id();
         let deadline = fx.now + self.config.timing.investigation_round();
         let kinds = vec![InvestigatorKind::StorageHeartbeat];
+        let evidence_after = self.evidence_after(name);
         let record = self.hosts.get_mut(name).expect("listed");
         record.investigation = Some(Investigation {
             id,
@@ -870,8 +873,15 @@ impl Engine {
             round: 0,
             kinds,
             neighbours: Vec::new(),
+            evidence_after,
             deadline,
         });
+    }
+
+    /// A sign of life must be newer than the host's silence by more than one ping
+    /// interval: a dead host's last heartbeat may land just after its last ping.
+    fn evidence_after(&self, name: &HostName) -> Instant {
+        self.hosts[name].silent_since + self.config.timing.ping_interval()
     }
 
     fn on_report(&mut self, fx: &mut Effects, report: InvestigatorReport) {

@@ -315,6 +315,7 @@ fn silent_host_becomes_suspect_then_investigated_by_every_investigator() {
     let commands = harness.silence("host1");
     assert_eq!(transitions(&commands), vec![t("host1", Up, Suspect), t("host1", Suspect, Investigating)]);
     let investigation = harness.current_investigation("host1");
+    let last_ping = harness.engine.hosts()[&h("host1")].last_ping.expect("pinged before");
     let round_started = commands
         .iter()
         .find_map(|command| match command {
@@ -335,6 +336,7 @@ fn silent_host_becomes_suspect_then_investigated_by_every_investigator() {
                 InvestigatorKind::BmcPower
             ],
             neighbours: vec![h("host3"), h("host2")],
+            evidence_after: last_ping + timing().ping_interval(),
             deadline: round_started + timing().investigation_round(),
         }]
     );
@@ -402,6 +404,8 @@ fn bmc_power_off_fences_and_restarts_vms_by_priority_on_the_least_loaded_hosts()
                 round: 0,
                 kinds: vec![InvestigatorKind::StorageHeartbeat],
                 neighbours: vec![],
+                evidence_after: harness.engine.hosts()[&h("host1")].last_ping.expect("pinged")
+                    + timing().ping_interval(),
                 deadline: harness.now + timing().investigation_round(),
             },
         ]

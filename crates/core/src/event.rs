@@ -247,6 +247,11 @@ pub enum Command {
         kinds: Vec<InvestigatorKind>,
         /// Agents to ask for neighbour pings and heartbeat reads.
         neighbours: Vec<HostName>,
+        /// Only evidence newer than this counts as a sign of life: a heartbeat written, or
+        /// a VM disk written, before the host went silent says nothing about it now. A
+        /// heartbeat is `Advancing` only if the reader saw it change after this instant
+        /// (the write is known to be later than the read before the change).
+        evidence_after: Instant,
         deadline: Instant,
     },
     /// Power `host` off through its BMC and read the state back.

@@ -582,7 +582,7 @@ impl World {
                         self.trace.push(TraceLine {
                             at_ms: self.now.as_millis(),
                             source: "audit",
-                            text: audit.to_string(),
+                            text: audit.describe(),
                         });
                     }
                 }
@@ -594,7 +594,7 @@ impl World {
                     }
                 }
                 Command::Directives(_) => {}
-                Command::Investigate { host, investigation, kinds, neighbours, .. } => {
+                Command::Investigate { host, investigation, kinds, neighbours, evidence_after, .. } => {
                     self.trace("command", || {
                         format!("investigate {host} {investigation}: {kinds:?} via {neighbours:?}")
                     });
@@ -602,7 +602,7 @@ impl World {
                         continue;
                     };
                     for kind in kinds {
-                        self.investigate(target, investigation, kind, &neighbours);
+                        self.investigate(target, investigation, kind, &neighbours, evidence_after);
                     }
                 }
                 Command::Fence { host, fence, attempt, .. } => {
@@ -647,6 +647,7 @@ impl World {
         investigation: RequestId,
         kind: InvestigatorKind,
         neighbours: &[HostName],
+        evidence_after: Instant,
     ) {
         let host = self.hosts[target].spec.name.clone();
         let report = |finding, evidence: String, heartbeat| InvestigatorReport {
@@ -690,7 +691,7 @@ impl World {
                 self.send_to_manager(delay, Event::Report(result));
             }
             InvestigatorKind::StorageHeartbeat => {
-                let observation = self.heartbeat_observation(target);
+                let observation = self.heartbeat_observation(target, evidence_after);
                 let advancing = observation.pools.iter().any(|pool| pool.record == RecordState::Advancing);
                 let evidence = match &observation.pools[0].record {
                     RecordState::Advancing => "advancing".to_owned(),
@@ -738,7 +739,7 @@ impl World {
 
     /// The host's heartbeat records as the manager's storage reader sees them: it polls
     /// every renewal interval, so it may notice a change up to one interval late.
-    fn heartbeat_observation(&mut self, target: usize) -> HeartbeatObservation {
+    fn heartbeat_observation(&mut self, target: usize, evidence_after: Instant) -> HeartbeatObservation {
         let lag = Duration::from_millis(self.rng.below(duration_ms(self.timing.lease_renew_interval()).max(1)));
         let host = &self.hosts[target];
         let record = match host.record {
@@ -748,7 +749,9 @@ impl World {
             None => RecordState::Unreadable { reason: "no record yet".to_owned() },
             Some((boot, _, armed, stopped_cleanly)) => {
                 let unchanged_for = self.now.saturating_since(host.record_changed_at).saturating_sub(lag);
-                if unchanged_for < self.timing.lease_renew_interval() * 2 {
+                // The reader only knows the write happened after its previous read.
+                let written_after = host.record_changed_at - self.timing.lease_renew_interval();
+                if unchanged_for < self.timing.lease_renew_interval() * 2 && written_after > evidence_after {
                     RecordState::Advancing
                 } else {
                     RecordState::Unchanged {
