@@ -115,6 +115,10 @@ impl SimOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Net {
     Mgmt,
+    /// Only manager-to-agent requests are blocked.
+    MgmtInbound,
+    /// Only the agent's own connections (pings) are blocked.
+    MgmtOutbound,
     Storage,
     Oob,
     All,
@@ -185,7 +189,11 @@ struct SimHost {
     last_pet: Instant,
     /// Clock rate offset in parts per million: local = global * (1 + ppm/1e6).
     drift_ppm: i64,
+    /// Agent-initiated traffic (pings and their replies, goodbyes).
     mgmt_up: bool,
+    /// Manager-initiated requests to the agent (VM starts, neighbour checks): a firewall
+    /// can block these while the agent's own connections still work.
+    commands_up: bool,
     storage_up: bool,
     oob_up: bool,
     mgmt_loss: u64,
@@ -342,6 +350,7 @@ pub fn run(options: &SimOptions) -> SimOutcome {
             last_pet: Instant::ZERO,
             drift_ppm,
             mgmt_up: true,
+            commands_up: true,
             storage_up: true,
             oob_up: true,
             mgmt_loss: 0,
@@ -480,7 +489,10 @@ impl World {
                 18..=25 => Fault::Hang(host),
                 26..=33 => Fault::AgentKill(host),
                 34..=39 => Fault::AgentStop(host),
-                40..=51 => Fault::Partition(host, *self.rng.pick(&[Net::Mgmt, Net::Storage, Net::Oob, Net::All])),
+                40..=51 => Fault::Partition(
+                    host,
+                    *self.rng.pick(&[Net::Mgmt, Net::MgmtInbound, Net::MgmtOutbound, Net::Storage, Net::Oob, Net::All]),
+                ),
                 52..=57 => Fault::Loss(host, self.rng.between(10, 50)),
                 58..=65 => Fault::Bmc(
                     host,
@@ -619,7 +631,7 @@ impl World {
                         continue;
                     };
                     self.check_start(vm_index, target_index, &release);
-                    if self.hosts[target_index].agent_alive() && self.hosts[target_index].mgmt_up {
+                    if self.hosts[target_index].agent_alive() && self.hosts[target_index].commands_up {
                         let at = self.now + self.latency() + Duration::from_millis(self.rng.between(20, 200));
                         self.schedule(at, Action::StartLands { host: target_index, work, vm: vm_index, release });
                     }
@@ -668,7 +680,7 @@ impl World {
                         continue;
                     };
                     let neighbour = &self.hosts[index];
-                    if !neighbour.agent_alive() || !neighbour.mgmt_up {
+                    if !neighbour.agent_alive() || !neighbour.commands_up {
                         continue;
                     }
                     asked.push(name.as_str().to_owned());
@@ -1181,7 +1193,7 @@ impl World {
             |outcome| Event::VmStartResult(VmStartResult { work, vm: vm_name.clone(), host: name.clone(), outcome });
         if self.vms[vm].running_on.contains(&(index, boot)) {
             let event = reply(VmStartOutcome::AlreadyRunning);
-            if self.hosts[index].mgmt_up {
+            if self.hosts[index].commands_up {
                 self.send_to_manager(delay, event);
             }
             return;
@@ -1204,7 +1216,7 @@ impl World {
             self.check_double_run(vm);
             VmStartOutcome::Started
         };
-        if self.hosts[index].mgmt_up {
+        if self.hosts[index].commands_up {
             self.send_to_manager(delay, reply(outcome));
         }
     }
@@ -1355,11 +1367,17 @@ impl World {
             Fault::Partition(index, net) => {
                 let host = &mut self.hosts[index];
                 match net {
-                    Net::Mgmt => host.mgmt_up = false,
+                    Net::Mgmt => {
+                        host.mgmt_up = false;
+                        host.commands_up = false;
+                    }
+                    Net::MgmtInbound => host.commands_up = false,
+                    Net::MgmtOutbound => host.mgmt_up = false,
                     Net::Storage => host.storage_up = false,
                     Net::Oob => host.oob_up = false,
                     Net::All => {
                         host.mgmt_up = false;
+                        host.commands_up = false;
                         host.storage_up = false;
                         host.oob_up = false;
                     }
@@ -1369,6 +1387,7 @@ impl World {
             Fault::HealHost(index) => {
                 let host = &mut self.hosts[index];
                 host.mgmt_up = true;
+                host.commands_up = true;
                 host.storage_up = true;
                 host.oob_up = true;
                 host.mgmt_loss = 0;
@@ -1420,6 +1439,7 @@ impl World {
                 self.manager_storage_up = false;
                 for host in &mut self.hosts {
                     host.mgmt_up = false;
+                    host.commands_up = false;
                 }
             }
             Fault::Maintenance(index, on) => {
@@ -1444,6 +1464,7 @@ impl World {
             let power_on = !self.hosts[index].powered && self.rng.percent(50);
             let host = &mut self.hosts[index];
             host.mgmt_up = true;
+            host.commands_up = true;
             host.storage_up = true;
             host.oob_up = true;
             host.mgmt_loss = 0;

@@ -7,6 +7,17 @@ fn threads() -> usize {
 
 fn report(failures: &[SimOutcome]) -> String {
     let mut text = String::new();
+    // The first failure's timeline, as `kvmha simulate` would print it, up to the violation.
+    if let Some(first) = failures.first() {
+        let mut options = SimOptions::new(first.seed);
+        options.record_trace = true;
+        let replay = run(&options);
+        let until = replay.violations.first().map_or(u64::MAX, |violation| violation.at_ms);
+        text.push_str(&format!("\ntimeline of seed {} up to its first violation:\n", first.seed));
+        for line in replay.trace.iter().filter(|line| line.at_ms <= until && line.source != "event") {
+            text.push_str(&format!("{:>8}ms {:<9} {}\n", line.at_ms, line.source, line.text));
+        }
+    }
     for failure in failures.iter().take(5) {
         text.push_str(&format!(
             "\nseed {} ({}, {} hosts, {} vms): {}\n  faults: {}\n  reproduce with: {}\n",
