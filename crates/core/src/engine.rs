@@ -473,12 +473,7 @@ impl Engine {
         }
 
         if rebooted {
-            let taken: Vec<VmName> = self
-                .vms
-                .iter()
-                .filter(|(_, vm)| vm.host.as_ref() == Some(&host) && ACTIVE_VM_STATES.contains(&vm.state))
-                .map(|(name, _)| name.clone())
-                .collect();
+            let taken = self.vms_on(&host, &ACTIVE_VM_STATES);
             for vm in taken {
                 self.vm_not_running(fx, &vm, &host, &ping.boot_id, "host rebooted");
             }
@@ -505,14 +500,22 @@ impl Engine {
         record.proof = None;
         self.set_host_state(fx, host, HostState::Up, detail);
         // VMs we stopped believing in while the host was being fenced are its again.
-        let held: Vec<VmName> = self
-            .vms
+        self.resume_held_vms(fx, host, "its host is back");
+    }
+
+    /// The VMs bound to `host` whose state is one of `states`.
+    fn vms_on(&self, host: &HostName, states: &[VmState]) -> Vec<VmName> {
+        self.vms
             .iter()
-            .filter(|(_, vm)| vm.host.as_ref() == Some(host) && vm.state == VmState::AwaitingProof)
+            .filter(|(_, vm)| vm.host.as_ref() == Some(host) && states.contains(&vm.state))
             .map(|(name, _)| name.clone())
-            .collect();
-        for vm in held {
-            self.resume_vm(fx, &vm, "its host is back");
+            .collect()
+    }
+
+    /// VMs held while their host was being fenced go back to what they were.
+    fn resume_held_vms(&mut self, fx: &mut Effects, host: &HostName, why: &str) {
+        for vm in self.vms_on(host, &[VmState::AwaitingProof]) {
+            self.resume_vm(fx, &vm, why);
         }
     }
 
@@ -1048,15 +1051,7 @@ impl Engine {
         record.fencing = None;
         let first = !record.alerted;
         record.alerted = true;
-        let held: Vec<VmName> = self
-            .vms
-            .iter()
-            .filter(|(_, vm)| vm.host.as_ref() == Some(name) && vm.state == VmState::AwaitingProof)
-            .map(|(vm, _)| vm.clone())
-            .collect();
-        for vm in held {
-            self.resume_vm(fx, &vm, "its host is alive");
-        }
+        self.resume_held_vms(fx, name, "its host is alive");
         if first {
             fx.alert(
                 Severity::Warning,
@@ -1100,14 +1095,7 @@ impl Engine {
             confirmation: None,
             next_lease_check: now,
         });
-        let held: Vec<VmName> = self
-            .vms
-            .iter()
-            .filter(|(_, vm)| {
-                vm.host.as_ref() == Some(name) && matches!(vm.state, VmState::Running | VmState::Starting)
-            })
-            .map(|(vm, _)| vm.clone())
-            .collect();
+        let held = self.vms_on(name, &[VmState::Running, VmState::Starting]);
         for vm in held {
             self.set_vm_state(fx, &vm, VmState::AwaitingProof, format!("host {name} is being fenced"));
         }
