@@ -99,3 +99,44 @@ fn explore() {
     let (schedules, steps, failures) = run_many(first, count, threads());
     println!("sim: {schedules} schedules, {steps} steps, {} failing{}", failures.len(), report(&failures));
 }
+
+/// Simulated power-loss recovery (fault to the VM's start elsewhere), per profile, for
+/// schedules whose first fault is a plain power-off. Engine decision time, not the lab's.
+#[test]
+#[ignore = "measurement: cargo test -p kvmha-core sim_recovery -- --ignored --nocapture"]
+fn sim_recovery_times() {
+    for profile in Profile::ALL {
+        let mut times = Vec::new();
+        for seed in 1..3_000 {
+            let mut options = SimOptions::new(seed);
+            options.profile = Some(profile);
+            options.record_trace = true;
+            let outcome = run(&options);
+            let Some(first) = outcome.faults.first() else { continue };
+            let Some(host) = first.text.strip_prefix("power-off ") else { continue };
+            if host.contains(' ') || outcome.faults.get(1).is_some_and(|next| next.at_ms < first.at_ms + 8_000) {
+                continue;
+            }
+            let prefix = format!("{host}-vm");
+            let started = outcome.trace.iter().find(|line| {
+                line.source == "world"
+                    && line.at_ms > first.at_ms
+                    && line.text.starts_with(&prefix)
+                    && line.text.contains(" started on ")
+            });
+            if let Some(line) = started {
+                times.push(line.at_ms - first.at_ms);
+            }
+        }
+        times.sort_unstable();
+        if times.is_empty() {
+            continue;
+        }
+        let median = times[times.len() / 2];
+        let p95 = times[times.len() * 95 / 100];
+        println!(
+            "{profile}: {} power losses, first VM restarted elsewhere: median {median} ms, p95 {p95} ms",
+            times.len()
+        );
+    }
+}
