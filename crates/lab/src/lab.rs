@@ -874,7 +874,11 @@ impl Shared {
         let _across_processes = self.power_lock(index)?;
         let _ = std::fs::remove_file(self.host_dir(index).join(POWER_REQUEST_FILE));
         if let Some(init) = self.init(index) {
+            let parents = outside_parents(init);
             init.signal(Signal::SIGKILL)?;
+            for parent in parents {
+                parent.signal(Signal::SIGCONT)?;
+            }
             // The init of a PID namespace exits only after every process in it did.
             if !init.wait_gone(Duration::from_secs(10)) {
                 return Err(LabError::NotReady {
@@ -1017,6 +1021,11 @@ impl Shared {
             }
             all_settled
         });
+        if signal == Signal::SIGCONT {
+            for parent in outside_parents(init) {
+                parent.signal(Signal::SIGCONT)?;
+            }
+        }
         if settled {
             Ok(())
         } else {
@@ -1111,6 +1120,25 @@ impl Shared {
             None => Ok(()),
         }
     }
+}
+
+/// Processes outside the host's PID namespace whose children are inside it: the
+/// `nsenter` parents of commands run in the host. nsenter stops itself when its child
+/// is stopped (a hung host), and must be continued both on resume and on power-off,
+/// where it has to reap its dead child before the host's PID namespace can finish dying.
+fn outside_parents(init: ProcessId) -> Vec<ProcessId> {
+    let Some(pid_namespace) = namespace_of(init.pid, "pid") else {
+        return Vec::new();
+    };
+    let mut parents: Vec<ProcessId> = processes_in_namespace("pid", &pid_namespace)
+        .into_iter()
+        .filter_map(|process| proc_stat(process.pid).map(|stat| stat.parent_pid))
+        .filter(|parent| namespace_of(*parent, "pid").as_deref() != Some(pid_namespace.as_str()))
+        .filter_map(ProcessId::of)
+        .collect();
+    parents.sort_by_key(|parent| parent.pid);
+    parents.dedup();
+    parents
 }
 
 /// Length and last byte of the watchdog file (0, None if unreadable).

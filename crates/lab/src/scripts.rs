@@ -40,12 +40,30 @@ init_alive() {{
   # $1 is the state, ${{20}} the start time: a zombie or a recycled pid is not our host.
   [ "$1" != Z ] && [ "$1" != X ] && [ "${{20}}" = "$start" ]
 }}
+# Parents outside the host of processes inside it (nsenter): nsenter stops itself when
+# its child is stopped (a hung host) and must be continued to reap the dead child, or
+# the dying PID namespace waits forever.
+outside_parents() {{
+  local ns=$1 inside p pp stat rest
+  inside=$(find /proc -mindepth 3 -maxdepth 3 -path '/proc/[0-9]*/ns/pid' -printf '%p %l\n' 2>/dev/null \
+    | grep -F " $ns" | cut -d/ -f3)
+  for p in $inside; do
+    stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+    rest=${{stat##*) }}
+    set -- $rest
+    pp=$2
+    case " $(echo $inside) " in *" $pp "*) ;; *) echo "$pp" ;; esac
+  done
+}}
 kill_init() {{
-  local pid start i
+  local pid start i ns parents
   rm -f "$dir/{POWER_REQUEST_FILE}"
   if init_alive; then
     read -r pid start < "$dir/{INIT_FILE}"
+    ns=$(readlink "/proc/$pid/ns/pid")
+    parents=$(outside_parents "$ns")
     kill -KILL "$pid" 2>/dev/null
+    for i in $parents; do kill -CONT "$i" 2>/dev/null; done
     for i in $(seq 1 250); do
       init_alive || break
       sleep 0.02
