@@ -9,6 +9,7 @@ pub mod cli;
 mod error;
 pub mod lab;
 pub mod process;
+pub mod scenario;
 mod scripts;
 pub mod topology;
 pub mod watchdog;
