@@ -11,6 +11,12 @@ packages=(
   nftables
   procps
   psmisc
+  iputils-ping
+  openipmi
+  ipmitool
+  openssh-client
+  openssh-server
+  sshfs
 )
 
 missing=()

@@ -9,9 +9,15 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Internal commands the lab runs inside its hosts (lab VMs); not for operators.
+    #[command(hide = true, subcommand)]
+    LabInternal(kvmha_lab::cli::InternalCommand),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::LabInternal(command) => Ok(kvmha_lab::cli::run_internal(command)?),
+    }
 }
