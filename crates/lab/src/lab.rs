@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{LabError, Result};
 use crate::process::{
@@ -118,7 +119,7 @@ pub struct BmcEndpoint {
 }
 
 /// Packet drops configured in one namespace, rendered as one nftables table.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct NamespaceFaults {
     /// Interface → percentage of packets dropped (100 = partition).
     drop_percent: BTreeMap<Network, u8>,
@@ -160,19 +161,33 @@ impl NamespaceFaults {
 /// State shared between the lab's owner and its controller thread.
 #[derive(Debug)]
 struct Shared {
-    id: LabId,
-    dir: PathBuf,
-    hosts: usize,
-    bmc_password: String,
+    handle: LabHandle,
     stop: AtomicBool,
-    /// Serialises power operations inside this process (the flock does it across processes).
-    power: Mutex<()>,
     /// Every child process we must reap: host inits, boot scripts.
     children: Mutex<Vec<Child>>,
     /// Long-lived daemons by name ("sshd", "bmc1", ...).
     daemons: Mutex<HashMap<String, Child>>,
-    faults: Mutex<HashMap<String, NamespaceFaults>>,
     watchdogs: Mutex<Vec<Watchdog>>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = LabHandle;
+
+    fn deref(&self) -> &LabHandle {
+        &self.handle
+    }
+}
+
+/// What any process needs to drive a running lab, kept in `<dir>/lab.json`: the
+/// owner holds one, and `kvmha lab fault` opens one from another process. Every
+/// operation here works across processes: state lives in files (init pids, fault
+/// tables) guarded by flock, and power-on goes through the owner's controller.
+#[derive(Debug, Clone)]
+pub struct LabHandle {
+    id: LabId,
+    dir: PathBuf,
+    hosts: usize,
+    bmc_password: String,
 }
 
 /// A running lab; dropping it tears everything down.
@@ -268,16 +283,18 @@ impl Lab {
             .ok_or_else(|| LabError::Config("cannot read own /proc/self/stat".to_string()))?;
         write_file(&dir.join("owner"), &me.to_line())?;
         let watchdog_timeout_ms = config.watchdog_timeout.as_millis().max(1) as u64;
-        let shared = Arc::new(Shared {
+        let handle = LabHandle {
             id,
             dir,
             hosts: config.hosts,
             bmc_password: random_hex(6)?,
+        };
+        handle.save()?;
+        let shared = Arc::new(Shared {
+            handle,
             stop: AtomicBool::new(false),
-            power: Mutex::new(()),
             children: Mutex::new(Vec::new()),
             daemons: Mutex::new(HashMap::new()),
-            faults: Mutex::new(HashMap::new()),
             watchdogs: Mutex::new(vec![Watchdog::new(watchdog_timeout_ms); config.hosts]),
         });
         // From here on, Drop cleans up whatever the build got to.
@@ -294,7 +311,7 @@ impl Lab {
             lab.shared.start_bmc(index)?;
         }
         for index in 1..=lab.shared.hosts {
-            lab.shared.power_on(index)?;
+            lab.shared.boot_at(index)?;
         }
         for index in 1..=lab.shared.hosts {
             lab.shared.wait_bmc_ready(index)?;
@@ -310,195 +327,17 @@ impl Lab {
         Ok(lab)
     }
 
-    pub fn id(&self) -> &LabId {
-        &self.shared.id
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
-    }
-
-    pub fn host_names(&self) -> Vec<String> {
-        (1..=self.shared.hosts).map(host_name).collect()
-    }
-
-    /// The exported directory as seen from the root namespace (`vms/<vm>/disk.log`).
-    pub fn storage_dir(&self) -> PathBuf {
-        self.shared.storage_dir()
-    }
-
-    /// Where the shared storage is mounted inside `host` (and only there).
-    pub fn host_mount_dir(&self, host: &str) -> Result<PathBuf> {
-        Ok(self.shared.host_dir(self.shared.index(host)?).join("mnt"))
-    }
-
-    /// The file the host's agent writes to as if it were /dev/watchdog.
-    pub fn watchdog_path(&self, host: &str) -> Result<PathBuf> {
-        Ok(self
-            .shared
-            .host_dir(self.shared.index(host)?)
-            .join("watchdog"))
-    }
-
-    /// Sets the script run inside `host` (bash) after every power-on.
-    pub fn set_boot_script(&self, host: &str, script: &str) -> Result<()> {
-        let path = self
-            .shared
-            .host_dir(self.shared.index(host)?)
-            .join("boot.sh");
-        write_file(&path, script)
-    }
-
-    pub fn console_log(&self, host: &str) -> Result<PathBuf> {
-        Ok(self
-            .shared
-            .host_dir(self.shared.index(host)?)
-            .join("console.log"))
-    }
-
-    pub fn namespace(&self, node: &Node) -> String {
-        self.shared.id.namespace(node)
-    }
-
-    pub fn bmc(&self, host: &str) -> Result<BmcEndpoint> {
-        let index = self.shared.index(host)?;
-        Ok(self.shared.bmc_endpoint(index))
-    }
-
-    /// A command that runs `program` inside `host`: its network, mount and PID namespaces.
-    pub fn host_command(&self, host: &str, program: &str) -> Result<Command> {
-        let index = self.shared.index(host)?;
-        self.shared.host_command(index, program)
-    }
-
-    /// A command that runs `program` in the manager's network namespace.
-    pub fn manager_command(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args([
-            "netns",
-            "exec",
-            &self.shared.id.namespace(&Node::Manager),
-            program,
-        ]);
-        command
-    }
-
-    /// `ipmitool` against `host`'s BMC from the manager namespace, over oob.
-    pub fn ipmitool(&self, host: &str, args: &[&str]) -> Result<String> {
-        let endpoint = self.bmc(host)?;
-        let mut command = self.manager_command("ipmitool");
-        // -C 3: ipmi_sim has no cipher suite 17 and no cipher-suite discovery (LAB-FACTS).
-        command
-            .args(["-I", "lanplus", "-C", "3", "-N", "1", "-R", "2"])
-            .args(["-H", &endpoint.address.to_string()])
-            .args(["-p", &endpoint.port.to_string()])
-            .args(["-U", &endpoint.user, "-P", &endpoint.password])
-            .args(args);
-        run(&mut command, None, COMMAND_TIMEOUT)
-    }
-
-    pub fn power_state(&self, host: &str) -> Result<PowerState> {
-        let index = self.shared.index(host)?;
-        Ok(if self.shared.init(index).is_some() {
-            PowerState::On
-        } else {
-            PowerState::Off
-        })
-    }
-
-    /// The host's PID-namespace init, while it is powered.
-    pub fn host_init(&self, host: &str) -> Result<Option<ProcessId>> {
-        Ok(self.shared.init(self.shared.index(host)?))
-    }
-
-    /// Live processes of the host (its PID namespace), init included.
-    pub fn host_processes(&self, host: &str) -> Result<Vec<ProcessId>> {
-        let index = self.shared.index(host)?;
-        Ok(self.shared.host_processes(index))
-    }
-
-    /// Pulls the plug: every process of the host dies at once.
-    pub fn power_off(&self, host: &str) -> Result<()> {
-        let index = self.shared.index(host)?;
-        self.shared.event(&format!("power-off {host}"));
-        self.shared.power_off(index)
-    }
-
     pub fn power_on(&self, host: &str) -> Result<()> {
         let index = self.shared.index(host)?;
         self.shared.event(&format!("power-on {host}"));
-        self.shared.power_on(index)
+        self.shared.boot_at(index)
     }
 
     pub fn reset(&self, host: &str) -> Result<()> {
         let index = self.shared.index(host)?;
         self.shared.event(&format!("reset {host}"));
-        self.shared.power_off(index)?;
-        self.shared.power_on(index)
-    }
-
-    /// Freezes every process of the host (SIGSTOP); the BMC still says "on".
-    pub fn hang(&self, host: &str) -> Result<()> {
-        let index = self.shared.index(host)?;
-        self.shared.event(&format!("hang {host}"));
-        self.shared.signal_host(index, Signal::SIGSTOP)
-    }
-
-    pub fn resume(&self, host: &str) -> Result<()> {
-        let index = self.shared.index(host)?;
-        self.shared.event(&format!("resume {host}"));
-        self.shared.signal_host(index, Signal::SIGCONT)
-    }
-
-    /// Drops every packet of `host` on the selected networks (oob = its BMC's link).
-    pub fn partition(&self, host: &str, nets: NetSelector) -> Result<()> {
-        self.loss(host, nets, 100)
-    }
-
-    /// Drops `percent` % of the packets of `host` on the selected networks, each
-    /// direction decided per packet.
-    pub fn loss(&self, host: &str, nets: NetSelector, percent: u8) -> Result<()> {
-        let index = self.shared.index(host)?;
-        if percent > 100 {
-            return Err(LabError::Config(format!("loss percent {percent} > 100")));
-        }
-        self.shared
-            .event(&format!("drop {host} {nets:?} {percent}%"));
-        for network in nets.networks() {
-            let node = self.shared.node_for(index, network);
-            self.shared.update_faults(&node, |faults| {
-                faults.drop_percent.insert(network, percent);
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Removes partitions and loss of `host` (on the selected networks, or all).
-    pub fn heal(&self, host: &str, nets: Option<NetSelector>) -> Result<()> {
-        let index = self.shared.index(host)?;
-        self.shared.event(&format!("heal {host} {nets:?}"));
-        for network in nets.unwrap_or(NetSelector::All).networks() {
-            let node = self.shared.node_for(index, network);
-            self.shared.update_faults(&node, |faults| {
-                faults.drop_percent.remove(&network);
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Makes the host's BMC unreachable (it drops all its traffic), as a dead BMC.
-    pub fn bmc_fail(&self, host: &str) -> Result<()> {
-        let index = self.shared.index(host)?;
-        self.shared.event(&format!("bmc-fail {host}"));
-        self.shared
-            .update_faults(&Node::Bmc(index), |faults| faults.bmc_failed = true)
-    }
-
-    pub fn bmc_heal(&self, host: &str) -> Result<()> {
-        let index = self.shared.index(host)?;
-        self.shared.event(&format!("bmc-heal {host}"));
-        self.shared
-            .update_faults(&Node::Bmc(index), |faults| faults.bmc_failed = false)
+        self.shared.power_off_at(index)?;
+        self.shared.boot_at(index)
     }
 
     /// Is the ipmi_sim process of `host` still running? (LAB-FACTS: one died silently once.)
@@ -530,6 +369,15 @@ impl Lab {
     }
 }
 
+/// The owner drives its lab through the same handle any other process would.
+impl std::ops::Deref for Lab {
+    type Target = LabHandle;
+
+    fn deref(&self) -> &LabHandle {
+        &self.shared.handle
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if let Err(error) = self.teardown_inner() {
@@ -538,7 +386,227 @@ impl Drop for Lab {
     }
 }
 
-impl Shared {
+/// The on-disk form of a [`LabHandle`] (`lab.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct LabMeta {
+    id: String,
+    hosts: usize,
+    bmc_password: String,
+}
+
+impl LabHandle {
+    /// Opens the lab whose state directory is `dir`.
+    pub fn open(dir: &Path) -> Result<LabHandle> {
+        let path = dir.join("lab.json");
+        let text = std::fs::read_to_string(&path).map_err(|error| LabError::io(&path, error))?;
+        let meta: LabMeta = serde_json::from_str(&text)
+            .map_err(|error| LabError::Config(format!("{}: {error}", path.display())))?;
+        let id = LabId::parse(&meta.id).ok_or_else(|| {
+            LabError::Config(format!("{}: bad lab id {:?}", path.display(), meta.id))
+        })?;
+        Ok(LabHandle {
+            id,
+            dir: dir.to_path_buf(),
+            hosts: meta.hosts,
+            bmc_password: meta.bmc_password,
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let meta = LabMeta {
+            id: self.id.to_string(),
+            hosts: self.hosts,
+            bmc_password: self.bmc_password.clone(),
+        };
+        let text = serde_json::to_string_pretty(&meta).expect("strings and numbers serialise");
+        write_file(&self.dir.join("lab.json"), &text)
+    }
+
+    /// Is the process that owns this lab (and reaps its processes) still running?
+    pub fn owner_alive(&self) -> bool {
+        ProcessId::read(&self.dir.join("owner")).is_some_and(|owner| owner.is_alive())
+    }
+
+    /// Powers the host on through its owner's controller (the same path as an IPMI
+    /// power-on) and waits until it runs; the owner must be alive.
+    pub fn request_power_on(&self, host: &str) -> Result<()> {
+        let index = self.index(host)?;
+        if self.init(index).is_some() {
+            return Ok(());
+        }
+        let dir = self.host_dir(index);
+        let temporary = dir.join(format!("{POWER_REQUEST_FILE}.tmp"));
+        write_file(&temporary, "on\n")?;
+        std::fs::rename(&temporary, dir.join(POWER_REQUEST_FILE))
+            .map_err(|error| LabError::io(dir.join(POWER_REQUEST_FILE), error))?;
+        wait_for(
+            &format!("{host} to power on"),
+            Duration::from_secs(20),
+            || self.init(index).is_some(),
+        )
+    }
+
+    pub fn id(&self) -> &LabId {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn host_names(&self) -> Vec<String> {
+        (1..=self.hosts).map(host_name).collect()
+    }
+
+    /// The exported directory as seen from the root namespace (`vms/<vm>/disk.log`).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.join("storage")
+    }
+
+    /// Where the shared storage is mounted inside `host` (and only there).
+    pub fn host_mount_dir(&self, host: &str) -> Result<PathBuf> {
+        Ok(self.host_dir(self.index(host)?).join("mnt"))
+    }
+
+    /// The file the host's agent writes to as if it were /dev/watchdog.
+    pub fn watchdog_path(&self, host: &str) -> Result<PathBuf> {
+        Ok(self.host_dir(self.index(host)?).join("watchdog"))
+    }
+
+    /// Sets the script run inside `host` (bash) after every power-on.
+    pub fn set_boot_script(&self, host: &str, script: &str) -> Result<()> {
+        let path = self.host_dir(self.index(host)?).join("boot.sh");
+        write_file(&path, script)
+    }
+
+    pub fn console_log(&self, host: &str) -> Result<PathBuf> {
+        Ok(self.host_dir(self.index(host)?).join("console.log"))
+    }
+
+    pub fn namespace(&self, node: &Node) -> String {
+        self.id.namespace(node)
+    }
+
+    pub fn bmc(&self, host: &str) -> Result<BmcEndpoint> {
+        let index = self.index(host)?;
+        Ok(self.bmc_endpoint(index))
+    }
+
+    /// A command that runs `program` inside `host`: its network, mount and PID namespaces.
+    pub fn host_command(&self, host: &str, program: &str) -> Result<Command> {
+        let index = self.index(host)?;
+        self.host_command_at(index, program)
+    }
+
+    /// A command that runs `program` in the manager's network namespace.
+    pub fn manager_command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.id.namespace(&Node::Manager), program]);
+        command
+    }
+
+    /// `ipmitool` against `host`'s BMC from the manager namespace, over oob.
+    pub fn ipmitool(&self, host: &str, args: &[&str]) -> Result<String> {
+        let endpoint = self.bmc(host)?;
+        let mut command = self.manager_command("ipmitool");
+        // -C 3: ipmi_sim has no cipher suite 17 and no cipher-suite discovery (LAB-FACTS).
+        command
+            .args(["-I", "lanplus", "-C", "3", "-N", "1", "-R", "2"])
+            .args(["-H", &endpoint.address.to_string()])
+            .args(["-p", &endpoint.port.to_string()])
+            .args(["-U", &endpoint.user, "-P", &endpoint.password])
+            .args(args);
+        run(&mut command, None, COMMAND_TIMEOUT)
+    }
+
+    pub fn power_state(&self, host: &str) -> Result<PowerState> {
+        let index = self.index(host)?;
+        Ok(if self.init(index).is_some() {
+            PowerState::On
+        } else {
+            PowerState::Off
+        })
+    }
+
+    /// The host's PID-namespace init, while it is powered.
+    pub fn host_init(&self, host: &str) -> Result<Option<ProcessId>> {
+        Ok(self.init(self.index(host)?))
+    }
+
+    /// Live processes of the host (its PID namespace), init included.
+    pub fn host_processes(&self, host: &str) -> Result<Vec<ProcessId>> {
+        let index = self.index(host)?;
+        Ok(self.host_processes_at(index))
+    }
+
+    /// Pulls the plug: every process of the host dies at once.
+    pub fn power_off(&self, host: &str) -> Result<()> {
+        let index = self.index(host)?;
+        self.event(&format!("power-off {host}"));
+        self.power_off_at(index)
+    }
+
+    /// Freezes every process of the host (SIGSTOP); the BMC still says "on".
+    pub fn hang(&self, host: &str) -> Result<()> {
+        let index = self.index(host)?;
+        self.event(&format!("hang {host}"));
+        self.signal_host(index, Signal::SIGSTOP)
+    }
+
+    pub fn resume(&self, host: &str) -> Result<()> {
+        let index = self.index(host)?;
+        self.event(&format!("resume {host}"));
+        self.signal_host(index, Signal::SIGCONT)
+    }
+
+    /// Drops every packet of `host` on the selected networks (oob = its BMC's link).
+    pub fn partition(&self, host: &str, nets: NetSelector) -> Result<()> {
+        self.loss(host, nets, 100)
+    }
+
+    /// Drops `percent` % of the packets of `host` on the selected networks, each
+    /// direction decided per packet.
+    pub fn loss(&self, host: &str, nets: NetSelector, percent: u8) -> Result<()> {
+        let index = self.index(host)?;
+        if percent > 100 {
+            return Err(LabError::Config(format!("loss percent {percent} > 100")));
+        }
+        self.event(&format!("drop {host} {nets:?} {percent}%"));
+        for network in nets.networks() {
+            let node = self.node_for(index, network);
+            self.update_faults(&node, |faults| {
+                faults.drop_percent.insert(network, percent);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes partitions and loss of `host` (on the selected networks, or all).
+    pub fn heal(&self, host: &str, nets: Option<NetSelector>) -> Result<()> {
+        let index = self.index(host)?;
+        self.event(&format!("heal {host} {nets:?}"));
+        for network in nets.unwrap_or(NetSelector::All).networks() {
+            let node = self.node_for(index, network);
+            self.update_faults(&node, |faults| {
+                faults.drop_percent.remove(&network);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Makes the host's BMC unreachable (it drops all its traffic), as a dead BMC.
+    pub fn bmc_fail(&self, host: &str) -> Result<()> {
+        let index = self.index(host)?;
+        self.event(&format!("bmc-fail {host}"));
+        self.update_faults(&Node::Bmc(index), |faults| faults.bmc_failed = true)
+    }
+
+    pub fn bmc_heal(&self, host: &str) -> Result<()> {
+        let index = self.index(host)?;
+        self.event(&format!("bmc-heal {host}"));
+        self.update_faults(&Node::Bmc(index), |faults| faults.bmc_failed = false)
+    }
+
     fn index(&self, host: &str) -> Result<usize> {
         host_index(host)
             .filter(|index| *index <= self.hosts)
@@ -551,10 +619,6 @@ impl Shared {
 
     fn bmc_dir(&self, index: usize) -> PathBuf {
         self.dir.join("bmc").join(host_name(index))
-    }
-
-    fn storage_dir(&self) -> PathBuf {
-        self.dir.join("storage")
     }
 
     fn ssh_dir(&self) -> PathBuf {
@@ -586,6 +650,141 @@ impl Shared {
         }
     }
 
+    fn bmc_endpoint(&self, index: usize) -> BmcEndpoint {
+        BmcEndpoint {
+            address: Node::Bmc(index)
+                .address(Network::Oob)
+                .expect("BMCs are on oob"),
+            port: IPMI_PORT,
+            user: BMC_USER.to_string(),
+            password: self.bmc_password.clone(),
+        }
+    }
+
+    fn init(&self, index: usize) -> Option<ProcessId> {
+        ProcessId::read(&self.host_dir(index).join(INIT_FILE)).filter(|init| init.is_alive())
+    }
+
+    fn host_command_at(&self, index: usize, program: &str) -> Result<Command> {
+        let init = self.init(index).ok_or_else(|| LabError::NotReady {
+            what: format!("{} to be powered on", host_name(index)),
+            timeout_ms: 0,
+        })?;
+        let mut command = Command::new("nsenter");
+        // -p makes nsenter fork, so `program` really lives in the host's PID namespace
+        // and dies with the host.
+        command
+            .args(["-t", &init.pid.to_string(), "-m", "-n", "-p", "--"])
+            .arg(program);
+        Ok(command)
+    }
+
+    fn host_processes_at(&self, index: usize) -> Vec<ProcessId> {
+        let Some(init) = self.init(index) else {
+            return Vec::new();
+        };
+        let Some(pid_namespace) = namespace_of(init.pid, "pid") else {
+            return Vec::new();
+        };
+        processes_in_namespace("pid", &pid_namespace)
+    }
+
+    /// Takes the cross-process power lock shared with the chassis script. flock
+    /// excludes other open file descriptions, so it serialises threads too.
+    fn power_lock(&self, index: usize) -> Result<Flock<File>> {
+        flock_file(&self.host_dir(index).join(POWER_LOCK_FILE))
+    }
+
+    fn power_off_at(&self, index: usize) -> Result<()> {
+        let _power = self.power_lock(index)?;
+        let _ = std::fs::remove_file(self.host_dir(index).join(POWER_REQUEST_FILE));
+        if let Some(init) = self.init(index) {
+            let parents = outside_parents(init);
+            init.signal(Signal::SIGKILL)?;
+            for parent in parents {
+                parent.signal(Signal::SIGCONT)?;
+            }
+            // The init of a PID namespace exits only after every process in it did.
+            if !init.wait_gone(Duration::from_secs(10)) {
+                return Err(LabError::NotReady {
+                    what: format!("{} to power off", host_name(index)),
+                    timeout_ms: 10_000,
+                });
+            }
+        }
+        let _ = std::fs::remove_file(self.host_dir(index).join(INIT_FILE));
+        Ok(())
+    }
+
+    fn signal_host(&self, index: usize, signal: Signal) -> Result<()> {
+        let init = self.init(index).ok_or_else(|| LabError::NotReady {
+            what: format!("{} to be powered on", host_name(index)),
+            timeout_ms: 0,
+        })?;
+        let pid_namespace = namespace_of(init.pid, "pid").ok_or_else(|| LabError::NotReady {
+            what: format!("the PID namespace of {}", host_name(index)),
+            timeout_ms: 0,
+        })?;
+        let wanted_stopped = signal == Signal::SIGSTOP;
+        // Processes may fork while we go through them: repeat until a pass finds every
+        // one in the wanted state.
+        let settled = wait_until(Duration::from_secs(5), || {
+            let mut all_settled = true;
+            for process in processes_in_namespace("pid", &pid_namespace) {
+                let stopped = proc_stat(process.pid)
+                    .map(|stat| matches!(stat.state, 'T' | 't'))
+                    .unwrap_or(wanted_stopped);
+                if stopped != wanted_stopped {
+                    all_settled = false;
+                    let _ = process.signal(signal);
+                }
+            }
+            all_settled
+        });
+        if signal == Signal::SIGCONT {
+            for parent in outside_parents(init) {
+                parent.signal(Signal::SIGCONT)?;
+            }
+        }
+        if settled {
+            Ok(())
+        } else {
+            Err(LabError::NotReady {
+                what: format!("{signal} of every process of {}", host_name(index)),
+                timeout_ms: 5_000,
+            })
+        }
+    }
+
+    /// Changes the drop rules of one namespace. The rules of each namespace are kept in
+    /// `faults/<namespace>.json` under a lock, so `kvmha lab fault` from another
+    /// process and the owner compose instead of overwriting each other.
+    fn update_faults(&self, node: &Node, change: impl FnOnce(&mut NamespaceFaults)) -> Result<()> {
+        let namespace = self.id.namespace(node);
+        let faults_dir = self.dir.join("faults");
+        create_dir(&faults_dir)?;
+        let _lock = flock_file(&faults_dir.join("lock"))?;
+        let path = faults_dir.join(format!("{namespace}.json"));
+        let mut faults: NamespaceFaults = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|error| LabError::Config(format!("{}: {error}", path.display())))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                NamespaceFaults::default()
+            }
+            Err(error) => return Err(LabError::io(&path, error)),
+        };
+        change(&mut faults);
+        run(
+            Command::new("ip").args(["netns", "exec", &namespace, "nft", "-f", "-"]),
+            Some(&faults.ruleset()),
+            COMMAND_TIMEOUT,
+        )?;
+        let text = serde_json::to_string(&faults).expect("maps of numbers serialise");
+        write_file(&path, &text)
+    }
+}
+
+impl Shared {
     fn build_networks(&self) -> Result<()> {
         for node in self.nodes() {
             let namespace = self.id.namespace(&node);
@@ -744,17 +943,6 @@ impl Shared {
         Ok(())
     }
 
-    fn bmc_endpoint(&self, index: usize) -> BmcEndpoint {
-        BmcEndpoint {
-            address: Node::Bmc(index)
-                .address(Network::Oob)
-                .expect("BMCs are on oob"),
-            port: IPMI_PORT,
-            user: BMC_USER.to_string(),
-            password: self.bmc_password.clone(),
-        }
-    }
-
     fn start_bmc(&self, index: usize) -> Result<()> {
         let chassis = self.dir.join("chassis.sh");
         if !chassis.exists() {
@@ -828,72 +1016,8 @@ impl Shared {
         }
     }
 
-    fn init(&self, index: usize) -> Option<ProcessId> {
-        ProcessId::read(&self.host_dir(index).join(INIT_FILE)).filter(|init| init.is_alive())
-    }
-
-    fn host_command(&self, index: usize, program: &str) -> Result<Command> {
-        let init = self.init(index).ok_or_else(|| LabError::NotReady {
-            what: format!("{} to be powered on", host_name(index)),
-            timeout_ms: 0,
-        })?;
-        let mut command = Command::new("nsenter");
-        // -p makes nsenter fork, so `program` really lives in the host's PID namespace
-        // and dies with the host.
-        command
-            .args(["-t", &init.pid.to_string(), "-m", "-n", "-p", "--"])
-            .arg(program);
-        Ok(command)
-    }
-
-    fn host_processes(&self, index: usize) -> Vec<ProcessId> {
-        let Some(init) = self.init(index) else {
-            return Vec::new();
-        };
-        let Some(pid_namespace) = namespace_of(init.pid, "pid") else {
-            return Vec::new();
-        };
-        processes_in_namespace("pid", &pid_namespace)
-    }
-
-    /// Takes the cross-process power lock shared with the chassis script.
-    fn power_lock(&self, index: usize) -> Result<Flock<File>> {
-        let path = self.host_dir(index).join(POWER_LOCK_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|error| LabError::io(&path, error))?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            LabError::io(path, std::io::Error::from_raw_os_error(errno as i32))
-        })
-    }
-
-    fn power_off(&self, index: usize) -> Result<()> {
-        let _in_process = lock(&self.power);
-        let _across_processes = self.power_lock(index)?;
-        let _ = std::fs::remove_file(self.host_dir(index).join(POWER_REQUEST_FILE));
-        if let Some(init) = self.init(index) {
-            let parents = outside_parents(init);
-            init.signal(Signal::SIGKILL)?;
-            for parent in parents {
-                parent.signal(Signal::SIGCONT)?;
-            }
-            // The init of a PID namespace exits only after every process in it did.
-            if !init.wait_gone(Duration::from_secs(10)) {
-                return Err(LabError::NotReady {
-                    what: format!("{} to power off", host_name(index)),
-                    timeout_ms: 10_000,
-                });
-            }
-        }
-        let _ = std::fs::remove_file(self.host_dir(index).join(INIT_FILE));
-        Ok(())
-    }
-
-    fn power_on(&self, index: usize) -> Result<()> {
-        let _in_process = lock(&self.power);
-        let _across_processes = self.power_lock(index)?;
+    fn boot_at(&self, index: usize) -> Result<()> {
+        let _power = self.power_lock(index)?;
         let dir = self.host_dir(index);
         let _ = std::fs::remove_file(dir.join(POWER_REQUEST_FILE));
         if self.init(index).is_some() {
@@ -964,7 +1088,7 @@ impl Shared {
             .unwrap_or(false);
         if has_boot_script {
             let boot = self
-                .host_command(index, "bash")?
+                .host_command_at(index, "bash")?
                 .arg(&boot_script)
                 .stdin(Stdio::null())
                 .stdout(console_clone()?)
@@ -983,7 +1107,7 @@ impl Shared {
         let mount_point = self.host_dir(index).join("mnt");
         let ssh = self.ssh_dir();
         let remote = format!("storage:{}", self.storage_dir().display());
-        let mut command = self.host_command(index, "sshfs")?;
+        let mut command = self.host_command_at(index, "sshfs")?;
         // reconnect: after a healed cut, I/O works again (as NFS recovers), while
         // during the cut every request fails with EIO after the ServerAlive timeout.
         command
@@ -993,60 +1117,6 @@ impl Shared {
             .arg(&remote)
             .arg(&mount_point);
         run(&mut command, None, COMMAND_TIMEOUT)?;
-        Ok(())
-    }
-
-    fn signal_host(&self, index: usize, signal: Signal) -> Result<()> {
-        let init = self.init(index).ok_or_else(|| LabError::NotReady {
-            what: format!("{} to be powered on", host_name(index)),
-            timeout_ms: 0,
-        })?;
-        let pid_namespace = namespace_of(init.pid, "pid").ok_or_else(|| LabError::NotReady {
-            what: format!("the PID namespace of {}", host_name(index)),
-            timeout_ms: 0,
-        })?;
-        let wanted_stopped = signal == Signal::SIGSTOP;
-        // Processes may fork while we go through them: repeat until a pass finds every
-        // one in the wanted state.
-        let settled = wait_until(Duration::from_secs(5), || {
-            let mut all_settled = true;
-            for process in processes_in_namespace("pid", &pid_namespace) {
-                let stopped = proc_stat(process.pid)
-                    .map(|stat| matches!(stat.state, 'T' | 't'))
-                    .unwrap_or(wanted_stopped);
-                if stopped != wanted_stopped {
-                    all_settled = false;
-                    let _ = process.signal(signal);
-                }
-            }
-            all_settled
-        });
-        if signal == Signal::SIGCONT {
-            for parent in outside_parents(init) {
-                parent.signal(Signal::SIGCONT)?;
-            }
-        }
-        if settled {
-            Ok(())
-        } else {
-            Err(LabError::NotReady {
-                what: format!("{signal} of every process of {}", host_name(index)),
-                timeout_ms: 5_000,
-            })
-        }
-    }
-
-    fn update_faults(&self, node: &Node, change: impl FnOnce(&mut NamespaceFaults)) -> Result<()> {
-        let namespace = self.id.namespace(node);
-        let mut faults = lock(&self.faults);
-        let entry = faults.entry(namespace.clone()).or_default();
-        change(entry);
-        let ruleset = entry.ruleset();
-        run(
-            Command::new("ip").args(["netns", "exec", &namespace, "nft", "-f", "-"]),
-            Some(&ruleset),
-            COMMAND_TIMEOUT,
-        )?;
         Ok(())
     }
 
@@ -1066,14 +1136,14 @@ impl Shared {
         let dir = self.host_dir(index);
         if dir.join(POWER_REQUEST_FILE).exists() {
             self.event(&format!("bmc-power-on {}", host_name(index)));
-            self.power_on(index)?;
+            self.boot_at(index)?;
         }
         let (length, last_byte) = watchdog_file_state(&dir.join("watchdog"));
         let action = lock(&self.watchdogs)[index - 1].observe(unix_ms_now(), length, last_byte);
         if action == WatchdogAction::Reset {
             self.event(&format!("watchdog-reset {}", host_name(index)));
-            self.power_off(index)?;
-            self.power_on(index)?;
+            self.power_off_at(index)?;
+            self.boot_at(index)?;
         }
         Ok(())
     }
@@ -1086,7 +1156,7 @@ impl Shared {
             }
         };
         for index in 1..=self.hosts {
-            note(self.power_off(index));
+            note(self.power_off_at(index));
         }
         for mut child in lock(&self.children).drain(..) {
             let _ = child.kill();
@@ -1155,6 +1225,17 @@ fn watchdog_file_state(path: &Path) -> (u64, Option<u8>) {
         .seek(SeekFrom::Start(length - 1))
         .and_then(|_| file.read_exact(&mut last));
     (length, read_last.ok().map(|()| last[0]))
+}
+
+/// Takes an exclusive flock on `path` (created if missing), blocking.
+fn flock_file(path: &Path) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| LabError::io(path, error))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| LabError::io(path, std::io::Error::from_raw_os_error(errno as i32)))
 }
 
 /// Kills every process in the lab's namespaces, then deletes the namespaces.

@@ -80,7 +80,10 @@ impl fmt::Display for LabId {
 }
 
 /// The three lab networks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Network {
     Mgmt,
     Storage,
