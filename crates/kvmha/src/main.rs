@@ -10,14 +10,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Internal commands the lab runs inside its hosts (lab VMs); not for operators.
-    #[command(hide = true, subcommand)]
-    LabInternal(kvmha_lab::cli::InternalCommand),
+    /// A real multi-host cluster on this machine: up, status, fault, down.
+    #[command(subcommand)]
+    Lab(kvmha_lab::cli::LabCommand),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::LabInternal(command) => Ok(kvmha_lab::cli::run_internal(command)?),
+        Command::Lab(command) => Ok(kvmha_lab::cli::run(command)?),
     }
 }

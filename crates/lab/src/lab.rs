@@ -275,7 +275,10 @@ impl Lab {
             )));
         }
         create_dir(&config.base_dir)?;
-        clean_stale_labs(&config.base_dir)?;
+        // Someone else's leftovers must not stop our lab: report and go on.
+        if let Err(error) = clean_stale_labs(&config.base_dir) {
+            eprintln!("kvmha-lab: cleaning stale labs: {error}");
+        }
         let id = LabId::random()?;
         let dir = config.base_dir.join(id.as_str());
         create_dir(&dir)?;
@@ -725,18 +728,26 @@ impl LabHandle {
             what: format!("the PID namespace of {}", host_name(index)),
             timeout_ms: 0,
         })?;
-        let wanted_stopped = signal == Signal::SIGSTOP;
+        let stopping = signal == Signal::SIGSTOP;
+        let mut signalled = std::collections::HashSet::new();
         // Processes may fork while we go through them: repeat until a pass finds every
-        // one in the wanted state.
+        // one in the wanted state. A process blocked in the kernel (D, e.g. on the
+        // FUSE mount whose sshfs is already stopped) cannot stop before it returns;
+        // once signalled, it is as frozen as the rest and stops when it returns.
         let settled = wait_until(Duration::from_secs(5), || {
             let mut all_settled = true;
             for process in processes_in_namespace("pid", &pid_namespace) {
-                let stopped = proc_stat(process.pid)
-                    .map(|stat| matches!(stat.state, 'T' | 't'))
-                    .unwrap_or(wanted_stopped);
-                if stopped != wanted_stopped {
+                let state = proc_stat(process.pid).map(|stat| stat.state);
+                let settled = match state {
+                    None => true,
+                    Some('T' | 't') => stopping,
+                    Some('D') => stopping && signalled.contains(&process),
+                    Some(_) => !stopping,
+                };
+                if !settled {
                     all_settled = false;
                     let _ = process.signal(signal);
+                    signalled.insert(process);
                 }
             }
             all_settled
@@ -1162,18 +1173,33 @@ impl Shared {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // sshd's per-connection processes first, while sshd itself still reaps them.
+        // sshd's per-connection processes first, leaves first, while sshd itself still
+        // reaps them (killed at once, they would end as zombies of PID 1).
         let storage = self.id.namespace(&Node::Storage);
         let sshd_pid = lock(&self.daemons)
             .get("sshd")
             .map(|child| child.id() as i32);
-        if let Some(identity) = named_netns_identity(&storage) {
-            for process in processes_in_namespace("net", &identity) {
-                if Some(process.pid) != sshd_pid {
-                    let _ = process.signal(Signal::SIGKILL);
+        if let (Some(identity), Some(sshd_pid)) = (named_netns_identity(&storage), sshd_pid) {
+            let sessions_gone = wait_until(Duration::from_secs(5), || {
+                let sessions: Vec<ProcessId> = processes_in_namespace("net", &identity)
+                    .into_iter()
+                    .filter(|process| process.pid != sshd_pid)
+                    .collect();
+                let parents: Vec<i32> = process::all_pids()
+                    .into_iter()
+                    .filter_map(|pid| proc_stat(pid).map(|stat| stat.parent_pid))
+                    .collect();
+                for session in &sessions {
+                    if !parents.contains(&session.pid) {
+                        let _ = session.signal(Signal::SIGKILL);
+                    }
                 }
+                // Gone means reaped: no child of sshd left, not even a zombie.
+                sessions.is_empty() && !parents.contains(&sshd_pid)
+            });
+            if !sessions_gone {
+                self.event("teardown: sshd sessions did not go in 5 s");
             }
-            thread::sleep(Duration::from_millis(100));
         }
         for (_, mut child) in lock(&self.daemons).drain() {
             let _ = child.kill();
@@ -1254,8 +1280,12 @@ fn remove_lab_namespaces(id: &LabId) -> Result<()> {
         }
     }
     for namespace in &ours {
-        if let Err(error) = ip(&["netns", "delete", namespace]) {
-            first_error.get_or_insert(error);
+        // Another cleaner (a concurrent lab build) may have deleted it meanwhile.
+        let result = ip(&["netns", "delete", namespace]);
+        if let Err(error) = result {
+            if list_netns().contains(namespace) {
+                first_error.get_or_insert(error);
+            }
         }
     }
     match first_error {
@@ -1295,7 +1325,12 @@ pub fn clean_stale_labs(base_dir: &Path) -> Result<Vec<LabId>> {
             continue;
         }
         remove_lab_namespaces(&id)?;
-        std::fs::remove_dir_all(&dir).map_err(|error| LabError::io(&dir, error))?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            // A concurrent cleaner got there first.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(LabError::io(&dir, error)),
+        }
         cleaned.push(id);
     }
     Ok(cleaned)

@@ -38,7 +38,7 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
 }
 
 /// A pid plus its start time: the identity of one process, immune to pid reuse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProcessId {
     pub pid: i32,
     pub start_ticks: u64,
@@ -145,13 +145,25 @@ pub fn named_netns_identity(name: &str) -> Option<String> {
     Some(format!("net:[{inode}]"))
 }
 
-/// SIGKILLs every live process in the namespace until none is left (bounded).
+/// SIGKILLs every live process in the namespace until none is left (bounded),
+/// leaves first: a process is killed only once it has no children left, not even
+/// zombies. Killing a parent before its children were reaped hands them to PID 1,
+/// which on this machine reaps nobody (sshd's per-connection processes did that).
+/// Past half the timeout everything left is killed at once.
 pub fn kill_namespace_processes(kind: &str, namespace: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
     let cleared = wait_until(timeout, || {
         let processes = processes_in_namespace(kind, namespace);
+        let impatient = started.elapsed() > timeout / 2;
+        let parents: std::collections::HashSet<i32> = all_pids()
+            .into_iter()
+            .filter_map(|pid| proc_stat(pid).map(|stat| stat.parent_pid))
+            .collect();
         for process in &processes {
-            // Best effort: a process may exit between the scan and the signal.
-            let _ = process.signal(Signal::SIGKILL);
+            if impatient || !parents.contains(&process.pid) {
+                // Best effort: a process may exit between the scan and the signal.
+                let _ = process.signal(Signal::SIGKILL);
+            }
         }
         processes.is_empty()
     });

@@ -1,6 +1,6 @@
-//! The lab's hidden commands as a small stand-alone binary, so the lab's integration
-//! tests can run lab VMs inside lab hosts without building the whole kvmha binary.
-//! Production runs the same code as `kvmha lab-internal ...`.
+//! `kvmha lab ...` as a small stand-alone binary, so the lab's integration tests
+//! run lab VMs inside lab hosts, and the lab command line, without building all of
+//! kvmha. Production runs the same code as `kvmha lab ...`.
 
 use std::process::ExitCode;
 
@@ -10,14 +10,21 @@ use clap::Parser;
 #[command(name = "kvmha-lab-helper")]
 struct Helper {
     #[command(subcommand)]
-    command: kvmha_lab::cli::InternalCommand,
+    command: Top,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Top {
+    #[command(subcommand)]
+    Lab(kvmha_lab::cli::LabCommand),
 }
 
 fn main() -> ExitCode {
-    match kvmha_lab::cli::run_internal(Helper::parse().command) {
+    let Top::Lab(command) = Helper::parse().command;
+    match kvmha_lab::cli::run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("kvmha-lab-helper: {error}");
+            eprintln!("kvmha lab: {error}");
             ExitCode::FAILURE
         }
     }

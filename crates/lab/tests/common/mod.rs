@@ -42,7 +42,7 @@ pub fn spawn_writer(lab: &Lab, host: &str, vm: &str) -> Child {
     let stderr = std::fs::File::create(writer_stderr(lab, vm)).expect("stderr file");
     lab.host_command(host, HELPER)
         .expect("host is on")
-        .arg("vm-writer")
+        .args(["lab", "vm-writer"])
         .arg("--storage-dir")
         .arg(lab.host_mount_dir(host).expect("host"))
         .args(["--host", host, "--vm", vm])
