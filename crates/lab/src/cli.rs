@@ -87,6 +87,7 @@ pub fn run(command: LabCommand) -> Result<()> {
             base_dir,
             watchdog_timeout: Duration::from_millis(watchdog_timeout_ms.max(1)),
             keep_dir: false,
+            boot_script: String::new(),
         }),
         LabCommand::Status { base_dir } => status(&base_dir),
         LabCommand::Down { id, base_dir } => down(id.as_deref(), &base_dir),

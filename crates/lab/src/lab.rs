@@ -66,6 +66,11 @@ pub struct LabConfig {
     pub watchdog_timeout: Duration,
     /// Keep the state directory (logs, shared storage) after teardown.
     pub keep_dir: bool,
+    /// Run (by bash) inside every host after each power-on, once its storage is
+    /// mounted; it gets KVMHA_LAB_HOST, KVMHA_LAB_STORAGE_DIR, KVMHA_LAB_WATCHDOG,
+    /// KVMHA_LAB_MGMT_ADDRESS, KVMHA_LAB_MANAGER_ADDRESS, ... in its environment.
+    /// This is where the agent starts. Per host: [`LabHandle::set_boot_script`].
+    pub boot_script: String,
 }
 
 impl Default for LabConfig {
@@ -75,8 +80,18 @@ impl Default for LabConfig {
             base_dir: PathBuf::from(DEFAULT_BASE_DIR),
             watchdog_timeout: Duration::from_secs(10),
             keep_dir: false,
+            boot_script: String::new(),
         }
     }
+}
+
+/// Whether a boot fails when the shared storage cannot be mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StorageAtBoot {
+    /// The lab's first boot: storage that never worked is a broken lab.
+    Required,
+    /// Later boots: a host with a cut storage link still boots, as a real one would.
+    BestEffort,
 }
 
 /// Power state as the BMC reports it.
@@ -310,11 +325,11 @@ impl Lab {
         lab.shared.build_networks()?;
         lab.shared.start_storage()?;
         for index in 1..=lab.shared.hosts {
-            lab.shared.prepare_host(index)?;
+            lab.shared.prepare_host(index, &config.boot_script)?;
             lab.shared.start_bmc(index)?;
         }
         for index in 1..=lab.shared.hosts {
-            lab.shared.boot_at(index)?;
+            lab.shared.boot_at(index, StorageAtBoot::Required)?;
         }
         for index in 1..=lab.shared.hosts {
             lab.shared.wait_bmc_ready(index)?;
@@ -333,14 +348,14 @@ impl Lab {
     pub fn power_on(&self, host: &str) -> Result<()> {
         let index = self.shared.index(host)?;
         self.shared.event(&format!("power-on {host}"));
-        self.shared.boot_at(index)
+        self.shared.boot_at(index, StorageAtBoot::BestEffort)
     }
 
     pub fn reset(&self, host: &str) -> Result<()> {
         let index = self.shared.index(host)?;
         self.shared.event(&format!("reset {host}"));
         self.shared.power_off_at(index)?;
-        self.shared.boot_at(index)
+        self.shared.boot_at(index, StorageAtBoot::BestEffort)
     }
 
     /// Is the ipmi_sim process of `host` still running? (LAB-FACTS: one died silently once.)
@@ -945,11 +960,11 @@ impl Shared {
             .map_err(|error| LabError::io(path, error))
     }
 
-    fn prepare_host(&self, index: usize) -> Result<()> {
+    fn prepare_host(&self, index: usize, boot_script: &str) -> Result<()> {
         let dir = self.host_dir(index);
         create_dir(&dir.join("mnt"))?;
         write_file(&dir.join("watchdog"), "")?;
-        write_file(&dir.join("boot.sh"), "")?;
+        write_file(&dir.join("boot.sh"), boot_script)?;
         write_file(&dir.join(POWER_LOCK_FILE), "")?;
         Ok(())
     }
@@ -1027,7 +1042,7 @@ impl Shared {
         }
     }
 
-    fn boot_at(&self, index: usize) -> Result<()> {
+    fn boot_at(&self, index: usize, storage: StorageAtBoot) -> Result<()> {
         let _power = self.power_lock(index)?;
         let dir = self.host_dir(index);
         let _ = std::fs::remove_file(dir.join(POWER_REQUEST_FILE));
@@ -1088,19 +1103,26 @@ impl Shared {
         let temporary = dir.join("init.tmp");
         write_file(&temporary, &init.to_line())?;
         std::fs::rename(&temporary, &init_path).map_err(|error| LabError::io(&init_path, error))?;
-        // A host that cannot reach its storage still boots, as a real one would.
+        // A host that cannot reach its storage still boots, as a real one would; but a
+        // lab whose storage never worked is broken, so the first boot insists.
         if let Err(error) = self.mount_storage(index) {
             let mut console = console_clone()?;
             let _ = writeln!(console, "kvmha-lab: storage mount failed: {error}");
+            if storage == StorageAtBoot::Required {
+                return Err(error);
+            }
         }
         let boot_script = dir.join("boot.sh");
         let has_boot_script = std::fs::metadata(&boot_script)
             .map(|metadata| metadata.len() > 0)
             .unwrap_or(false);
         if has_boot_script {
-            let boot = self
-                .host_command_at(index, "bash")?
-                .arg(&boot_script)
+            let mut command = self.host_command_at(index, "bash")?;
+            command.arg(&boot_script);
+            for (name, value) in self.boot_environment(index) {
+                command.env(name, value);
+            }
+            let boot = command
                 .stdin(Stdio::null())
                 .stdout(console_clone()?)
                 .stderr(console_clone()?)
@@ -1112,6 +1134,40 @@ impl Shared {
             lock(&self.children).push(boot);
         }
         Ok(())
+    }
+
+    /// What a host's boot script (its agent) needs to know about its place in the lab.
+    fn boot_environment(&self, index: usize) -> Vec<(&'static str, String)> {
+        let dir = self.host_dir(index);
+        let address = |node: Node, network: Network| {
+            node.address(network)
+                .map(|address| address.to_string())
+                .unwrap_or_default()
+        };
+        vec![
+            ("KVMHA_LAB_ID", self.id.to_string()),
+            ("KVMHA_LAB_HOST", host_name(index)),
+            (
+                "KVMHA_LAB_STORAGE_DIR",
+                dir.join("mnt").display().to_string(),
+            ),
+            (
+                "KVMHA_LAB_WATCHDOG",
+                dir.join("watchdog").display().to_string(),
+            ),
+            (
+                "KVMHA_LAB_MGMT_ADDRESS",
+                address(Node::Host(index), Network::Mgmt),
+            ),
+            (
+                "KVMHA_LAB_STORAGE_ADDRESS",
+                address(Node::Host(index), Network::Storage),
+            ),
+            (
+                "KVMHA_LAB_MANAGER_ADDRESS",
+                address(Node::Manager, Network::Mgmt),
+            ),
+        ]
     }
 
     fn mount_storage(&self, index: usize) -> Result<()> {
@@ -1147,14 +1203,14 @@ impl Shared {
         let dir = self.host_dir(index);
         if dir.join(POWER_REQUEST_FILE).exists() {
             self.event(&format!("bmc-power-on {}", host_name(index)));
-            self.boot_at(index)?;
+            self.boot_at(index, StorageAtBoot::BestEffort)?;
         }
         let (length, last_byte) = watchdog_file_state(&dir.join("watchdog"));
         let action = lock(&self.watchdogs)[index - 1].observe(unix_ms_now(), length, last_byte);
         if action == WatchdogAction::Reset {
             self.event(&format!("watchdog-reset {}", host_name(index)));
             self.power_off_at(index)?;
-            self.boot_at(index)?;
+            self.boot_at(index, StorageAtBoot::BestEffort)?;
         }
         Ok(())
     }

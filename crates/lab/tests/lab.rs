@@ -346,3 +346,47 @@ fn watchdog_resets_a_host_that_stops_petting_and_v_disarms_it() {
     assert!(!events.contains("watchdog-reset host2"));
     lab.teardown().expect("teardown");
 }
+
+#[test]
+fn the_boot_script_runs_inside_the_host_at_every_power_on() {
+    let lab = build_with(LabConfig {
+        hosts: 1,
+        // As an agent would: learn its place from the environment, write to storage.
+        boot_script:
+            "echo \"$KVMHA_LAB_HOST $KVMHA_LAB_MANAGER_ADDRESS $(readlink /proc/self/ns/pid)\" \
+                      >> \"$KVMHA_LAB_STORAGE_DIR/boots\"\n"
+                .to_string(),
+        ..LabConfig::default()
+    });
+    let boots_path = lab.storage_dir().join("boots");
+    let boots = || -> Vec<String> {
+        std::fs::read_to_string(&boots_path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let host_pid_namespace = |lab: &kvmha_lab::Lab| {
+        let init = lab.host_init("host1").unwrap().expect("on");
+        kvmha_lab::process::namespace_of(init.pid, "pid").expect("pid namespace")
+    };
+    wait_for("the first boot script", SOON, || boots().len() == 1).unwrap();
+    let first_init = lab.host_init("host1").unwrap();
+    assert_eq!(
+        boots()[0],
+        format!("host1 10.77.1.2 {}", host_pid_namespace(&lab))
+    );
+    lab.power_off("host1").unwrap();
+    lab.power_on("host1").unwrap();
+    wait_for("the second boot script", SOON, || boots().len() == 2).unwrap();
+    assert_ne!(
+        lab.host_init("host1").unwrap(),
+        first_init,
+        "it ran on the new boot"
+    );
+    assert_eq!(
+        boots()[1],
+        format!("host1 10.77.1.2 {}", host_pid_namespace(&lab))
+    );
+    lab.teardown().expect("teardown");
+}
