@@ -203,6 +203,18 @@ pub fn recovery_ms(
         .min()
 }
 
+/// Where a VM runs at the end of an observation: the host of its latest write, if
+/// that write is at most `fresh_ms` older than `end_ms` (a VM that stopped writing
+/// runs nowhere). Writes after `end_ms` are ignored.
+pub fn running_host(records: &[DiskRecord], end_ms: u64, fresh_ms: u64) -> Option<String> {
+    records
+        .iter()
+        .filter(|record| record.unix_ms <= end_ms)
+        .max_by_key(|record| record.unix_ms)
+        .filter(|latest| end_ms - latest.unix_ms <= fresh_ms)
+        .map(|latest| latest.host.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +281,24 @@ mod tests {
         let parsed = parse_disk_log(text);
         assert_eq!(parsed.records.len(), 1);
         assert_eq!(parsed.malformed_lines, 1);
+    }
+
+    #[test]
+    fn a_vm_runs_where_it_wrote_last_if_it_still_writes() {
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000)
+            + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
+        let records = parse_disk_log(&text).records;
+        assert_eq!(
+            running_host(&records, 12_050, 500).as_deref(),
+            Some("host2")
+        );
+        assert_eq!(
+            running_host(&records, 6_000, 500),
+            None,
+            "between runs it runs nowhere"
+        );
+        assert_eq!(running_host(&records, 5_100, 500).as_deref(), Some("host1"));
+        assert_eq!(running_host(&records, 20_000, 500), None, "stopped writing");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checker::DoubleRunReport;
+use crate::checker::{running_host, runs, DoubleRunReport, ParsedLog};
 use crate::error::{LabError, Result};
 use crate::lab::NetSelector;
 use crate::topology::{host_name, HOSTS_MAX};
@@ -834,6 +834,114 @@ pub fn recovered_within_check(
         } else {
             parts.join(", ")
         },
+    }
+}
+
+/// `not_moved`, from the disk logs: each VM kept its one run (one boot id on one
+/// host) the whole time; a restart in place counts as moved too.
+pub fn not_moved_check(logs: &BTreeMap<String, ParsedLog>, vms: &[String]) -> CheckResult {
+    let mut passed = true;
+    let mut parts = Vec::new();
+    for vm in vms {
+        let vm_runs = logs
+            .get(vm)
+            .map(|log| runs(&log.records))
+            .unwrap_or_default();
+        match vm_runs.as_slice() {
+            [only] => parts.push(format!("{vm} stayed on {}", only.host)),
+            [] => {
+                passed = false;
+                parts.push(format!("{vm} never ran"));
+            }
+            many => {
+                passed = false;
+                let hosts: Vec<&str> = many.iter().map(|run| run.host.as_str()).collect();
+                parts.push(format!(
+                    "{vm} had {} runs ({})",
+                    many.len(),
+                    hosts.join(", ")
+                ));
+            }
+        }
+    }
+    CheckResult {
+        name: "not_moved".to_string(),
+        passed,
+        detail: parts.join(", "),
+    }
+}
+
+/// `final_host`, from the disk logs: at `end_ms` each VM writes from one of its
+/// allowed hosts (see [`running_host`] for `fresh_ms`).
+pub fn final_host_check(
+    logs: &BTreeMap<String, ParsedLog>,
+    expected: &BTreeMap<String, Vec<String>>,
+    end_ms: u64,
+    fresh_ms: u64,
+) -> CheckResult {
+    let mut passed = true;
+    let mut parts = Vec::new();
+    for (vm, allowed) in expected {
+        let records = logs
+            .get(vm)
+            .map(|log| log.records.as_slice())
+            .unwrap_or_default();
+        match running_host(records, end_ms, fresh_ms) {
+            Some(host) if allowed.contains(&host) => parts.push(format!("{vm} on {host}")),
+            Some(host) => {
+                passed = false;
+                parts.push(format!(
+                    "{vm} on {host}, expected one of {}",
+                    allowed.join("/")
+                ));
+            }
+            None => {
+                passed = false;
+                parts.push(format!("{vm} not running"));
+            }
+        }
+    }
+    CheckResult {
+        name: "final_host".to_string(),
+        passed,
+        detail: parts.join(", "),
+    }
+}
+
+/// `apart`, from the disk logs: at `end_ms` the VMs of each group run on pairwise
+/// different hosts (a VM that does not run fails the check).
+pub fn apart_check(
+    logs: &BTreeMap<String, ParsedLog>,
+    groups: &[Vec<String>],
+    end_ms: u64,
+    fresh_ms: u64,
+) -> CheckResult {
+    let mut passed = true;
+    let mut parts = Vec::new();
+    for group in groups {
+        let hosts: Vec<Option<String>> = group
+            .iter()
+            .map(|vm| {
+                let records = logs
+                    .get(vm)
+                    .map(|log| log.records.as_slice())
+                    .unwrap_or_default();
+                running_host(records, end_ms, fresh_ms)
+            })
+            .collect();
+        let distinct: BTreeSet<&String> = hosts.iter().flatten().collect();
+        passed &= distinct.len() == group.len();
+        let placed: Vec<String> = group
+            .iter()
+            .zip(&hosts)
+            .map(|(vm, host)| format!("{vm}@{}", host.as_deref().unwrap_or("nowhere")))
+            .collect();
+        parts.push(placed.join(" "));
+    }
+    CheckResult {
+        name: "apart".to_string(),
+        passed,
+        detail: parts.join("; "),
     }
 }
 

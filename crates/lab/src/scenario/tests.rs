@@ -326,3 +326,52 @@ fn one_failed_check_fails_the_run() {
     assert!(!result.passed);
     assert_eq!(result.exit_code(), 1);
 }
+
+fn logs(text: &str) -> BTreeMap<String, crate::checker::ParsedLog> {
+    let parsed = crate::checker::parse_disk_log(text);
+    let mut by_vm: BTreeMap<String, crate::checker::ParsedLog> = BTreeMap::new();
+    for record in parsed.records {
+        by_vm
+            .entry(record.vm.clone())
+            .or_default()
+            .records
+            .push(record);
+    }
+    by_vm
+}
+
+const TWO_VMS: &str = "1000 host1 a x1 0\n1100 host1 a x1 1\n\
+                       1000 host2 b y1 0\n1100 host2 b y1 1\n\
+                       2000 host3 b y2 0\n2100 host3 b y2 1\n";
+
+#[test]
+fn not_moved_fails_for_a_vm_with_a_second_run() {
+    let logs = logs(TWO_VMS);
+    assert!(not_moved_check(&logs, &["a".into()]).passed);
+    let moved = not_moved_check(&logs, &["a".into(), "b".into()]);
+    assert!(!moved.passed);
+    assert_eq!(
+        moved.detail,
+        "a stayed on host1, b had 2 runs (host2, host3)"
+    );
+    assert!(!not_moved_check(&logs, &["ghost".into()]).passed);
+}
+
+#[test]
+fn final_host_and_apart_look_at_where_vms_write_at_the_end() {
+    let logs = logs(TWO_VMS);
+    let expected = BTreeMap::from([("b".to_string(), vec!["host3".to_string()])]);
+    assert!(final_host_check(&logs, &expected, 2_150, 500).passed);
+    let wrong = BTreeMap::from([("b".to_string(), vec!["host2".to_string()])]);
+    assert!(!final_host_check(&logs, &wrong, 2_150, 500).passed);
+    // "a" stopped writing at 1.1 s: at 2.15 s it runs nowhere, so apart fails.
+    let groups = vec![vec!["a".to_string(), "b".to_string()]];
+    assert!(!apart_check(&logs, &groups, 2_150, 500).passed);
+    assert!(apart_check(&logs, &groups, 2_150, 1_500).passed);
+    let same_host = logs_same_host();
+    assert!(!apart_check(&same_host, &groups, 1_150, 500).passed);
+}
+
+fn logs_same_host() -> BTreeMap<String, crate::checker::ParsedLog> {
+    logs("1000 host1 a x1 0\n1100 host1 b y1 0\n")
+}
