@@ -368,6 +368,26 @@ impl Lab {
         })
     }
 
+    /// Restarts every BMC simulator that died (LAB-FACTS: one ipmi_sim once died
+    /// silently under heavy probing), with a fresh state directory; check before each
+    /// scenario. Returns the hosts whose BMC was restarted.
+    pub fn ensure_bmcs_alive(&self) -> Result<Vec<String>> {
+        let mut restarted = Vec::new();
+        for host in self.host_names() {
+            if self.bmc_alive(&host)? {
+                continue;
+            }
+            let index = self.shared.index(&host)?;
+            if let Some(mut dead) = lock(&self.shared.daemons).remove(&format!("bmc{index}")) {
+                let _ = dead.wait();
+            }
+            self.shared.event(&format!("bmc-restart {host}"));
+            self.shared.start_bmc(index)?;
+            restarted.push(host);
+        }
+        Ok(restarted)
+    }
+
     /// Tears the lab down now and reports errors (Drop does the same, silently).
     pub fn teardown(mut self) -> Result<()> {
         self.teardown_inner()
@@ -976,6 +996,8 @@ impl Shared {
             make_executable(&chassis)?;
         }
         let dir = self.bmc_dir(index);
+        // Always a fresh state directory (LAB-FACTS), also when restarting a dead BMC.
+        let _ = std::fs::remove_dir_all(dir.join("state"));
         create_dir(&dir.join("state"))?;
         let endpoint = self.bmc_endpoint(index);
         let name = format!("{}-bmc{index}", self.id);

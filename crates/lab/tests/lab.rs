@@ -130,6 +130,24 @@ fn networks_reach_what_they_should_and_nothing_else() {
         .ipmitool("host3", &["chassis", "power", "status"])
         .is_ok());
     assert!(lab.bmc_alive("host3").unwrap());
+
+    // A BMC simulator that dies is noticed and restarted.
+    let bmc_namespace =
+        kvmha_lab::process::named_netns_identity(&lab.namespace(&Node::Bmc(3))).unwrap();
+    for process in kvmha_lab::process::processes_in_namespace("net", &bmc_namespace) {
+        process.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    wait_for("ipmi_sim of host3 to die", SOON, || {
+        !lab.bmc_alive("host3").unwrap()
+    })
+    .unwrap();
+    assert_eq!(lab.ensure_bmcs_alive().unwrap(), vec!["host3".to_string()]);
+    wait_for("the restarted BMC to answer", SOON, || {
+        lab.ipmitool("host3", &["chassis", "power", "status"])
+            .is_ok_and(|status| status.contains("is on"))
+    })
+    .unwrap();
+    assert!(lab.ensure_bmcs_alive().unwrap().is_empty());
     lab.teardown().expect("teardown");
 }
 
