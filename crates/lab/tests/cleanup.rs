@@ -90,10 +90,17 @@ fn stale_labs_of_dead_owners_are_cleaned_and_live_ones_are_left_alone() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
+    // Inside means: in the namespace and already `sleep` (before its exec, `ip netns
+    // exec ... sleep 600` has the same pid and a matching command line).
+    let stale_namespace =
+        kvmha_lab::process::named_netns_identity(&dead_id.namespace(&Node::Host(1))).unwrap();
     kvmha_lab::lab::wait_for("the leftover to enter its namespace", SOON, || {
-        processes_mentioning("sleep 600")
-            .iter()
-            .any(|(pid, _)| *pid == leftover.id() as i32)
+        let pid = leftover.id() as i32;
+        let is_sleep = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|bytes| bytes.starts_with(b"sleep\0"));
+        is_sleep
+            && kvmha_lab::process::namespace_of(pid, "net").as_deref()
+                == Some(stale_namespace.as_str())
     })
     .unwrap();
 
