@@ -86,7 +86,7 @@ pub fn run(command: LabCommand) -> Result<()> {
             hosts,
             base_dir,
             watchdog_timeout: Duration::from_millis(watchdog_timeout_ms.max(1)),
-            keep_dir: false,
+            keep_in: None,
             boot_script: String::new(),
         }),
         LabCommand::Status { base_dir } => status(&base_dir),

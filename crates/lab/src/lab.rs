@@ -64,8 +64,11 @@ pub struct LabConfig {
     pub base_dir: PathBuf,
     /// Silence after which an armed lab watchdog resets its host.
     pub watchdog_timeout: Duration,
-    /// Keep the state directory (logs, shared storage) after teardown.
-    pub keep_dir: bool,
+    /// Copy the state directory (logs, events, shared storage with every
+    /// `vms/<vm>/disk.log`) here at teardown, once everything is down
+    /// (`kvmha lab run --keep DIR`). The state directory itself always goes: a
+    /// directory left behind would read as a crashed lab.
+    pub keep_in: Option<PathBuf>,
     /// Run (by bash) inside every host after each power-on, once its storage is
     /// mounted; it gets KVMHA_LAB_HOST, KVMHA_LAB_STORAGE_DIR, KVMHA_LAB_WATCHDOG,
     /// KVMHA_LAB_MGMT_ADDRESS, KVMHA_LAB_MANAGER_ADDRESS, ... in its environment.
@@ -79,7 +82,7 @@ impl Default for LabConfig {
             hosts: 3,
             base_dir: PathBuf::from(DEFAULT_BASE_DIR),
             watchdog_timeout: Duration::from_secs(10),
-            keep_dir: false,
+            keep_in: None,
             boot_script: String::new(),
         }
     }
@@ -210,7 +213,7 @@ pub struct LabHandle {
 pub struct Lab {
     shared: Arc<Shared>,
     controller: Option<JoinHandle<()>>,
-    keep_dir: bool,
+    keep_in: Option<PathBuf>,
     torn_down: bool,
 }
 
@@ -319,7 +322,7 @@ impl Lab {
         let mut lab = Lab {
             shared,
             controller: None,
-            keep_dir: config.keep_dir,
+            keep_in: config.keep_in.clone(),
             torn_down: false,
         };
         lab.shared.build_networks()?;
@@ -403,7 +406,7 @@ impl Lab {
             let _ = controller.join();
         }
         self.shared.event("lab-down");
-        self.shared.teardown(self.keep_dir)
+        self.shared.teardown(self.keep_in.as_deref())
     }
 }
 
@@ -1237,7 +1240,7 @@ impl Shared {
         Ok(())
     }
 
-    fn teardown(&self, keep_dir: bool) -> Result<()> {
+    fn teardown(&self, keep_in: Option<&Path>) -> Result<()> {
         let mut first_error = None;
         let mut note = |result: Result<()>| {
             if let Err(error) = result {
@@ -1284,10 +1287,20 @@ impl Shared {
             let _ = child.wait();
         }
         note(remove_lab_namespaces(&self.id));
-        if !keep_dir {
-            if let Err(error) = std::fs::remove_dir_all(&self.dir) {
-                note(Err(LabError::io(&self.dir, error)));
-            }
+        if let Some(keep_in) = keep_in {
+            let copied = create_dir(keep_in).and_then(|()| {
+                let mut source = self.dir.clone().into_os_string();
+                source.push("/.");
+                run(
+                    Command::new("cp").arg("-a").arg(source).arg(keep_in),
+                    None,
+                    Duration::from_secs(120),
+                )
+            });
+            note(copied.map(|_| ()));
+        }
+        if let Err(error) = std::fs::remove_dir_all(&self.dir) {
+            note(Err(LabError::io(&self.dir, error)));
         }
         match first_error {
             Some(error) => Err(error),

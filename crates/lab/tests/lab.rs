@@ -366,7 +366,8 @@ fn watchdog_resets_a_host_that_stops_petting_and_v_disarms_it() {
 }
 
 #[test]
-fn the_boot_script_runs_inside_the_host_at_every_power_on() {
+fn the_boot_script_runs_inside_the_host_at_every_power_on_and_keep_saves_storage() {
+    let keep_in = std::env::temp_dir().join(format!("kvmha-lab-keep-{}", std::process::id()));
     let lab = build_with(LabConfig {
         hosts: 1,
         // As an agent would: learn its place from the environment, write to storage.
@@ -374,6 +375,7 @@ fn the_boot_script_runs_inside_the_host_at_every_power_on() {
             "echo \"$KVMHA_LAB_HOST $KVMHA_LAB_MANAGER_ADDRESS $(readlink /proc/self/ns/pid)\" \
                       >> \"$KVMHA_LAB_STORAGE_DIR/boots\"\n"
                 .to_string(),
+        keep_in: Some(keep_in.clone()),
         ..LabConfig::default()
     });
     let boots_path = lab.storage_dir().join("boots");
@@ -406,5 +408,12 @@ fn the_boot_script_runs_inside_the_host_at_every_power_on() {
         boots()[1],
         format!("host1 10.77.1.2 {}", host_pid_namespace(&lab))
     );
+    let dir = lab.dir().to_path_buf();
     lab.teardown().expect("teardown");
+    let kept = std::fs::read_to_string(keep_in.join("storage").join("boots")).unwrap_or_default();
+    let events = std::fs::read_to_string(keep_in.join("events.log")).unwrap_or_default();
+    std::fs::remove_dir_all(&keep_in).expect("remove the kept copy");
+    assert_eq!(kept.lines().count(), 2, "the shared storage was kept");
+    assert!(events.contains("lab-down"), "{events}");
+    assert!(!dir.exists(), "the state directory itself is gone");
 }
