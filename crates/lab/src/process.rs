@@ -122,7 +122,7 @@ pub fn all_pids() -> Vec<i32> {
         .collect()
 }
 
-/// The namespace link of a process, e.g. "net:[4026532290]"; `None` for zombies and the gone.
+/// The namespace link of a process, e.g. `net:[4026532290]`; `None` for zombies and the gone.
 pub fn namespace_of(pid: i32, kind: &str) -> Option<String> {
     let link = std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok()?;
     Some(link.to_string_lossy().into_owned())
