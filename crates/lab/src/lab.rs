@@ -1231,7 +1231,14 @@ impl Shared {
             self.boot_at(index, StorageAtBoot::BestEffort)?;
         }
         let (length, last_byte) = watchdog_file_state(&dir.join("watchdog"));
-        let action = lock(&self.watchdogs)[index - 1].observe(unix_ms_now(), length, last_byte);
+        let mut watchdogs = lock(&self.watchdogs);
+        if self.init(index).is_none() {
+            // A board without power has no running watchdog: a fenced host stays off.
+            watchdogs[index - 1].power_lost(length);
+            return Ok(());
+        }
+        let action = watchdogs[index - 1].observe(unix_ms_now(), length, last_byte);
+        drop(watchdogs);
         if action == WatchdogAction::Reset {
             self.event(&format!("watchdog-reset {}", host_name(index)));
             self.power_off_at(index)?;

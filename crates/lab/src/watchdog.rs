@@ -48,6 +48,14 @@ impl Watchdog {
         self.armed
     }
 
+    /// The host lost power: the watchdog stops and stays disarmed until the next
+    /// write after power returns (`length` is the file's length now, so that old
+    /// writes do not count as new).
+    pub fn power_lost(&mut self, length: u64) {
+        self.armed = false;
+        self.last_length = length;
+    }
+
     /// Feeds the file's current length and last byte at time `now_ms`.
     ///
     /// Any change of length counts as a write (the file may also have been truncated
@@ -106,6 +114,23 @@ mod tests {
             WatchdogAction::Nothing
         );
         assert!(!watchdog.is_armed());
+    }
+
+    #[test]
+    fn power_loss_stops_the_watchdog_until_the_next_write() {
+        let mut watchdog = Watchdog::new(1_000);
+        watchdog.observe(0, 1, Some(b'1'));
+        watchdog.power_lost(1);
+        assert!(!watchdog.is_armed());
+        assert_eq!(
+            watchdog.observe(5_000, 1, Some(b'1')),
+            WatchdogAction::Nothing
+        );
+        watchdog.observe(6_000, 2, Some(b'1'));
+        assert_eq!(
+            watchdog.observe(7_100, 2, Some(b'1')),
+            WatchdogAction::Reset
+        );
     }
 
     #[test]

@@ -362,6 +362,16 @@ fn watchdog_resets_a_host_that_stops_petting_and_v_disarms_it() {
     thread::sleep(Duration::from_secs(3));
     assert_eq!(lab.host_init("host2").unwrap(), Some(host2_init));
     assert!(!events.contains("watchdog-reset host2"));
+
+    // A host fenced (powered off) while its watchdog is armed stays off: a board
+    // without power has no watchdog.
+    for _ in 0..3 {
+        pet("host2", "1");
+        thread::sleep(Duration::from_millis(200));
+    }
+    lab.ipmitool("host2", &["chassis", "power", "off"]).unwrap();
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.power_state("host2").unwrap(), PowerState::Off);
     lab.teardown().expect("teardown");
 }
 
