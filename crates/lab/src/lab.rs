@@ -186,6 +186,9 @@ struct Shared {
     /// Long-lived daemons by name ("sshd", "bmc1", ...).
     daemons: Mutex<HashMap<String, Child>>,
     watchdogs: Mutex<Vec<Watchdog>>,
+    /// Per host, the init whose boot finished (its first mount attempt done): the
+    /// mounter only retries mounts of finished boots, never races a boot's own.
+    booted: Mutex<Vec<Option<ProcessId>>>,
 }
 
 impl std::ops::Deref for Shared {
@@ -212,7 +215,8 @@ pub struct LabHandle {
 #[derive(Debug)]
 pub struct Lab {
     shared: Arc<Shared>,
-    controller: Option<JoinHandle<()>>,
+    /// The controller and the storage mounter.
+    threads: Vec<JoinHandle<()>>,
     keep_in: Option<PathBuf>,
     torn_down: bool,
 }
@@ -317,11 +321,12 @@ impl Lab {
             children: Mutex::new(Vec::new()),
             daemons: Mutex::new(HashMap::new()),
             watchdogs: Mutex::new(vec![Watchdog::new(watchdog_timeout_ms); config.hosts]),
+            booted: Mutex::new(vec![None; config.hosts]),
         });
         // From here on, Drop cleans up whatever the build got to.
         let mut lab = Lab {
             shared,
-            controller: None,
+            threads: Vec::new(),
             keep_in: config.keep_in.clone(),
             torn_down: false,
         };
@@ -338,11 +343,18 @@ impl Lab {
             lab.shared.wait_bmc_ready(index)?;
         }
         let shared = Arc::clone(&lab.shared);
-        lab.controller = Some(
+        lab.threads.push(
             thread::Builder::new()
                 .name(format!("lab-{}", lab.shared.id))
                 .spawn(move || shared.controller_loop())
                 .map_err(|error| LabError::io("controller thread", error))?,
+        );
+        let shared = Arc::clone(&lab.shared);
+        lab.threads.push(
+            thread::Builder::new()
+                .name(format!("mounter-{}", lab.shared.id))
+                .spawn(move || shared.mounter_loop())
+                .map_err(|error| LabError::io("mounter thread", error))?,
         );
         lab.shared.event("lab-up");
         Ok(lab)
@@ -402,8 +414,8 @@ impl Lab {
         }
         self.torn_down = true;
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(controller) = self.controller.take() {
-            let _ = controller.join();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
         self.shared.event("lab-down");
         self.shared.teardown(self.keep_in.as_deref())
@@ -1068,7 +1080,7 @@ impl Shared {
     }
 
     fn boot_at(&self, index: usize, storage: StorageAtBoot) -> Result<()> {
-        let _power = self.power_lock(index)?;
+        let power = self.power_lock(index)?;
         let dir = self.host_dir(index);
         let _ = std::fs::remove_file(dir.join(POWER_REQUEST_FILE));
         if self.init(index).is_some() {
@@ -1128,6 +1140,17 @@ impl Shared {
         let temporary = dir.join("init.tmp");
         write_file(&temporary, &init.to_line())?;
         std::fs::rename(&temporary, &init_path).map_err(|error| LabError::io(&init_path, error))?;
+        // The host is on from here: the BMC must answer (and may power it off) while
+        // it boots, even when a cut storage link makes the mount take seconds.
+        drop(power);
+        // Under the sshfs mount, a read-only tmpfs of the host's own: without storage,
+        // writes fail (EROFS) instead of landing in the bare directory on our disk.
+        let mount_point = dir.join("mnt");
+        let mut placeholder = self.host_command_at(index, "mount")?;
+        placeholder
+            .args(["-t", "tmpfs", "-o", "ro,size=4k", "kvmha-lab-no-storage"])
+            .arg(&mount_point);
+        run(&mut placeholder, None, COMMAND_TIMEOUT)?;
         // A host that cannot reach its storage still boots, as a real one would; but a
         // lab whose storage never worked is broken, so the first boot insists.
         if let Err(error) = self.mount_storage(index) {
@@ -1137,6 +1160,7 @@ impl Shared {
                 return Err(error);
             }
         }
+        lock(&self.booted)[index - 1] = Some(init);
         let boot_script = dir.join("boot.sh");
         let has_boot_script = std::fs::metadata(&boot_script)
             .map(|metadata| metadata.len() > 0)
@@ -1210,6 +1234,39 @@ impl Shared {
             .arg(&mount_point);
         run(&mut command, None, COMMAND_TIMEOUT)?;
         Ok(())
+    }
+
+    fn is_mounted(&self, index: usize, init: ProcessId) -> bool {
+        let mount_point = self.host_dir(index).join("mnt");
+        let needle = format!(" {} fuse.sshfs ", mount_point.display());
+        std::fs::read_to_string(format!("/proc/{}/mounts", init.pid))
+            .map(|mounts| mounts.lines().any(|line| line.contains(&needle)))
+            .unwrap_or(false)
+    }
+
+    /// Retries the storage mount of hosts that booted without it (their storage link
+    /// was cut), about once a second, as an NFS `bg` mount keeps trying: when the
+    /// link heals the host gets its storage back. Its own thread, because a mount
+    /// attempt over a cut link takes the ssh ConnectTimeout and the controller's
+    /// watchdogs must not wait for that.
+    fn mounter_loop(&self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            for index in 1..=self.hosts {
+                let Some(init) = self.init(index) else {
+                    continue;
+                };
+                let booted = lock(&self.booted)[index - 1] == Some(init);
+                if booted && !self.is_mounted(index, init) && self.mount_storage(index).is_ok() {
+                    self.event(&format!("storage-mounted {}", host_name(index)));
+                }
+            }
+            for _ in 0..10 {
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     fn controller_loop(&self) {

@@ -269,6 +269,60 @@ fn storage_cut_fails_writes_with_eio_and_heal_restores_them() {
         "storage healed → writes again: {} ms",
         healed.elapsed().as_millis()
     );
+
+    // A host reset while its storage link is cut boots without storage, its BMC
+    // answering all along, and gets the storage back once the link heals.
+    let probe = |name: &str| -> bool {
+        let mount = lab.host_mount_dir("host1").unwrap();
+        let written = lab
+            .host_command("host1", "timeout")
+            .unwrap()
+            .args([
+                "10",
+                "sh",
+                "-c",
+                &format!("echo probe > {}/{name}", mount.display()),
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        written && lab.storage_dir().join(name).exists()
+    };
+    let old_init = lab.host_init("host1").unwrap();
+    lab.partition("host1", NetSelector::One(Network::Storage))
+        .unwrap();
+    lab.ipmitool("host1", &["chassis", "power", "reset"])
+        .unwrap();
+    wait_for("host1 to boot again", SOON, || {
+        lab.host_init("host1")
+            .unwrap()
+            .is_some_and(|init| Some(init) != old_init)
+    })
+    .unwrap();
+    let status = lab
+        .ipmitool("host1", &["chassis", "power", "status"])
+        .unwrap();
+    assert!(
+        status.contains("is on"),
+        "the BMC answers while the host boots: {status}"
+    );
+    assert!(!probe("during-cut"), "no storage while the link is cut");
+    let healed = Instant::now();
+    lab.heal("host1", None).unwrap();
+    let mut attempt = 0;
+    wait_for(
+        "the storage to come back after heal",
+        Duration::from_secs(30),
+        || {
+            attempt += 1;
+            probe(&format!("after-heal-{attempt}"))
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "storage healed → writable again after a boot without it: {} ms",
+        healed.elapsed().as_millis()
+    );
     lab.teardown().expect("teardown");
     assert!(exits_within(&mut writer, SOON), "teardown kills the VM");
 }
