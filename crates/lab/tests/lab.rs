@@ -481,3 +481,64 @@ fn the_boot_script_runs_inside_the_host_at_every_power_on_and_keep_saves_storage
     assert!(events.contains("lab-down"), "{events}");
     assert!(!dir.exists(), "the state directory itself is gone");
 }
+
+#[test]
+fn the_checker_sees_a_clean_handover_and_a_split_brain_on_real_storage() {
+    use kvmha_lab::checker::{no_double_run, read_disk_logs, recovery_ms, runs};
+    let lab = build(2);
+    let mut first = spawn_writer(&lab, "host1", "vm-x");
+    wait_writes(&lab, "vm-x", 5);
+
+    // Clean handover: host1 loses power, then the VM starts on host2.
+    let fault_ms = kvmha_lab::lab::unix_ms_now();
+    lab.ipmitool("host1", &["chassis", "power", "off"]).unwrap();
+    assert!(exits_within(&mut first, SOON));
+    let before = records(&lab, "vm-x").len();
+    let mut second = spawn_writer(&lab, "host2", "vm-x");
+    wait_writes(&lab, "vm-x", before + 5);
+    let logs = read_disk_logs(&lab.storage_dir()).unwrap();
+    let report = no_double_run(&logs);
+    assert!(report.passed(), "{}", report.detail());
+    let recovered = recovery_ms(&logs["vm-x"].records, fault_ms, Some("host1"));
+    eprintln!("handover by hand (power off → start on host2): {recovered:?} ms");
+    assert!(recovered.is_some());
+
+    // Split brain: host1 comes back and starts the same VM while host2 still runs it.
+    lab.ipmitool("host1", &["chassis", "power", "on"]).unwrap();
+    wait_for("host1 back with storage", SOON, || {
+        is_mounted_in_host(&lab, "host1")
+    })
+    .unwrap();
+    let before = records(&lab, "vm-x").len();
+    let mut third = spawn_writer(&lab, "host1", "vm-x");
+    wait_writes(&lab, "vm-x", before + 10);
+    let logs = read_disk_logs(&lab.storage_dir()).unwrap();
+    let report = no_double_run(&logs);
+    assert!(!report.passed(), "two writers at once must be caught");
+    assert_eq!(report.overlaps.len(), 1, "{}", report.detail());
+    // Both writers' appends landed whole: each run's sequence has no gap, so
+    // O_APPEND over sshfs does not let one writer overwrite the other.
+    let log = &logs["vm-x"];
+    assert_eq!(log.malformed_lines, 0);
+    for run in runs(&log.records) {
+        let mut sequences: Vec<u64> = log
+            .records
+            .iter()
+            .filter(|record| record.boot_id == run.boot_id)
+            .map(|record| record.seq)
+            .collect();
+        sequences.sort_unstable();
+        let first_seq = sequences[0];
+        assert!(
+            sequences
+                .iter()
+                .enumerate()
+                .all(|(offset, seq)| *seq == first_seq + offset as u64),
+            "run {} lost lines: {sequences:?}",
+            run.boot_id
+        );
+    }
+    lab.teardown().expect("teardown");
+    assert!(exits_within(&mut second, SOON));
+    assert!(exits_within(&mut third, SOON));
+}
