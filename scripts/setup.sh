@@ -7,16 +7,21 @@ set -euo pipefail
 packages=(
   build-essential
   pkg-config
+  bindfs   # storage: a FUSE mount the hung-pool test freezes (SIGSTOP) to hang a pool
+  fuse3    # storage: fusermount for that test's cleanup
+  openssh-server  # storage: a loopback sshd serving the sshfs pool tests
+  sshfs    # storage: two mounts of one directory stand in for two hosts
   iproute2
   nftables
   procps
   psmisc
-  iputils-ping
   openipmi
   ipmitool
-  openssh-client
-  openssh-server
-  sshfs
+  python3
+  python3-pip
+  openssl
+  iputils-ping    # lab: reachability checks between lab namespaces (lab also needs openipmi, ipmitool, openssh-server, sshfs above)
+  openssh-client  # lab: ssh-keygen for per-lab keys, the ssh under sshfs
 )
 
 missing=()
@@ -30,6 +35,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# PyPI: sushy-tools provides sushy-emulator, the Redfish BMC the bmc crate's
+# tests run against (its fake driver; crates/bmc/tests/redfish_sushy.rs).
+# Debian 12 marks the system Python as externally managed, hence the flag;
+# it is only ever installed for root on a CI or lab machine.
+if ! python3 -c 'import sushy_tools' >/dev/null 2>&1; then
+  echo "setup: installing sushy-tools (PyPI)" >&2
+  python3 -m pip install --quiet --break-system-packages sushy-tools
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -89,15 +89,13 @@ pub struct Run {
 pub fn runs(records: &[DiskRecord]) -> Vec<Run> {
     let mut by_boot: BTreeMap<(&str, &str), Run> = BTreeMap::new();
     for record in records {
-        let run = by_boot
-            .entry((record.host.as_str(), record.boot_id.as_str()))
-            .or_insert_with(|| Run {
-                host: record.host.clone(),
-                boot_id: record.boot_id.clone(),
-                first_ms: record.unix_ms,
-                last_ms: record.unix_ms,
-                writes: 0,
-            });
+        let run = by_boot.entry((record.host.as_str(), record.boot_id.as_str())).or_insert_with(|| Run {
+            host: record.host.clone(),
+            boot_id: record.boot_id.clone(),
+            first_ms: record.unix_ms,
+            last_ms: record.unix_ms,
+            writes: 0,
+        });
         run.first_ms = run.first_ms.min(record.unix_ms);
         run.last_ms = run.last_ms.max(record.unix_ms);
         run.writes += 1;
@@ -129,11 +127,7 @@ impl DoubleRunReport {
 
     /// The check's detail line, in the words of SCENARIOS.md.
     pub fn detail(&self) -> String {
-        let mut text = format!(
-            "{} VMs, {} overlapping writers",
-            self.vms,
-            self.overlaps.len()
-        );
+        let mut text = format!("{} VMs, {} overlapping writers", self.vms, self.overlaps.len());
         for overlap in &self.overlaps {
             text.push_str(&format!(
                 "; {}: {}@{} [{}..{}] and {}@{} [{}..{}]",
@@ -163,32 +157,20 @@ pub fn no_double_run(logs: &BTreeMap<String, ParsedLog>) -> DoubleRunReport {
         let runs = runs(&log.records);
         for (position, first) in runs.iter().enumerate() {
             for second in &runs[position + 1..] {
-                let intersect =
-                    first.first_ms <= second.last_ms && second.first_ms <= first.last_ms;
+                let intersect = first.first_ms <= second.last_ms && second.first_ms <= first.last_ms;
                 if intersect {
-                    overlaps.push(Overlap {
-                        vm: vm.clone(),
-                        first: first.clone(),
-                        second: second.clone(),
-                    });
+                    overlaps.push(Overlap { vm: vm.clone(), first: first.clone(), second: second.clone() });
                 }
             }
         }
     }
-    DoubleRunReport {
-        vms: logs.len(),
-        overlaps,
-    }
+    DoubleRunReport { vms: logs.len(), overlaps }
 }
 
 /// Time from a fault to the VM's first write by a new run: a boot id that had not
 /// written before the fault, on a host other than `failed_host` (when given; a
 /// crashed VM may come back on its own host). `None`: not recovered (yet).
-pub fn recovery_ms(
-    records: &[DiskRecord],
-    fault_unix_ms: u64,
-    failed_host: Option<&str>,
-) -> Option<u64> {
+pub fn recovery_ms(records: &[DiskRecord], fault_unix_ms: u64, failed_host: Option<&str>) -> Option<u64> {
     let before_fault: BTreeSet<(&str, &str)> = records
         .iter()
         .filter(|record| record.unix_ms < fault_unix_ms)
@@ -234,8 +216,7 @@ mod tests {
 
     #[test]
     fn clean_handover_passes() {
-        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000)
-            + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
         let report = no_double_run(&logs_of("vm1", &text));
         assert!(report.passed(), "{}", report.detail());
         assert_eq!(report.detail(), "1 VMs, 0 overlapping writers");
@@ -244,18 +225,13 @@ mod tests {
     #[test]
     fn planted_overlapping_writers_fail() {
         // host1's run goes on while host2's has started: split brain.
-        let text = run_lines("host1", "vm1", "aaaa", 1_000, 9_000)
-            + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 9_000) + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
         let report = no_double_run(&logs_of("vm1", &text));
         assert!(!report.passed());
         assert_eq!(report.overlaps.len(), 1);
         assert_eq!(report.overlaps[0].first.boot_id, "aaaa");
         assert_eq!(report.overlaps[0].second.boot_id, "bbbb");
-        assert!(
-            report.detail().contains("1 overlapping writers"),
-            "{}",
-            report.detail()
-        );
+        assert!(report.detail().contains("1 overlapping writers"), "{}", report.detail());
     }
 
     #[test]
@@ -270,8 +246,7 @@ mod tests {
 
     #[test]
     fn same_boot_id_on_two_hosts_counts_as_two_runs() {
-        let text = run_lines("host1", "vm1", "same", 1_000, 3_000)
-            + &run_lines("host2", "vm1", "same", 2_000, 4_000);
+        let text = run_lines("host1", "vm1", "same", 1_000, 3_000) + &run_lines("host2", "vm1", "same", 2_000, 4_000);
         assert!(!no_double_run(&logs_of("vm1", &text)).passed());
     }
 
@@ -285,26 +260,17 @@ mod tests {
 
     #[test]
     fn a_vm_runs_where_it_wrote_last_if_it_still_writes() {
-        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000)
-            + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
         let records = parse_disk_log(&text).records;
-        assert_eq!(
-            running_host(&records, 12_050, 500).as_deref(),
-            Some("host2")
-        );
-        assert_eq!(
-            running_host(&records, 6_000, 500),
-            None,
-            "between runs it runs nowhere"
-        );
+        assert_eq!(running_host(&records, 12_050, 500).as_deref(), Some("host2"));
+        assert_eq!(running_host(&records, 6_000, 500), None, "between runs it runs nowhere");
         assert_eq!(running_host(&records, 5_100, 500).as_deref(), Some("host1"));
         assert_eq!(running_host(&records, 20_000, 500), None, "stopped writing");
     }
 
     #[test]
     fn recovery_is_measured_to_the_first_write_of_a_new_run_elsewhere() {
-        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000)
-            + &run_lines("host2", "vm1", "bbbb", 8_100, 12_000);
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host2", "vm1", "bbbb", 8_100, 12_000);
         let records = parse_disk_log(&text).records;
         assert_eq!(recovery_ms(&records, 5_050, Some("host1")), Some(3_050));
         // Writes of the old run after the fault never count as recovery.
@@ -312,8 +278,7 @@ mod tests {
         assert_eq!(recovery_ms(&only_old, 5_000, Some("host1")), None);
         // A restart on the same host counts only when the host is not excluded.
         let restarted = parse_disk_log(
-            &(run_lines("host1", "vm1", "aaaa", 1_000, 5_000)
-                + &run_lines("host1", "vm1", "cccc", 6_000, 7_000)),
+            &(run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host1", "vm1", "cccc", 6_000, 7_000)),
         )
         .records;
         assert_eq!(recovery_ms(&restarted, 5_000, None), Some(1_000));

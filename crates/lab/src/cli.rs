@@ -78,11 +78,7 @@ pub enum LabCommand {
 
 pub fn run(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up {
-            hosts,
-            watchdog_timeout_ms,
-            base_dir,
-        } => up(LabConfig {
+        LabCommand::Up { hosts, watchdog_timeout_ms, base_dir } => up(LabConfig {
             hosts,
             base_dir,
             watchdog_timeout: Duration::from_millis(watchdog_timeout_ms.max(1)),
@@ -91,25 +87,11 @@ pub fn run(command: LabCommand) -> Result<()> {
         }),
         LabCommand::Status { base_dir } => status(&base_dir),
         LabCommand::Down { id, base_dir } => down(id.as_deref(), &base_dir),
-        LabCommand::Fault {
-            action,
-            host,
-            net,
-            percent,
-            lab,
-            base_dir,
-        } => {
+        LabCommand::Fault { action, host, net, percent, lab, base_dir } => {
             let handle = find_lab(&base_dir, lab.as_deref())?;
             fault(&handle, &action, &host, net.as_deref(), percent)
         }
-        LabCommand::VmWriter {
-            storage_dir,
-            host,
-            vm,
-            boot_id,
-            interval_ms,
-            writes_max,
-        } => {
+        LabCommand::VmWriter { storage_dir, host, vm, boot_id, interval_ms, writes_max } => {
             let config = VmWriterConfig {
                 storage_dir,
                 host,
@@ -134,9 +116,7 @@ fn up(config: LabConfig) -> Result<()> {
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         signals.add(signal);
     }
-    signals
-        .thread_block()
-        .map_err(|errno| LabError::Config(format!("cannot block signals: {errno}")))?;
+    signals.thread_block().map_err(|errno| LabError::Config(format!("cannot block signals: {errno}")))?;
     let lab = Lab::build(config)?;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "lab {} up in {}", lab.id(), lab.dir().display());
@@ -161,23 +141,16 @@ fn up(config: LabConfig) -> Result<()> {
         );
     }
     let _ = writeln!(out, "shared storage: {}", lab.storage_dir().display());
-    let _ = writeln!(
-        out,
-        "break it: kvmha lab fault power-off host1 | Ctrl-C tears it down"
-    );
+    let _ = writeln!(out, "break it: kvmha lab fault power-off host1 | Ctrl-C tears it down");
     let _ = out.flush();
     drop(out);
-    let signal = signals
-        .wait()
-        .map_err(|errno| LabError::Config(format!("waiting for a signal: {errno}")))?;
+    let signal = signals.wait().map_err(|errno| LabError::Config(format!("waiting for a signal: {errno}")))?;
     eprintln!("kvmha lab: {signal}, tearing {} down", lab.id());
     lab.teardown()
 }
 
 fn address(node: Node, network: Network) -> String {
-    node.address(network)
-        .map(|address| address.to_string())
-        .unwrap_or_default()
+    node.address(network).map(|address| address.to_string()).unwrap_or_default()
 }
 
 fn index_of(host: &str) -> usize {
@@ -201,8 +174,7 @@ fn lab_dirs(base_dir: &Path) -> Vec<PathBuf> {
 /// The lab named `id`, or the only live one.
 pub fn find_lab(base_dir: &Path, id: Option<&str>) -> Result<LabHandle> {
     if let Some(id) = id {
-        let id =
-            LabId::parse(id).ok_or_else(|| LabError::Config(format!("`{id}` is not a lab id")))?;
+        let id = LabId::parse(id).ok_or_else(|| LabError::Config(format!("`{id}` is not a lab id")))?;
         return LabHandle::open(&base_dir.join(id.as_str()));
     }
     let live: Vec<LabHandle> = lab_dirs(base_dir)
@@ -212,10 +184,7 @@ pub fn find_lab(base_dir: &Path, id: Option<&str>) -> Result<LabHandle> {
         .collect();
     match <[LabHandle; 1]>::try_from(live) {
         Ok([handle]) => Ok(handle),
-        Err(live) => Err(LabError::Config(format!(
-            "{} labs are running; name one with --lab",
-            live.len()
-        ))),
+        Err(live) => Err(LabError::Config(format!("{} labs are running; name one with --lab", live.len()))),
     }
 }
 
@@ -242,16 +211,10 @@ fn status(base_dir: &Path) -> Result<()> {
 fn down(id: Option<&str>, base_dir: &Path) -> Result<()> {
     if let Some(id) = id {
         let handle = find_lab(base_dir, Some(id))?;
-        if let Some(owner) =
-            ProcessId::read(&handle.dir().join("owner")).filter(|owner| owner.is_alive())
-        {
+        if let Some(owner) = ProcessId::read(&handle.dir().join("owner")).filter(|owner| owner.is_alive()) {
             // The owner tears down what it started and reaps it; we only ask.
             owner.signal(Signal::SIGTERM)?;
-            wait_for(
-                &format!("lab {id} to go down"),
-                Duration::from_secs(60),
-                || !handle.dir().exists(),
-            )?;
+            wait_for(&format!("lab {id} to go down"), Duration::from_secs(60), || !handle.dir().exists())?;
         }
     }
     for cleaned in clean_stale_labs(base_dir)? {
@@ -262,23 +225,14 @@ fn down(id: Option<&str>, base_dir: &Path) -> Result<()> {
 
 fn net_argument(action: &str, net: Option<&str>) -> Result<Option<NetSelector>> {
     net.map(|text| {
-        NetSelector::parse(text).ok_or_else(|| {
-            LabError::Config(format!(
-                "{action}: `{text}` is not one of mgmt, storage, oob, all"
-            ))
-        })
+        NetSelector::parse(text)
+            .ok_or_else(|| LabError::Config(format!("{action}: `{text}` is not one of mgmt, storage, oob, all")))
     })
     .transpose()
 }
 
 /// Plays one fault against a running lab.
-pub fn fault(
-    handle: &LabHandle,
-    action: &str,
-    host: &str,
-    net: Option<&str>,
-    percent: Option<u8>,
-) -> Result<()> {
+pub fn fault(handle: &LabHandle, action: &str, host: &str, net: Option<&str>, percent: Option<u8>) -> Result<()> {
     let nets = net_argument(action, net)?;
     let need_nets = || nets.ok_or_else(|| LabError::Config(format!("{action} needs a network")));
     match action {
@@ -289,8 +243,7 @@ pub fn fault(
         "partition" => handle.partition(host, need_nets()?),
         "heal" => handle.heal(host, nets),
         "loss" => {
-            let percent =
-                percent.ok_or_else(|| LabError::Config("loss needs a percentage".to_string()))?;
+            let percent = percent.ok_or_else(|| LabError::Config("loss needs a percentage".to_string()))?;
             handle.loss(host, need_nets()?, percent)
         }
         "bmc-fail" => handle.bmc_fail(host),

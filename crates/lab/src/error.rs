@@ -37,10 +37,7 @@ pub enum LabError {
 impl LabError {
     /// Wraps an `std::io::Error` with the path it happened on, so messages say where.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        LabError::Io {
-            path: path.into(),
-            source,
-        }
+        LabError::Io { path: path.into(), source }
     }
 }
 

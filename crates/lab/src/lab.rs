@@ -38,13 +38,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LabError, Result};
 use crate::process::{
-    self, kill_namespace_processes, named_netns_identity, namespace_of, proc_stat,
-    processes_in_namespace, run, run_args, wait_until, ProcessId,
+    self, kill_namespace_processes, named_netns_identity, namespace_of, proc_stat, processes_in_namespace, run,
+    run_args, wait_until, ProcessId,
 };
 use crate::scripts::{self, INIT_FILE, POWER_LOCK_FILE, POWER_REQUEST_FILE};
-use crate::topology::{
-    host_index, host_name, LabId, Network, Node, HOSTS_MAX, IPMI_PORT, PREFIX_LEN,
-};
+use crate::topology::{host_index, host_name, LabId, Network, Node, HOSTS_MAX, IPMI_PORT, PREFIX_LEN};
 use crate::watchdog::{Watchdog, WatchdogAction};
 
 /// Where labs keep their state unless told otherwise.
@@ -223,16 +221,11 @@ pub struct Lab {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not stop teardown: take the data even if poisoned.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub fn unix_ms_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<()> {
@@ -245,8 +238,7 @@ fn create_dir(path: &Path) -> Result<()> {
 
 fn make_executable(path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|error| LabError::io(path, error))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|error| LabError::io(path, error))
 }
 
 fn random_hex(bytes: usize) -> Result<String> {
@@ -264,12 +256,7 @@ fn ip(args: &[&str]) -> Result<String> {
 /// Runs `ip -n NAMESPACE -batch -` with one command per line: one process per namespace.
 fn ip_batch(namespace: &str, commands: &[String]) -> Result<()> {
     let text = commands.join("\n") + "\n";
-    run(
-        Command::new("ip").args(["-n", namespace, "-batch", "-"]),
-        Some(&text),
-        COMMAND_TIMEOUT,
-    )
-    .map(|_| ())
+    run(Command::new("ip").args(["-n", namespace, "-batch", "-"]), Some(&text), COMMAND_TIMEOUT).map(|_| ())
 }
 
 /// Names of every network namespace on the machine.
@@ -277,9 +264,7 @@ pub fn list_netns() -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
         return Vec::new();
     };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .collect()
+    entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok()).collect()
 }
 
 impl Lab {
@@ -291,10 +276,7 @@ impl Lab {
             return Err(LabError::NotRoot { uid });
         }
         if config.hosts == 0 || config.hosts > HOSTS_MAX {
-            return Err(LabError::Config(format!(
-                "hosts must be 1..={HOSTS_MAX}, got {}",
-                config.hosts
-            )));
+            return Err(LabError::Config(format!("hosts must be 1..={HOSTS_MAX}, got {}", config.hosts)));
         }
         create_dir(&config.base_dir)?;
         // Someone else's leftovers must not stop our lab: report and go on.
@@ -308,12 +290,7 @@ impl Lab {
             .ok_or_else(|| LabError::Config("cannot read own /proc/self/stat".to_string()))?;
         write_file(&dir.join("owner"), &me.to_line())?;
         let watchdog_timeout_ms = config.watchdog_timeout.as_millis().max(1) as u64;
-        let handle = LabHandle {
-            id,
-            dir,
-            hosts: config.hosts,
-            bmc_password: random_hex(6)?,
-        };
+        let handle = LabHandle { id, dir, hosts: config.hosts, bmc_password: random_hex(6)? };
         handle.save()?;
         let shared = Arc::new(Shared {
             handle,
@@ -324,12 +301,7 @@ impl Lab {
             booted: Mutex::new(vec![None; config.hosts]),
         });
         // From here on, Drop cleans up whatever the build got to.
-        let mut lab = Lab {
-            shared,
-            threads: Vec::new(),
-            keep_in: config.keep_in.clone(),
-            torn_down: false,
-        };
+        let mut lab = Lab { shared, threads: Vec::new(), keep_in: config.keep_in.clone(), torn_down: false };
         lab.shared.build_networks()?;
         lab.shared.start_storage()?;
         for index in 1..=lab.shared.hosts {
@@ -452,25 +424,15 @@ impl LabHandle {
     pub fn open(dir: &Path) -> Result<LabHandle> {
         let path = dir.join("lab.json");
         let text = std::fs::read_to_string(&path).map_err(|error| LabError::io(&path, error))?;
-        let meta: LabMeta = serde_json::from_str(&text)
-            .map_err(|error| LabError::Config(format!("{}: {error}", path.display())))?;
-        let id = LabId::parse(&meta.id).ok_or_else(|| {
-            LabError::Config(format!("{}: bad lab id {:?}", path.display(), meta.id))
-        })?;
-        Ok(LabHandle {
-            id,
-            dir: dir.to_path_buf(),
-            hosts: meta.hosts,
-            bmc_password: meta.bmc_password,
-        })
+        let meta: LabMeta =
+            serde_json::from_str(&text).map_err(|error| LabError::Config(format!("{}: {error}", path.display())))?;
+        let id = LabId::parse(&meta.id)
+            .ok_or_else(|| LabError::Config(format!("{}: bad lab id {:?}", path.display(), meta.id)))?;
+        Ok(LabHandle { id, dir: dir.to_path_buf(), hosts: meta.hosts, bmc_password: meta.bmc_password })
     }
 
     fn save(&self) -> Result<()> {
-        let meta = LabMeta {
-            id: self.id.to_string(),
-            hosts: self.hosts,
-            bmc_password: self.bmc_password.clone(),
-        };
+        let meta = LabMeta { id: self.id.to_string(), hosts: self.hosts, bmc_password: self.bmc_password.clone() };
         let text = serde_json::to_string_pretty(&meta).expect("strings and numbers serialise");
         write_file(&self.dir.join("lab.json"), &text)
     }
@@ -492,11 +454,7 @@ impl LabHandle {
         write_file(&temporary, "on\n")?;
         std::fs::rename(&temporary, dir.join(POWER_REQUEST_FILE))
             .map_err(|error| LabError::io(dir.join(POWER_REQUEST_FILE), error))?;
-        wait_for(
-            &format!("{host} to power on"),
-            Duration::from_secs(20),
-            || self.init(index).is_some(),
-        )
+        wait_for(&format!("{host} to power on"), Duration::from_secs(20), || self.init(index).is_some())
     }
 
     pub fn id(&self) -> &LabId {
@@ -574,11 +532,7 @@ impl LabHandle {
 
     pub fn power_state(&self, host: &str) -> Result<PowerState> {
         let index = self.index(host)?;
-        Ok(if self.init(index).is_some() {
-            PowerState::On
-        } else {
-            PowerState::Off
-        })
+        Ok(if self.init(index).is_some() { PowerState::On } else { PowerState::Off })
     }
 
     /// The host's PID-namespace init, while it is powered.
@@ -661,9 +615,7 @@ impl LabHandle {
     }
 
     fn index(&self, host: &str) -> Result<usize> {
-        host_index(host)
-            .filter(|index| *index <= self.hosts)
-            .ok_or_else(|| LabError::UnknownHost(host.to_string()))
+        host_index(host).filter(|index| *index <= self.hosts).ok_or_else(|| LabError::UnknownHost(host.to_string()))
     }
 
     fn host_dir(&self, index: usize) -> PathBuf {
@@ -705,9 +657,7 @@ impl LabHandle {
 
     fn bmc_endpoint(&self, index: usize) -> BmcEndpoint {
         BmcEndpoint {
-            address: Node::Bmc(index)
-                .address(Network::Oob)
-                .expect("BMCs are on oob"),
+            address: Node::Bmc(index).address(Network::Oob).expect("BMCs are on oob"),
             port: IPMI_PORT,
             user: BMC_USER.to_string(),
             password: self.bmc_password.clone(),
@@ -726,9 +676,7 @@ impl LabHandle {
         let mut command = Command::new("nsenter");
         // -p makes nsenter fork, so `program` really lives in the host's PID namespace
         // and dies with the host.
-        command
-            .args(["-t", &init.pid.to_string(), "-m", "-n", "-p", "--"])
-            .arg(program);
+        command.args(["-t", &init.pid.to_string(), "-m", "-n", "-p", "--"]).arg(program);
         Ok(command)
     }
 
@@ -827,11 +775,10 @@ impl LabHandle {
         let _lock = flock_file(&faults_dir.join("lock"))?;
         let path = faults_dir.join(format!("{namespace}.json"));
         let mut faults: NamespaceFaults = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|error| LabError::Config(format!("{}: {error}", path.display())))?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                NamespaceFaults::default()
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|error| LabError::Config(format!("{}: {error}", path.display())))?
             }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => NamespaceFaults::default(),
             Err(error) => return Err(LabError::io(&path, error)),
         };
         change(&mut faults);
@@ -857,9 +804,7 @@ impl Shared {
         for network in Network::ALL {
             let bridge = network.bridge();
             // No STP, no forwarding delay: ports forward the moment they are up.
-            switch_commands.push(format!(
-                "link add {bridge} type bridge stp_state 0 forward_delay 0"
-            ));
+            switch_commands.push(format!("link add {bridge} type bridge stp_state 0 forward_delay 0"));
             switch_commands.push(format!("link set {bridge} up"));
         }
         for node in self.nodes() {
@@ -868,9 +813,7 @@ impl Shared {
             for network in node.networks() {
                 let port = node.switch_port(*network);
                 let interface = network.name();
-                switch_commands.push(format!(
-                    "link add {port} type veth peer name {interface} netns {namespace}"
-                ));
+                switch_commands.push(format!("link add {port} type veth peer name {interface} netns {namespace}"));
                 switch_commands.push(format!("link set {port} master {} up", network.bridge()));
                 if let Some(address) = node.address(*network) {
                     node_commands.push(format!("addr add {address}/{PREFIX_LEN} dev {interface}"));
@@ -897,17 +840,7 @@ impl Shared {
             let path = ssh.join(key);
             run_args(
                 "ssh-keygen",
-                &[
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    "kvmha-lab",
-                    "-f",
-                    &path.to_string_lossy(),
-                ],
+                &["-q", "-t", "ed25519", "-N", "", "-C", "kvmha-lab", "-f", &path.to_string_lossy()],
                 COMMAND_TIMEOUT,
             )?;
         }
@@ -916,13 +849,8 @@ impl Shared {
             std::fs::read_to_string(&path).map_err(|error| LabError::io(path, error))
         };
         write_file(&ssh.join("authorized_keys"), &read("client_key.pub")?)?;
-        write_file(
-            &ssh.join("known_hosts"),
-            &format!("kvmha-lab-storage {}", read("host_key.pub")?),
-        )?;
-        let server = Node::Storage
-            .address(Network::Storage)
-            .expect("the storage node is on the storage network");
+        write_file(&ssh.join("known_hosts"), &format!("kvmha-lab-storage {}", read("host_key.pub")?))?;
+        let server = Node::Storage.address(Network::Storage).expect("the storage node is on the storage network");
         let ssh_path = ssh.display();
         write_file(
             &ssh.join("sshd_config"),
@@ -956,43 +884,26 @@ impl Shared {
             .args(["/usr/sbin/sshd", "-D", "-e", "-f"])
             .arg(ssh.join("sshd_config"))
             .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|error| LabError::io("sshd.log", error))?,
-            )
+            .stdout(log.try_clone().map_err(|error| LabError::io("sshd.log", error))?)
             .stderr(log)
             .spawn()
-            .map_err(|error| LabError::Command {
-                command: "sshd".to_string(),
-                detail: error.to_string(),
-            })?;
+            .map_err(|error| LabError::Command { command: "sshd".to_string(), detail: error.to_string() })?;
         let pid = child.id() as i32;
         lock(&self.daemons).insert("sshd".to_string(), child);
         // Listening on port 22 (0x0016), state LISTEN (0A), seen through sshd's own netns.
         let listening = wait_until(Duration::from_secs(10), || {
             std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
-                .map(|table| {
-                    table
-                        .lines()
-                        .any(|line| line.contains(":0016 00000000:0000 0A"))
-                })
+                .map(|table| table.lines().any(|line| line.contains(":0016 00000000:0000 0A")))
                 .unwrap_or(false)
         });
         if !listening {
-            return Err(LabError::NotReady {
-                what: "the storage sshd to listen".to_string(),
-                timeout_ms: 10_000,
-            });
+            return Err(LabError::NotReady { what: "the storage sshd to listen".to_string(), timeout_ms: 10_000 });
         }
         Ok(())
     }
 
     fn open_log(&self, path: &Path) -> Result<File> {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|error| LabError::io(path, error))
+        OpenOptions::new().create(true).append(true).open(path).map_err(|error| LabError::io(path, error))
     }
 
     fn prepare_host(&self, index: usize, boot_script: &str) -> Result<()> {
@@ -1038,16 +949,10 @@ impl Shared {
             .arg("-s")
             .arg(dir.join("state"))
             .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|error| LabError::io("ipmi_sim.log", error))?,
-            )
+            .stdout(log.try_clone().map_err(|error| LabError::io("ipmi_sim.log", error))?)
             .stderr(log)
             .spawn()
-            .map_err(|error| LabError::Command {
-                command: "ipmi_sim".to_string(),
-                detail: error.to_string(),
-            })?;
+            .map_err(|error| LabError::Command { command: "ipmi_sim".to_string(), detail: error.to_string() })?;
         lock(&self.daemons).insert(format!("bmc{index}"), child);
         Ok(())
     }
@@ -1058,12 +963,7 @@ impl Shared {
         let ready = wait_until(Duration::from_secs(10), || {
             let mut command = Command::new("ip");
             command
-                .args([
-                    "netns",
-                    "exec",
-                    &self.id.namespace(&Node::Manager),
-                    "ipmitool",
-                ])
+                .args(["netns", "exec", &self.id.namespace(&Node::Manager), "ipmitool"])
                 .args(["-I", "lanplus", "-C", "3", "-N", "1", "-R", "1"])
                 .args(["-H", &endpoint.address.to_string(), "-U", &endpoint.user])
                 .args(["-P", &endpoint.password, "chassis", "power", "status"]);
@@ -1072,10 +972,7 @@ impl Shared {
         if ready {
             Ok(())
         } else {
-            Err(LabError::NotReady {
-                what: format!("BMC of {} to answer", host_name(index)),
-                timeout_ms: 10_000,
-            })
+            Err(LabError::NotReady { what: format!("BMC of {} to answer", host_name(index)), timeout_ms: 10_000 })
         }
     }
 
@@ -1087,40 +984,19 @@ impl Shared {
             return Ok(());
         }
         let console = self.open_log(&dir.join("console.log"))?;
-        let console_clone = || {
-            console
-                .try_clone()
-                .map_err(|error| LabError::io("console.log", error))
-        };
+        let console_clone = || console.try_clone().map_err(|error| LabError::io("console.log", error));
         // ip netns exec execs unshare, which forks the init (PID 1 of the new PID
         // namespace) with its own mount namespace and /proc; --kill-child takes the
         // host down should unshare ever die first.
         let unshare = Command::new("ip")
             .args(["netns", "exec", &self.id.namespace(&Node::Host(index))])
-            .args([
-                "unshare",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount",
-                "--mount-proc",
-            ])
-            .args([
-                "--propagation",
-                "private",
-                "--",
-                "bash",
-                "-c",
-                scripts::HOST_INIT_LOOP,
-            ])
+            .args(["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"])
+            .args(["--propagation", "private", "--", "bash", "-c", scripts::HOST_INIT_LOOP])
             .stdin(Stdio::null())
             .stdout(console_clone()?)
             .stderr(console_clone()?)
             .spawn()
-            .map_err(|error| LabError::Command {
-                command: "unshare".to_string(),
-                detail: error.to_string(),
-            })?;
+            .map_err(|error| LabError::Command { command: "unshare".to_string(), detail: error.to_string() })?;
         let unshare_pid = unshare.id() as i32;
         lock(&self.children).push(unshare);
         let mut init = None;
@@ -1147,9 +1023,7 @@ impl Shared {
         // writes fail (EROFS) instead of landing in the bare directory on our disk.
         let mount_point = dir.join("mnt");
         let mut placeholder = self.host_command_at(index, "mount")?;
-        placeholder
-            .args(["-t", "tmpfs", "-o", "ro,size=4k", "kvmha-lab-no-storage"])
-            .arg(&mount_point);
+        placeholder.args(["-t", "tmpfs", "-o", "ro,size=4k", "kvmha-lab-no-storage"]).arg(&mount_point);
         run(&mut placeholder, None, COMMAND_TIMEOUT)?;
         // A host that cannot reach its storage still boots, as a real one would; but a
         // lab whose storage never worked is broken, so the first boot insists.
@@ -1162,9 +1036,7 @@ impl Shared {
         }
         lock(&self.booted)[index - 1] = Some(init);
         let boot_script = dir.join("boot.sh");
-        let has_boot_script = std::fs::metadata(&boot_script)
-            .map(|metadata| metadata.len() > 0)
-            .unwrap_or(false);
+        let has_boot_script = std::fs::metadata(&boot_script).map(|metadata| metadata.len() > 0).unwrap_or(false);
         if has_boot_script {
             let mut command = self.host_command_at(index, "bash")?;
             command.arg(&boot_script);
@@ -1176,10 +1048,7 @@ impl Shared {
                 .stdout(console_clone()?)
                 .stderr(console_clone()?)
                 .spawn()
-                .map_err(|error| LabError::Command {
-                    command: "boot.sh".to_string(),
-                    detail: error.to_string(),
-                })?;
+                .map_err(|error| LabError::Command { command: "boot.sh".to_string(), detail: error.to_string() })?;
             lock(&self.children).push(boot);
         }
         Ok(())
@@ -1188,34 +1057,16 @@ impl Shared {
     /// What a host's boot script (its agent) needs to know about its place in the lab.
     fn boot_environment(&self, index: usize) -> Vec<(&'static str, String)> {
         let dir = self.host_dir(index);
-        let address = |node: Node, network: Network| {
-            node.address(network)
-                .map(|address| address.to_string())
-                .unwrap_or_default()
-        };
+        let address =
+            |node: Node, network: Network| node.address(network).map(|address| address.to_string()).unwrap_or_default();
         vec![
             ("KVMHA_LAB_ID", self.id.to_string()),
             ("KVMHA_LAB_HOST", host_name(index)),
-            (
-                "KVMHA_LAB_STORAGE_DIR",
-                dir.join("mnt").display().to_string(),
-            ),
-            (
-                "KVMHA_LAB_WATCHDOG",
-                dir.join("watchdog").display().to_string(),
-            ),
-            (
-                "KVMHA_LAB_MGMT_ADDRESS",
-                address(Node::Host(index), Network::Mgmt),
-            ),
-            (
-                "KVMHA_LAB_STORAGE_ADDRESS",
-                address(Node::Host(index), Network::Storage),
-            ),
-            (
-                "KVMHA_LAB_MANAGER_ADDRESS",
-                address(Node::Manager, Network::Mgmt),
-            ),
+            ("KVMHA_LAB_STORAGE_DIR", dir.join("mnt").display().to_string()),
+            ("KVMHA_LAB_WATCHDOG", dir.join("watchdog").display().to_string()),
+            ("KVMHA_LAB_MGMT_ADDRESS", address(Node::Host(index), Network::Mgmt)),
+            ("KVMHA_LAB_STORAGE_ADDRESS", address(Node::Host(index), Network::Storage)),
+            ("KVMHA_LAB_MANAGER_ADDRESS", address(Node::Manager, Network::Mgmt)),
         ]
     }
 
@@ -1226,12 +1077,7 @@ impl Shared {
         let mut command = self.host_command_at(index, "sshfs")?;
         // reconnect: after a healed cut, I/O works again (as NFS recovers), while
         // during the cut every request fails with EIO after the ServerAlive timeout.
-        command
-            .arg("-F")
-            .arg(ssh.join("ssh_config"))
-            .args(["-o", "reconnect"])
-            .arg(&remote)
-            .arg(&mount_point);
+        command.arg("-F").arg(ssh.join("ssh_config")).args(["-o", "reconnect"]).arg(&remote).arg(&mount_point);
         run(&mut command, None, COMMAND_TIMEOUT)?;
         Ok(())
     }
@@ -1321,9 +1167,7 @@ impl Shared {
         // sshd's per-connection processes first, leaves first, while sshd itself still
         // reaps them (killed at once, they would end as zombies of PID 1).
         let storage = self.id.namespace(&Node::Storage);
-        let sshd_pid = lock(&self.daemons)
-            .get("sshd")
-            .map(|child| child.id() as i32);
+        let sshd_pid = lock(&self.daemons).get("sshd").map(|child| child.id() as i32);
         if let (Some(identity), Some(sshd_pid)) = (named_netns_identity(&storage), sshd_pid) {
             let sessions_gone = wait_until(Duration::from_secs(5), || {
                 let sessions: Vec<ProcessId> = processes_in_namespace("net", &identity)
@@ -1355,11 +1199,7 @@ impl Shared {
             let copied = create_dir(keep_in).and_then(|()| {
                 let mut source = self.dir.clone().into_os_string();
                 source.push("/.");
-                run(
-                    Command::new("cp").arg("-a").arg(source).arg(keep_in),
-                    None,
-                    Duration::from_secs(120),
-                )
+                run(Command::new("cp").arg("-a").arg(source).arg(keep_in), None, Duration::from_secs(120))
             });
             note(copied.map(|_| ()));
         }
@@ -1402,19 +1242,13 @@ fn watchdog_file_state(path: &Path) -> (u64, Option<u8>) {
         return (0, None);
     }
     let mut last = [0u8; 1];
-    let read_last = file
-        .seek(SeekFrom::Start(length - 1))
-        .and_then(|_| file.read_exact(&mut last));
+    let read_last = file.seek(SeekFrom::Start(length - 1)).and_then(|_| file.read_exact(&mut last));
     (length, read_last.ok().map(|()| last[0]))
 }
 
 /// Takes an exclusive flock on `path` (created if missing), blocking.
 fn flock_file(path: &Path) -> Result<Flock<File>> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|error| LabError::io(path, error))?;
+    let file = OpenOptions::new().create(true).append(true).open(path).map_err(|error| LabError::io(path, error))?;
     Flock::lock(file, FlockArg::LockExclusive)
         .map_err(|(_, errno)| LabError::io(path, std::io::Error::from_raw_os_error(errno as i32)))
 }
@@ -1422,14 +1256,11 @@ fn flock_file(path: &Path) -> Result<Flock<File>> {
 /// Kills every process in the lab's namespaces, then deletes the namespaces.
 fn remove_lab_namespaces(id: &LabId) -> Result<()> {
     let mut first_error = None;
-    let ours: Vec<String> = list_netns()
-        .into_iter()
-        .filter(|name| LabId::of_namespace(name).as_ref() == Some(id))
-        .collect();
+    let ours: Vec<String> =
+        list_netns().into_iter().filter(|name| LabId::of_namespace(name).as_ref() == Some(id)).collect();
     for namespace in &ours {
         if let Some(identity) = named_netns_identity(namespace) {
-            if let Err(error) = kill_namespace_processes("net", &identity, Duration::from_secs(10))
-            {
+            if let Err(error) = kill_namespace_processes("net", &identity, Duration::from_secs(10)) {
                 first_error.get_or_insert(error);
             }
         }
@@ -1462,9 +1293,7 @@ pub fn clean_stale_labs(base_dir: &Path) -> Result<Vec<LabId>> {
             continue;
         };
         let dir = entry.path();
-        let owner_alive = ProcessId::read(&dir.join("owner"))
-            .map(|owner| owner.is_alive())
-            .unwrap_or(false);
+        let owner_alive = ProcessId::read(&dir.join("owner")).map(|owner| owner.is_alive()).unwrap_or(false);
         if owner_alive {
             continue;
         }
@@ -1497,10 +1326,7 @@ pub fn wait_for(what: &str, timeout: Duration, condition: impl FnMut() -> bool) 
     if wait_until(timeout, condition) {
         return Ok(());
     }
-    Err(LabError::NotReady {
-        what: what.to_string(),
-        timeout_ms: started.elapsed().as_millis() as u64,
-    })
+    Err(LabError::NotReady { what: what.to_string(), timeout_ms: started.elapsed().as_millis() as u64 })
 }
 
 #[cfg(test)]
@@ -1510,29 +1336,20 @@ mod tests {
     #[test]
     fn ruleset_replaces_the_table_and_renders_loss_and_partition() {
         let empty = NamespaceFaults::default().ruleset();
-        assert_eq!(
-            empty,
-            "add table inet kvmha_lab\ndelete table inet kvmha_lab\n"
-        );
+        assert_eq!(empty, "add table inet kvmha_lab\ndelete table inet kvmha_lab\n");
         let mut faults = NamespaceFaults::default();
         faults.drop_percent.insert(Network::Mgmt, 100);
         faults.drop_percent.insert(Network::Storage, 30);
         let text = faults.ruleset();
         assert!(text.contains("iifname \"mgmt\" drop"), "{text}");
         assert!(text.contains("oifname \"mgmt\" drop"), "{text}");
-        assert!(
-            text.contains("iifname \"storage\" numgen random mod 100 < 30 drop"),
-            "{text}"
-        );
+        assert!(text.contains("iifname \"storage\" numgen random mod 100 < 30 drop"), "{text}");
     }
 
     #[test]
     fn net_selector_parses_the_scenario_words() {
         assert_eq!(NetSelector::parse("all"), Some(NetSelector::All));
-        assert_eq!(
-            NetSelector::parse("oob"),
-            Some(NetSelector::One(Network::Oob))
-        );
+        assert_eq!(NetSelector::parse("oob"), Some(NetSelector::One(Network::Oob)));
         assert_eq!(NetSelector::parse("wan"), None);
     }
 }

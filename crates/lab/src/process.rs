@@ -47,10 +47,7 @@ pub struct ProcessId {
 impl ProcessId {
     pub fn of(pid: i32) -> Option<ProcessId> {
         let stat = proc_stat(pid)?;
-        Some(ProcessId {
-            pid,
-            start_ticks: stat.start_ticks,
-        })
+        Some(ProcessId { pid, start_ticks: stat.start_ticks })
     }
 
     /// Running (or stopped), not a zombie, and still the same process.
@@ -84,11 +81,7 @@ impl ProcessId {
         }
         match kill(Pid::from_raw(self.pid), signal) {
             Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
-            Err(source) => Err(LabError::Signal {
-                pid: self.pid,
-                signal: signal.as_str(),
-                source,
-            }),
+            Err(source) => Err(LabError::Signal { pid: self.pid, signal: signal.as_str(), source }),
         }
     }
 
@@ -117,9 +110,7 @@ pub fn all_pids() -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
+    entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// The namespace link of a process, e.g. `net:[4026532290]`; `None` for zombies and the gone.
@@ -155,10 +146,8 @@ pub fn kill_namespace_processes(kind: &str, namespace: &str, timeout: Duration) 
     let cleared = wait_until(timeout, || {
         let processes = processes_in_namespace(kind, namespace);
         let impatient = started.elapsed() > timeout / 2;
-        let parents: std::collections::HashSet<i32> = all_pids()
-            .into_iter()
-            .filter_map(|pid| proc_stat(pid).map(|stat| stat.parent_pid))
-            .collect();
+        let parents: std::collections::HashSet<i32> =
+            all_pids().into_iter().filter_map(|pid| proc_stat(pid).map(|stat| stat.parent_pid)).collect();
         for process in &processes {
             if impatient || !parents.contains(&process.pid) {
                 // Best effort: a process may exit between the scan and the signal.
@@ -191,17 +180,12 @@ pub fn describe(command: &Command) -> String {
 pub fn run(command: &mut Command, stdin: Option<&str>, timeout: Duration) -> Result<String> {
     let description = describe(command);
     command
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = command.spawn().map_err(|error| LabError::Command {
-        command: description.clone(),
-        detail: error.to_string(),
-    })?;
+    let mut child = command
+        .spawn()
+        .map_err(|error| LabError::Command { command: description.clone(), detail: error.to_string() })?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // Inputs are small (nft rulesets), far below the pipe buffer, so this cannot block.
         let _ = pipe.write_all(text.as_bytes());
@@ -231,17 +215,9 @@ pub fn run(command: &mut Command, stdin: Option<&str>, timeout: Duration) -> Res
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(LabError::CommandTimeout {
-                    command: description,
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+                return Err(LabError::CommandTimeout { command: description, timeout_ms: timeout.as_millis() as u64 });
             }
-            Err(error) => {
-                return Err(LabError::Command {
-                    command: description,
-                    detail: error.to_string(),
-                })
-            }
+            Err(error) => return Err(LabError::Command { command: description, detail: error.to_string() }),
         }
     };
     let stdout = stdout_reader.join().unwrap_or_default();
@@ -249,10 +225,7 @@ pub fn run(command: &mut Command, stdin: Option<&str>, timeout: Duration) -> Res
     if status.success() {
         Ok(stdout)
     } else {
-        Err(LabError::Command {
-            command: description,
-            detail: format!("{status}: {}", stderr.trim()),
-        })
+        Err(LabError::Command { command: description, detail: format!("{status}: {}", stderr.trim()) })
     }
 }
 
@@ -270,30 +243,16 @@ mod tests {
         let me = ProcessId::of(std::process::id() as i32).expect("own stat");
         assert!(me.is_alive());
         assert_eq!(ProcessId::parse(&me.to_line()), Some(me));
-        let recycled = ProcessId {
-            start_ticks: me.start_ticks + 1,
-            ..me
-        };
-        assert!(
-            !recycled.is_alive(),
-            "a different start time is another process"
-        );
+        let recycled = ProcessId { start_ticks: me.start_ticks + 1, ..me };
+        assert!(!recycled.is_alive(), "a different start time is another process");
     }
 
     #[test]
     fn run_reports_failure_with_stderr_and_times_out() {
-        let error = run_args(
-            "sh",
-            &["-c", "echo oops >&2; exit 3"],
-            Duration::from_secs(5),
-        )
-        .expect_err("must fail");
+        let error = run_args("sh", &["-c", "echo oops >&2; exit 3"], Duration::from_secs(5)).expect_err("must fail");
         assert!(error.to_string().contains("oops"), "{error}");
         let timeout = run_args("sleep", &["5"], Duration::from_millis(100)).expect_err("timeout");
         assert!(matches!(timeout, LabError::CommandTimeout { .. }));
-        assert_eq!(
-            run_args("echo", &["hi"], Duration::from_secs(5)).expect("echo"),
-            "hi\n"
-        );
+        assert_eq!(run_args("echo", &["hi"], Duration::from_secs(5)).expect("echo"), "hi\n");
     }
 }

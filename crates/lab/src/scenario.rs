@@ -249,10 +249,7 @@ pub struct Scenario {
 }
 
 fn field_error(field: impl Into<String>, message: impl fmt::Display) -> LabError {
-    LabError::Scenario {
-        field: field.into(),
-        message: message.to_string(),
-    }
+    LabError::Scenario { field: field.into(), message: message.to_string() }
 }
 
 /// Parses "500ms", "2s", "1.5s", "2m", "1h", and sums like "1m30s".
@@ -268,13 +265,9 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| format!("`{text}` needs a unit (ms, s, m, h)"))?;
         let (number, after) = rest.split_at(number_len);
-        let unit_len = after
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(after.len());
+        let unit_len = after.find(|c: char| c.is_ascii_digit()).unwrap_or(after.len());
         let (unit, next) = after.split_at(unit_len);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration like 2s or 500ms"))?;
+        let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 2s or 500ms"))?;
         let unit_ms = match unit {
             "ms" => 1.0,
             "s" => 1_000.0,
@@ -293,29 +286,14 @@ fn duration_field(field: &str, text: &str) -> Result<Duration> {
 }
 
 fn one_of<T: Copy>(field: &str, text: &str, choices: &[(&str, T)]) -> Result<T> {
-    choices
-        .iter()
-        .find(|(word, _)| *word == text)
-        .map(|(_, value)| *value)
-        .ok_or_else(|| {
-            let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
-            field_error(
-                field,
-                format!("`{text}` is not one of {}", words.join(", ")),
-            )
-        })
+    choices.iter().find(|(word, _)| *word == text).map(|(_, value)| *value).ok_or_else(|| {
+        let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+        field_error(field, format!("`{text}` is not one of {}", words.join(", ")))
+    })
 }
 
 fn bmc_kind(field: &str, text: &str) -> Result<BmcKind> {
-    one_of(
-        field,
-        text,
-        &[
-            ("ipmi", BmcKind::Ipmi),
-            ("redfish", BmcKind::Redfish),
-            ("none", BmcKind::None),
-        ],
-    )
+    one_of(field, text, &[("ipmi", BmcKind::Ipmi), ("redfish", BmcKind::Redfish), ("none", BmcKind::None)])
 }
 
 impl Scenario {
@@ -327,24 +305,13 @@ impl Scenario {
             let inner = error.into_inner();
             // toml's message carries the line and a caret; keep its first line short.
             let message = inner.message().to_string();
-            field_error(
-                if path == "." {
-                    "(file)".to_string()
-                } else {
-                    path
-                },
-                message,
-            )
+            field_error(if path == "." { "(file)".to_string() } else { path }, message)
         })?;
         raw.validate()
     }
 
     pub fn host_names(&self) -> BTreeSet<String> {
-        self.lab
-            .hosts
-            .iter()
-            .map(|host| host.name.clone())
-            .collect()
+        self.lab.hosts.iter().map(|host| host.name.clone()).collect()
     }
 }
 
@@ -372,34 +339,21 @@ impl RawScenario {
             faults.push(fault);
         }
         faults.sort_by_key(|fault| fault.at);
-        Ok(Scenario {
-            name: self.name,
-            description: self.description,
-            lab,
-            faults,
-            expect,
-        })
+        Ok(Scenario { name: self.name, description: self.description, lab, faults, expect })
     }
 }
 
 impl RawLab {
     fn validate(self) -> Result<LabSpec> {
         if self.hosts == 0 || self.hosts > HOSTS_MAX {
-            return Err(field_error(
-                "lab.hosts",
-                format!("must be 1..={HOSTS_MAX}, got {}", self.hosts),
-            ));
+            return Err(field_error("lab.hosts", format!("must be 1..={HOSTS_MAX}, got {}", self.hosts)));
         }
         let profile = match self.profile.as_deref() {
             None => Profile::Balanced,
             Some(text) => one_of(
                 "lab.profile",
                 text,
-                &[
-                    ("fast", Profile::Fast),
-                    ("balanced", Profile::Balanced),
-                    ("conservative", Profile::Conservative),
-                ],
+                &[("fast", Profile::Fast), ("balanced", Profile::Balanced), ("conservative", Profile::Conservative)],
             )?,
         };
         let default_bmc = match self.bmc.as_deref() {
@@ -408,22 +362,12 @@ impl RawLab {
         };
         let vm_driver = match self.vm_driver.as_deref() {
             None => VmDriver::Process,
-            Some(text) => one_of(
-                "lab.vm_driver",
-                text,
-                &[
-                    ("process", VmDriver::Process),
-                    ("libvirt", VmDriver::Libvirt),
-                ],
-            )?,
+            Some(text) => {
+                one_of("lab.vm_driver", text, &[("process", VmDriver::Process), ("libvirt", VmDriver::Libvirt)])?
+            }
         };
         let mut hosts: Vec<HostSpec> = (1..=self.hosts)
-            .map(|index| HostSpec {
-                name: host_name(index),
-                bmc: default_bmc,
-                cpus: 4,
-                memory_mb: 4096,
-            })
+            .map(|index| HostSpec { name: host_name(index), bmc: default_bmc, cpus: 4, memory_mb: 4096 })
             .collect();
         let mut overridden = BTreeSet::new();
         for (position, raw) in self.host.into_iter().enumerate() {
@@ -435,10 +379,7 @@ impl RawLab {
                 ));
             };
             if !overridden.insert(raw.name.clone()) {
-                return Err(field_error(
-                    format!("{field}.name"),
-                    format!("`{}` is overridden twice", raw.name),
-                ));
+                return Err(field_error(format!("{field}.name"), format!("`{}` is overridden twice", raw.name)));
             }
             if let Some(text) = raw.bmc.as_deref() {
                 host.bmc = bmc_kind(&format!("{field}.bmc"), text)?;
@@ -451,10 +392,7 @@ impl RawLab {
             }
             if let Some(memory_mb) = raw.memory_mb {
                 if memory_mb == 0 {
-                    return Err(field_error(
-                        format!("{field}.memory_mb"),
-                        "must be at least 1",
-                    ));
+                    return Err(field_error(format!("{field}.memory_mb"), "must be at least 1"));
                 }
                 host.memory_mb = memory_mb;
             }
@@ -475,34 +413,21 @@ impl RawLab {
         }
         for (position, raw) in self.vm.into_iter().enumerate() {
             let field = format!("lab.vm[{position}]");
-            let valid_name =
-                !raw.name.is_empty() && !raw.name.contains(|c: char| c.is_whitespace() || c == '/');
+            let valid_name = !raw.name.is_empty() && !raw.name.contains(|c: char| c.is_whitespace() || c == '/');
             if !valid_name {
-                return Err(field_error(
-                    format!("{field}.name"),
-                    "must be one word without '/'",
-                ));
+                return Err(field_error(format!("{field}.name"), "must be one word without '/'"));
             }
             if vms.iter().any(|vm: &VmSpec| vm.name == raw.name) {
-                return Err(field_error(
-                    format!("{field}.name"),
-                    format!("`{}` is defined twice", raw.name),
-                ));
+                return Err(field_error(format!("{field}.name"), format!("`{}` is defined twice", raw.name)));
             }
             if !hosts.iter().any(|host| host.name == raw.host) {
-                return Err(field_error(
-                    format!("{field}.host"),
-                    format!("no host `{}` in this lab", raw.host),
-                ));
+                return Err(field_error(format!("{field}.host"), format!("no host `{}` in this lab", raw.host)));
             }
             if raw.cpus == Some(0) {
                 return Err(field_error(format!("{field}.cpus"), "must be at least 1"));
             }
             if raw.memory_mb == Some(0) {
-                return Err(field_error(
-                    format!("{field}.memory_mb"),
-                    "must be at least 1",
-                ));
+                return Err(field_error(format!("{field}.memory_mb"), "must be at least 1"));
             }
             vms.push(VmSpec {
                 name: raw.name,
@@ -514,23 +439,12 @@ impl RawLab {
                 group: raw.group,
             });
         }
-        Ok(LabSpec {
-            hosts,
-            profile,
-            watchdog: self.watchdog.unwrap_or(true),
-            vm_driver,
-            vms,
-        })
+        Ok(LabSpec { hosts, profile, watchdog: self.watchdog.unwrap_or(true), vm_driver, vms })
     }
 }
 
 impl RawFault {
-    fn validate(
-        self,
-        field: &str,
-        hosts: &BTreeSet<String>,
-        vms: &BTreeSet<String>,
-    ) -> Result<Fault> {
+    fn validate(self, field: &str, hosts: &BTreeSet<String>, vms: &BTreeSet<String>) -> Result<Fault> {
         let at = duration_field(&format!("{field}.at"), &self.at)?;
         let action_name = self.action.as_str();
         // Which optional fields each action takes; anything else is a mistake worth naming.
@@ -539,16 +453,9 @@ impl RawFault {
             "heal" => (true, true, false, false),
             "vm-crash" => (false, false, false, true),
             "manager-restart" | "disarm" | "arm" => (false, false, false, false),
-            "power-off" | "power-on" | "hang" | "agent-stop" | "agent-kill" | "agent-start"
-            | "bmc-fail" | "bmc-heal" | "maintenance-on" | "maintenance-off" | "reboot" => {
-                (true, false, false, false)
-            }
-            other => {
-                return Err(field_error(
-                    format!("{field}.action"),
-                    format!("unknown action `{other}`"),
-                ))
-            }
+            "power-off" | "power-on" | "hang" | "agent-stop" | "agent-kill" | "agent-start" | "bmc-fail"
+            | "bmc-heal" | "maintenance-on" | "maintenance-off" | "reboot" => (true, false, false, false),
+            other => return Err(field_error(format!("{field}.action"), format!("unknown action `{other}`"))),
         };
         for (name, present, allowed) in [
             ("host", self.host.is_some(), takes_host),
@@ -557,39 +464,27 @@ impl RawFault {
             ("vm", self.vm.is_some(), takes_vm),
         ] {
             if present && !allowed {
-                return Err(field_error(
-                    format!("{field}.{name}"),
-                    format!("not used by action `{action_name}`"),
-                ));
+                return Err(field_error(format!("{field}.{name}"), format!("not used by action `{action_name}`")));
             }
         }
         let host = || -> Result<String> {
-            let host = self.host.clone().ok_or_else(|| {
-                field_error(
-                    format!("{field}.host"),
-                    format!("required by action `{action_name}`"),
-                )
-            })?;
+            let host = self
+                .host
+                .clone()
+                .ok_or_else(|| field_error(format!("{field}.host"), format!("required by action `{action_name}`")))?;
             if !hosts.contains(&host) {
-                return Err(field_error(
-                    format!("{field}.host"),
-                    format!("no host `{host}` in this lab"),
-                ));
+                return Err(field_error(format!("{field}.host"), format!("no host `{host}` in this lab")));
             }
             Ok(host)
         };
         let net = |required: bool| -> Result<Option<NetSelector>> {
             match self.net.as_deref() {
-                None if required => Err(field_error(
-                    format!("{field}.net"),
-                    format!("required by action `{action_name}`"),
-                )),
+                None if required => {
+                    Err(field_error(format!("{field}.net"), format!("required by action `{action_name}`")))
+                }
                 None => Ok(None),
                 Some(text) => NetSelector::parse(text).map(Some).ok_or_else(|| {
-                    field_error(
-                        format!("{field}.net"),
-                        format!("`{text}` is not one of mgmt, storage, oob, all"),
-                    )
+                    field_error(format!("{field}.net"), format!("`{text}` is not one of mgmt, storage, oob, all"))
                 }),
             }
         };
@@ -605,39 +500,23 @@ impl RawFault {
             "maintenance-on" => FaultAction::MaintenanceOn { host: host()? },
             "maintenance-off" => FaultAction::MaintenanceOff { host: host()? },
             "reboot" => FaultAction::Reboot { host: host()? },
-            "partition" => FaultAction::Partition {
-                host: host()?,
-                net: net(true)?.expect("required"),
-            },
-            "heal" => FaultAction::Heal {
-                host: host()?,
-                net: net(false)?,
-            },
+            "partition" => FaultAction::Partition { host: host()?, net: net(true)?.expect("required") },
+            "heal" => FaultAction::Heal { host: host()?, net: net(false)? },
             "loss" => {
-                let percent = self.percent.ok_or_else(|| {
-                    field_error(format!("{field}.percent"), "required by action `loss`")
-                })?;
+                let percent =
+                    self.percent.ok_or_else(|| field_error(format!("{field}.percent"), "required by action `loss`"))?;
                 if percent > 100 {
-                    return Err(field_error(
-                        format!("{field}.percent"),
-                        format!("{percent} is over 100"),
-                    ));
+                    return Err(field_error(format!("{field}.percent"), format!("{percent} is over 100")));
                 }
-                FaultAction::Loss {
-                    host: host()?,
-                    net: net(true)?.expect("required"),
-                    percent,
-                }
+                FaultAction::Loss { host: host()?, net: net(true)?.expect("required"), percent }
             }
             "vm-crash" => {
-                let vm = self.vm.clone().ok_or_else(|| {
-                    field_error(format!("{field}.vm"), "required by action `vm-crash`")
-                })?;
+                let vm = self
+                    .vm
+                    .clone()
+                    .ok_or_else(|| field_error(format!("{field}.vm"), "required by action `vm-crash`"))?;
                 if !vms.contains(&vm) {
-                    return Err(field_error(
-                        format!("{field}.vm"),
-                        format!("no VM `{vm}` in this lab"),
-                    ));
+                    return Err(field_error(format!("{field}.vm"), format!("no VM `{vm}` in this lab")));
                 }
                 FaultAction::VmCrash { vm }
             }
@@ -656,18 +535,12 @@ impl RawExpect {
         if duration.is_zero() {
             return Err(field_error("expect.duration", "must be more than 0"));
         }
-        let recovered_within = self
-            .recovered_within
-            .as_deref()
-            .map(|text| duration_field("expect.recovered_within", text))
-            .transpose()?;
+        let recovered_within =
+            self.recovered_within.as_deref().map(|text| duration_field("expect.recovered_within", text)).transpose()?;
         let check_hosts = |field: &str, names: &[String]| -> Result<()> {
             for (position, name) in names.iter().enumerate() {
                 if !hosts.contains(name) {
-                    return Err(field_error(
-                        format!("{field}[{position}]"),
-                        format!("no host `{name}` in this lab"),
-                    ));
+                    return Err(field_error(format!("{field}[{position}]"), format!("no host `{name}` in this lab")));
                 }
             }
             Ok(())
@@ -675,25 +548,15 @@ impl RawExpect {
         let check_vms = |field: &str, names: &[String]| -> Result<()> {
             for (position, name) in names.iter().enumerate() {
                 if !vms.contains(name) {
-                    return Err(field_error(
-                        format!("{field}[{position}]"),
-                        format!("no VM `{name}` in this lab"),
-                    ));
+                    return Err(field_error(format!("{field}[{position}]"), format!("no VM `{name}` in this lab")));
                 }
             }
             Ok(())
         };
         check_hosts("expect.fenced", &self.fenced)?;
         check_hosts("expect.not_fenced", &self.not_fenced)?;
-        if let Some(both) = self
-            .fenced
-            .iter()
-            .find(|host| self.not_fenced.contains(host))
-        {
-            return Err(field_error(
-                "expect.not_fenced",
-                format!("`{both}` is also in expect.fenced"),
-            ));
+        if let Some(both) = self.fenced.iter().find(|host| self.not_fenced.contains(host)) {
+            return Err(field_error("expect.not_fenced", format!("`{both}` is also in expect.fenced")));
         }
         check_vms("expect.not_moved", &self.not_moved)?;
         for (host, state) in &self.final_state {
@@ -702,10 +565,7 @@ impl RawExpect {
                 return Err(field_error(field, format!("no host `{host}` in this lab")));
             }
             if !HOST_STATES.contains(&state.as_str()) {
-                return Err(field_error(
-                    field,
-                    format!("`{state}` is not one of {}", HOST_STATES.join(", ")),
-                ));
+                return Err(field_error(field, format!("`{state}` is not one of {}", HOST_STATES.join(", "))));
             }
         }
         for (vm, allowed_hosts) in &self.final_host {
@@ -798,19 +658,12 @@ impl ScenarioResult {
 
 /// The always-made `no_double_run` check.
 pub fn no_double_run_check(report: &DoubleRunReport) -> CheckResult {
-    CheckResult {
-        name: "no_double_run".to_string(),
-        passed: report.passed(),
-        detail: report.detail(),
-    }
+    CheckResult { name: "no_double_run".to_string(), passed: report.passed(), detail: report.detail() }
 }
 
 /// The `recovered_within` check: every VM that had to recover did, within `bound`.
 /// `None` for a VM means it never ran again.
-pub fn recovered_within_check(
-    recoveries: &BTreeMap<String, Option<u64>>,
-    bound: Duration,
-) -> CheckResult {
+pub fn recovered_within_check(recoveries: &BTreeMap<String, Option<u64>>, bound: Duration) -> CheckResult {
     let bound_ms = bound.as_millis() as u64;
     let mut passed = true;
     let mut parts = Vec::new();
@@ -829,11 +682,7 @@ pub fn recovered_within_check(
     CheckResult {
         name: "recovered_within".to_string(),
         passed,
-        detail: if parts.is_empty() {
-            "no VM had to recover".to_string()
-        } else {
-            parts.join(", ")
-        },
+        detail: if parts.is_empty() { "no VM had to recover".to_string() } else { parts.join(", ") },
     }
 }
 
@@ -843,10 +692,7 @@ pub fn not_moved_check(logs: &BTreeMap<String, ParsedLog>, vms: &[String]) -> Ch
     let mut passed = true;
     let mut parts = Vec::new();
     for vm in vms {
-        let vm_runs = logs
-            .get(vm)
-            .map(|log| runs(&log.records))
-            .unwrap_or_default();
+        let vm_runs = logs.get(vm).map(|log| runs(&log.records)).unwrap_or_default();
         match vm_runs.as_slice() {
             [only] => parts.push(format!("{vm} stayed on {}", only.host)),
             [] => {
@@ -856,19 +702,11 @@ pub fn not_moved_check(logs: &BTreeMap<String, ParsedLog>, vms: &[String]) -> Ch
             many => {
                 passed = false;
                 let hosts: Vec<&str> = many.iter().map(|run| run.host.as_str()).collect();
-                parts.push(format!(
-                    "{vm} had {} runs ({})",
-                    many.len(),
-                    hosts.join(", ")
-                ));
+                parts.push(format!("{vm} had {} runs ({})", many.len(), hosts.join(", ")));
             }
         }
     }
-    CheckResult {
-        name: "not_moved".to_string(),
-        passed,
-        detail: parts.join(", "),
-    }
+    CheckResult { name: "not_moved".to_string(), passed, detail: parts.join(", ") }
 }
 
 /// `final_host`, from the disk logs: at `end_ms` each VM writes from one of its
@@ -882,18 +720,12 @@ pub fn final_host_check(
     let mut passed = true;
     let mut parts = Vec::new();
     for (vm, allowed) in expected {
-        let records = logs
-            .get(vm)
-            .map(|log| log.records.as_slice())
-            .unwrap_or_default();
+        let records = logs.get(vm).map(|log| log.records.as_slice()).unwrap_or_default();
         match running_host(records, end_ms, fresh_ms) {
             Some(host) if allowed.contains(&host) => parts.push(format!("{vm} on {host}")),
             Some(host) => {
                 passed = false;
-                parts.push(format!(
-                    "{vm} on {host}, expected one of {}",
-                    allowed.join("/")
-                ));
+                parts.push(format!("{vm} on {host}, expected one of {}", allowed.join("/")));
             }
             None => {
                 passed = false;
@@ -901,11 +733,7 @@ pub fn final_host_check(
             }
         }
     }
-    CheckResult {
-        name: "final_host".to_string(),
-        passed,
-        detail: parts.join(", "),
-    }
+    CheckResult { name: "final_host".to_string(), passed, detail: parts.join(", ") }
 }
 
 /// `apart`, from the disk logs: at `end_ms` the VMs of each group run on pairwise
@@ -922,10 +750,7 @@ pub fn apart_check(
         let hosts: Vec<Option<String>> = group
             .iter()
             .map(|vm| {
-                let records = logs
-                    .get(vm)
-                    .map(|log| log.records.as_slice())
-                    .unwrap_or_default();
+                let records = logs.get(vm).map(|log| log.records.as_slice()).unwrap_or_default();
                 running_host(records, end_ms, fresh_ms)
             })
             .collect();
@@ -938,11 +763,7 @@ pub fn apart_check(
             .collect();
         parts.push(placed.join(" "));
     }
-    CheckResult {
-        name: "apart".to_string(),
-        passed,
-        detail: parts.join("; "),
-    }
+    CheckResult { name: "apart".to_string(), passed, detail: parts.join("; ") }
 }
 
 #[cfg(test)]

@@ -42,19 +42,13 @@ impl LabId {
         std::fs::File::open("/dev/urandom")
             .and_then(|mut file| file.read_exact(&mut bytes))
             .map_err(|error| LabError::io("/dev/urandom", error))?;
-        Ok(LabId(format!(
-            "{LAB_ID_PREFIX}{:02x}{:02x}{:02x}",
-            bytes[0], bytes[1], bytes[2]
-        )))
+        Ok(LabId(format!("{LAB_ID_PREFIX}{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2])))
     }
 
     /// Accepts exactly the shape [`LabId::random`] produces.
     pub fn parse(text: &str) -> Option<LabId> {
         let hex = text.strip_prefix(LAB_ID_PREFIX)?;
-        let well_formed = hex.len() == 6
-            && hex
-                .chars()
-                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+        let well_formed = hex.len() == 6 && hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
         well_formed.then(|| LabId(text.to_string()))
     }
 
@@ -80,9 +74,7 @@ impl fmt::Display for LabId {
 }
 
 /// The three lab networks.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
     Mgmt,
@@ -203,10 +195,7 @@ mod tests {
     fn lab_ids_are_recognised_and_foreign_names_are_not() {
         let id = LabId::random().expect("random");
         assert_eq!(LabId::parse(id.as_str()), Some(id.clone()));
-        assert_eq!(
-            LabId::of_namespace(&id.namespace(&Node::Host(3))),
-            Some(id.clone())
-        );
+        assert_eq!(LabId::of_namespace(&id.namespace(&Node::Host(3))), Some(id.clone()));
         for foreign in ["kh12345", "kh12345g-host1", "xx123456-host1", "kh123456"] {
             assert_eq!(LabId::of_namespace(foreign), None, "{foreign}");
         }
@@ -214,14 +203,8 @@ mod tests {
 
     #[test]
     fn addresses_follow_the_plan_and_bmcs_are_off_mgmt() {
-        assert_eq!(
-            Node::Host(1).address(Network::Mgmt),
-            Some(Ipv4Addr::new(10, 77, 1, 11))
-        );
-        assert_eq!(
-            Node::Bmc(2).address(Network::Oob),
-            Some(Ipv4Addr::new(10, 77, 3, 12))
-        );
+        assert_eq!(Node::Host(1).address(Network::Mgmt), Some(Ipv4Addr::new(10, 77, 1, 11)));
+        assert_eq!(Node::Bmc(2).address(Network::Oob), Some(Ipv4Addr::new(10, 77, 3, 12)));
         assert_eq!(Node::Bmc(2).address(Network::Mgmt), None);
         assert_eq!(Node::Host(2).address(Network::Oob), None);
         assert!(Node::Host(HOSTS_MAX).switch_port(Network::Storage).len() <= 15);

@@ -32,16 +32,8 @@ pub struct Watchdog {
 
 impl Watchdog {
     pub fn new(timeout_ms: u64) -> Watchdog {
-        assert!(
-            timeout_ms > 0,
-            "a zero watchdog timeout would reset at once"
-        );
-        Watchdog {
-            timeout_ms,
-            armed: false,
-            last_length: 0,
-            last_pet_ms: 0,
-        }
+        assert!(timeout_ms > 0, "a zero watchdog timeout would reset at once");
+        Watchdog { timeout_ms, armed: false, last_length: 0, last_pet_ms: 0 }
     }
 
     pub fn is_armed(&self) -> bool {
@@ -94,25 +86,13 @@ mod tests {
         let mut length = 0;
         for now_ms in (0..5_000).step_by(500) {
             length += 1;
-            assert_eq!(
-                watchdog.observe(now_ms, length, Some(b'1')),
-                WatchdogAction::Nothing
-            );
+            assert_eq!(watchdog.observe(now_ms, length, Some(b'1')), WatchdogAction::Nothing);
         }
         assert!(watchdog.is_armed());
-        assert_eq!(
-            watchdog.observe(5_400, length, Some(b'1')),
-            WatchdogAction::Nothing
-        );
-        assert_eq!(
-            watchdog.observe(5_600, length, Some(b'1')),
-            WatchdogAction::Reset
-        );
+        assert_eq!(watchdog.observe(5_400, length, Some(b'1')), WatchdogAction::Nothing);
+        assert_eq!(watchdog.observe(5_600, length, Some(b'1')), WatchdogAction::Reset);
         // Disarmed after the reset: the rebooted host must write again to arm it.
-        assert_eq!(
-            watchdog.observe(9_000, length, Some(b'1')),
-            WatchdogAction::Nothing
-        );
+        assert_eq!(watchdog.observe(9_000, length, Some(b'1')), WatchdogAction::Nothing);
         assert!(!watchdog.is_armed());
     }
 
@@ -122,15 +102,9 @@ mod tests {
         watchdog.observe(0, 1, Some(b'1'));
         watchdog.power_lost(1);
         assert!(!watchdog.is_armed());
-        assert_eq!(
-            watchdog.observe(5_000, 1, Some(b'1')),
-            WatchdogAction::Nothing
-        );
+        assert_eq!(watchdog.observe(5_000, 1, Some(b'1')), WatchdogAction::Nothing);
         watchdog.observe(6_000, 2, Some(b'1'));
-        assert_eq!(
-            watchdog.observe(7_100, 2, Some(b'1')),
-            WatchdogAction::Reset
-        );
+        assert_eq!(watchdog.observe(7_100, 2, Some(b'1')), WatchdogAction::Reset);
     }
 
     #[test]
@@ -138,14 +112,8 @@ mod tests {
         let mut watchdog = Watchdog::new(1_000);
         watchdog.observe(0, 1, Some(b'1'));
         watchdog.observe(100, 2, Some(MAGIC_DISARM));
-        assert_eq!(
-            watchdog.observe(10_000, 2, Some(MAGIC_DISARM)),
-            WatchdogAction::Nothing
-        );
+        assert_eq!(watchdog.observe(10_000, 2, Some(MAGIC_DISARM)), WatchdogAction::Nothing);
         watchdog.observe(10_100, 3, Some(b'1'));
-        assert_eq!(
-            watchdog.observe(11_200, 3, Some(b'1')),
-            WatchdogAction::Reset
-        );
+        assert_eq!(watchdog.observe(11_200, 3, Some(b'1')), WatchdogAction::Reset);
     }
 }

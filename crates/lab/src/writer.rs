@@ -58,15 +58,9 @@ fn valid_word(text: &str) -> bool {
 /// Writes until `stop` is set or `writes_max` lines went through; returns the number
 /// of successful writes. Only a malformed config is an error: I/O failures are retried.
 pub fn run_vm_writer(config: &VmWriterConfig, stop: &AtomicBool) -> Result<u64> {
-    for (field, value) in [
-        ("host", &config.host),
-        ("vm", &config.vm),
-        ("boot_id", &config.boot_id),
-    ] {
+    for (field, value) in [("host", &config.host), ("vm", &config.vm), ("boot_id", &config.boot_id)] {
         if !valid_word(value) {
-            return Err(LabError::Config(format!(
-                "vm writer {field} must be one word, got {value:?}"
-            )));
+            return Err(LabError::Config(format!("vm writer {field} must be one word, got {value:?}")));
         }
     }
     let path = config.disk_path();
@@ -74,20 +68,10 @@ pub fn run_vm_writer(config: &VmWriterConfig, stop: &AtomicBool) -> Result<u64> 
     let mut written: u64 = 0;
     let mut next_tick = Instant::now();
     while !stop.load(Ordering::SeqCst) && config.writes_max.is_none_or(|max| written < max) {
-        let line = format!(
-            "{} {} {} {} {}\n",
-            unix_ms_now(),
-            config.host,
-            config.vm,
-            config.boot_id,
-            sequence
-        );
+        let line = format!("{} {} {} {} {}\n", unix_ms_now(), config.host, config.vm, config.boot_id, sequence);
         match append_line(&path, &line) {
             Ok(()) => written += 1,
-            Err(error) => eprintln!(
-                "vm writer {}: write of seq {sequence} failed: {error}",
-                config.vm
-            ),
+            Err(error) => eprintln!("vm writer {}: write of seq {sequence} failed: {error}", config.vm),
         }
         sequence += 1;
         next_tick += config.interval;
@@ -138,10 +122,7 @@ mod tests {
         assert_eq!(parsed.malformed_lines, 0);
         let sequences: Vec<u64> = parsed.records.iter().map(|record| record.seq).collect();
         assert_eq!(sequences, vec![0, 1, 2, 3, 4]);
-        assert!(parsed
-            .records
-            .iter()
-            .all(|record| record.boot_id == config.boot_id));
+        assert!(parsed.records.iter().all(|record| record.boot_id == config.boot_id));
     }
 
     #[test]

@@ -28,9 +28,7 @@ fn lab_up(hosts: usize) -> (Child, LabId) {
         .expect("lab up starts");
     let stdout = child.stdout.take().expect("piped");
     let mut first_line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut first_line)
-        .expect("lab up prints");
+    BufReader::new(stdout).read_line(&mut first_line).expect("lab up prints");
     let id = first_line
         .split_whitespace()
         .nth(1)
@@ -40,20 +38,11 @@ fn lab_up(hosts: usize) -> (Child, LabId) {
 }
 
 fn lab(args: &[&str]) -> bool {
-    Command::new(HELPER)
-        .arg("lab")
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .expect("helper runs")
-        .success()
+    Command::new(HELPER).arg("lab").args(args).stdout(Stdio::null()).status().expect("helper runs").success()
 }
 
 fn namespaces_of(id: &LabId) -> Vec<String> {
-    list_netns()
-        .into_iter()
-        .filter(|name| name.starts_with(id.as_str()))
-        .collect()
+    list_netns().into_iter().filter(|name| name.starts_with(id.as_str())).collect()
 }
 
 fn live_processes_mentioning(needle: &str) -> Vec<i32> {
@@ -71,35 +60,25 @@ fn live_processes_mentioning(needle: &str) -> Vec<i32> {
 #[test]
 fn faults_from_another_process_act_on_a_running_lab_and_ctrl_c_tears_it_down() {
     let (mut up, id) = lab_up(2);
-    let handle =
-        LabHandle::open(&PathBuf::from(DEFAULT_BASE_DIR).join(id.as_str())).expect("lab.json");
+    let handle = LabHandle::open(&PathBuf::from(DEFAULT_BASE_DIR).join(id.as_str())).expect("lab.json");
     let lab_arg = ["--lab", id.as_str()];
     let fault = |args: &[&str]| lab(&[&["fault"], args, &lab_arg].concat());
 
     assert!(fault(&["power-off", "host1"]));
     assert_eq!(handle.power_state("host1").unwrap(), PowerState::Off);
-    assert!(
-        fault(&["power-on", "host1"]),
-        "booted by the owner's controller"
-    );
+    assert!(fault(&["power-on", "host1"]), "booted by the owner's controller");
     assert_eq!(handle.power_state("host1").unwrap(), PowerState::On);
 
     let host2 = Node::Host(2).address(Network::Mgmt).unwrap().to_string();
     assert!(fault(&["partition", "host2", "mgmt"]));
-    assert!(
-        fault(&["loss", "host2", "storage", "10"]),
-        "composes with the partition"
-    );
+    assert!(fault(&["loss", "host2", "storage", "10"]), "composes with the partition");
     assert!(!ping(handle.manager_command("ping"), &host2));
     assert!(fault(&["heal", "host2"]));
     assert!(ping(handle.manager_command("ping"), &host2));
     assert!(!fault(&["explode", "host2"]), "unknown faults are refused");
 
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).unwrap();
-    assert!(
-        exits_within(&mut up, Duration::from_secs(60)),
-        "lab up ends on Ctrl-C"
-    );
+    assert!(exits_within(&mut up, Duration::from_secs(60)), "lab up ends on Ctrl-C");
     assert!(up.wait().unwrap().success());
     assert_eq!(namespaces_of(&id), Vec::<String>::new());
     assert!(!handle.dir().exists());
@@ -114,10 +93,7 @@ fn a_crashed_lab_is_cleaned_by_lab_down() {
     let (mut up, id) = lab_up(1);
     up.kill().unwrap();
     up.wait().unwrap();
-    assert!(
-        !namespaces_of(&id).is_empty(),
-        "a crash leaves the lab behind"
-    );
+    assert!(!namespaces_of(&id).is_empty(), "a crash leaves the lab behind");
 
     assert!(lab(&["down"]));
     // Another test's lab build may have cleaned it first: only the end state counts.

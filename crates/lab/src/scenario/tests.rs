@@ -58,8 +58,7 @@ final_host = { db = ["host2", "host3"] }   # where a VM must be running at the e
 apart = [["db", "host2-vm1"]]             # VMs that must end on different hosts
 "#;
 
-const MINIMAL: &str =
-    "name = \"m\"\n[lab]\nhosts = 2\nvms_per_host = 1\n[expect]\nduration = \"10s\"\n";
+const MINIMAL: &str = "name = \"m\"\n[lab]\nhosts = 2\nvms_per_host = 1\n[expect]\nduration = \"10s\"\n";
 
 fn field_of(text: &str) -> String {
     match Scenario::parse(text) {
@@ -79,46 +78,21 @@ fn the_example_of_scenarios_md_parses_into_typed_values() {
     assert_eq!(scenario.lab.hosts[0].bmc, BmcKind::Ipmi);
     assert_eq!(scenario.lab.hosts[0].cpus, 4);
     let names: Vec<&str> = scenario.lab.vms.iter().map(|vm| vm.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "host1-vm1",
-            "host1-vm2",
-            "host2-vm1",
-            "host2-vm2",
-            "host3-vm1",
-            "host3-vm2",
-            "db"
-        ]
-    );
+    assert_eq!(names, ["host1-vm1", "host1-vm2", "host2-vm1", "host2-vm2", "host3-vm1", "host3-vm2", "db"]);
     let db = scenario.lab.vms.last().unwrap();
-    assert_eq!(
-        (db.priority, db.memory_mb, db.group.as_deref()),
-        (10, 512, Some("db-tier"))
-    );
+    assert_eq!((db.priority, db.memory_mb, db.group.as_deref()), (10, 512, Some("db-tier")));
     assert_eq!(
         scenario.faults,
         vec![
-            Fault {
-                at: Duration::from_secs(2),
-                action: FaultAction::PowerOff {
-                    host: "host1".into()
-                }
-            },
+            Fault { at: Duration::from_secs(2), action: FaultAction::PowerOff { host: "host1".into() } },
             Fault {
                 at: Duration::from_secs(40),
-                action: FaultAction::Partition {
-                    host: "host2".into(),
-                    net: NetSelector::One(Network::Mgmt)
-                }
+                action: FaultAction::Partition { host: "host2".into(), net: NetSelector::One(Network::Mgmt) }
             },
         ]
     );
     assert_eq!(scenario.expect.duration, Duration::from_secs(60));
-    assert_eq!(
-        scenario.expect.recovered_within,
-        Some(Duration::from_secs(30))
-    );
+    assert_eq!(scenario.expect.recovered_within, Some(Duration::from_secs(30)));
     assert_eq!(scenario.expect.final_state["host2"], "Degraded");
     assert_eq!(scenario.expect.final_host["db"], ["host2", "host3"]);
     assert_eq!(scenario.expect.apart, [["db", "host2-vm1"]]);
@@ -150,89 +124,35 @@ fn durations_take_the_usual_units() {
 #[test]
 fn unknown_keys_are_rejected_naming_where() {
     assert_eq!(field_of(&format!("{MINIMAL}colour = 1\n")), "expect.colour");
-    assert_eq!(
-        field_of(&MINIMAL.replace("hosts = 2", "hosts = 2\nhostz = 3")),
-        "lab.hostz"
-    );
-    let with_fault =
-        format!("{MINIMAL}[[fault]]\nat = \"1s\"\naction = \"hang\"\nhost = \"host1\"\nwhen = 3\n");
+    assert_eq!(field_of(&MINIMAL.replace("hosts = 2", "hosts = 2\nhostz = 3")), "lab.hostz");
+    let with_fault = format!("{MINIMAL}[[fault]]\nat = \"1s\"\naction = \"hang\"\nhost = \"host1\"\nwhen = 3\n");
     assert_eq!(field_of(&with_fault), "fault[0].when");
-    assert_eq!(
-        field_of(&MINIMAL.replace("hosts = 2", "hosts = \"two\"")),
-        "lab.hosts"
-    );
+    assert_eq!(field_of(&MINIMAL.replace("hosts = 2", "hosts = \"two\"")), "lab.hosts");
     assert_eq!(field_of("name = \"m\"\n[lab]\nhosts = 2\n"), "(file)");
 }
 
 #[test]
 fn bad_values_name_their_field() {
     let fault = |body: &str| format!("{MINIMAL}[[fault]]\nat = \"1s\"\n{body}\n");
+    assert_eq!(field_of(&fault("action = \"loss\"\nhost = \"host1\"\nnet = \"mgmt\"")), "fault[0].percent");
+    assert_eq!(field_of(&fault("action = \"partition\"\nhost = \"host1\"")), "fault[0].net");
+    assert_eq!(field_of(&fault("action = \"partition\"\nhost = \"host1\"\nnet = \"wan\"")), "fault[0].net");
+    assert_eq!(field_of(&fault("action = \"power-off\"\nhost = \"host9\"")), "fault[0].host");
+    assert_eq!(field_of(&fault("action = \"power-off\"\nhost = \"host1\"\npercent = 3")), "fault[0].percent");
+    assert_eq!(field_of(&fault("action = \"explode\"\nhost = \"host1\"")), "fault[0].action");
+    assert_eq!(field_of(&fault("action = \"vm-crash\"\nvm = \"nope\"")), "fault[0].vm");
     assert_eq!(
-        field_of(&fault(
-            "action = \"loss\"\nhost = \"host1\"\nnet = \"mgmt\""
-        )),
-        "fault[0].percent"
-    );
-    assert_eq!(
-        field_of(&fault("action = \"partition\"\nhost = \"host1\"")),
-        "fault[0].net"
-    );
-    assert_eq!(
-        field_of(&fault(
-            "action = \"partition\"\nhost = \"host1\"\nnet = \"wan\""
-        )),
-        "fault[0].net"
-    );
-    assert_eq!(
-        field_of(&fault("action = \"power-off\"\nhost = \"host9\"")),
-        "fault[0].host"
-    );
-    assert_eq!(
-        field_of(&fault(
-            "action = \"power-off\"\nhost = \"host1\"\npercent = 3"
-        )),
-        "fault[0].percent"
-    );
-    assert_eq!(
-        field_of(&fault("action = \"explode\"\nhost = \"host1\"")),
-        "fault[0].action"
-    );
-    assert_eq!(
-        field_of(&fault("action = \"vm-crash\"\nvm = \"nope\"")),
-        "fault[0].vm"
-    );
-    assert_eq!(
-        field_of(&fault(
-            "action = \"loss\"\nhost = \"host1\"\nnet = \"all\"\npercent = 101"
-        )),
+        field_of(&fault("action = \"loss\"\nhost = \"host1\"\nnet = \"all\"\npercent = 101")),
         "fault[0].percent"
     );
     let late = format!("{MINIMAL}[[fault]]\nat = \"11s\"\naction = \"arm\"\n");
     assert_eq!(field_of(&late), "fault[0].at");
-    assert_eq!(
-        field_of(&MINIMAL.replace("\"10s\"", "\"10\"")),
-        "expect.duration"
-    );
-    assert_eq!(
-        field_of(&MINIMAL.replace("hosts = 2", "hosts = 2\nprofile = \"turbo\"")),
-        "lab.profile"
-    );
-    assert_eq!(
-        field_of(&MINIMAL.replace("hosts = 2", "hosts = 0")),
-        "lab.hosts"
-    );
-    assert_eq!(
-        field_of(&format!("{MINIMAL}fenced = [\"host7\"]\n")),
-        "expect.fenced[0]"
-    );
-    assert_eq!(
-        field_of(&format!("{MINIMAL}final_state = {{ host1 = \"Dead\" }}\n")),
-        "expect.final_state.host1"
-    );
-    assert_eq!(
-        field_of(&format!("{MINIMAL}apart = [[\"host1-vm1\"]]\n")),
-        "expect.apart[0]"
-    );
+    assert_eq!(field_of(&MINIMAL.replace("\"10s\"", "\"10\"")), "expect.duration");
+    assert_eq!(field_of(&MINIMAL.replace("hosts = 2", "hosts = 2\nprofile = \"turbo\"")), "lab.profile");
+    assert_eq!(field_of(&MINIMAL.replace("hosts = 2", "hosts = 0")), "lab.hosts");
+    assert_eq!(field_of(&format!("{MINIMAL}fenced = [\"host7\"]\n")), "expect.fenced[0]");
+    assert_eq!(field_of(&format!("{MINIMAL}final_state = {{ host1 = \"Dead\" }}\n")), "expect.final_state.host1");
+    assert_eq!(field_of(&format!("{MINIMAL}apart = [[\"host1-vm1\"]]\n")), "expect.apart[0]");
     let duplicate_vm = format!("{MINIMAL}[[lab.vm]]\nname = \"host1-vm1\"\nhost = \"host2\"\n");
     assert_eq!(field_of(&duplicate_vm), "lab.vm[0].name");
 }
@@ -243,13 +163,7 @@ fn faults_are_played_in_time_order() {
         "{MINIMAL}[[fault]]\nat = \"5s\"\naction = \"disarm\"\n[[fault]]\nat = \"500ms\"\naction = \"heal\"\nhost = \"host2\"\n"
     );
     let scenario = Scenario::parse(&text).unwrap();
-    assert_eq!(
-        scenario.faults[0].action,
-        FaultAction::Heal {
-            host: "host2".into(),
-            net: None
-        }
-    );
+    assert_eq!(scenario.faults[0].action, FaultAction::Heal { host: "host2".into(), net: None });
     assert_eq!(scenario.faults[1].action, FaultAction::Disarm);
 }
 
@@ -258,16 +172,9 @@ fn result_serialises_exactly_as_the_contract_shows() {
     let result = ScenarioResult::new(
         "power loss, BMC reachable",
         vec![
-            CheckResult {
-                name: "no_double_run".into(),
-                passed: true,
-                detail: "6 VMs, 0 overlapping writers".into(),
-            },
+            CheckResult { name: "no_double_run".into(), passed: true, detail: "6 VMs, 0 overlapping writers".into() },
             recovered_within_check(
-                &BTreeMap::from([
-                    ("host1-vm1".into(), Some(8123)),
-                    ("host1-vm2".into(), Some(8310)),
-                ]),
+                &BTreeMap::from([("host1-vm1".into(), Some(8123)), ("host1-vm2".into(), Some(8310))]),
                 Duration::from_secs(30),
             ),
         ],
@@ -296,20 +203,11 @@ fn result_serialises_exactly_as_the_contract_shows() {
     let value = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
     assert_eq!(value(&ours), value(contract), "same keys, same values");
     // And the same key order as the contract shows (serde_json's Value sorts keys).
-    let keys = [
-        "\"scenario\"",
-        "\"passed\"",
-        "\"checks\"",
-        "\"recovery_ms\"",
-        "\"fenced\"",
-        "\"final_state\"",
-        "\"events\"",
-    ];
+    let keys =
+        ["\"scenario\"", "\"passed\"", "\"checks\"", "\"recovery_ms\"", "\"fenced\"", "\"final_state\"", "\"events\""];
     let positions = |text: &str| keys.map(|key| text.find(key).expect("key present"));
     assert!(positions(&ours).is_sorted() && positions(contract).is_sorted());
-    assert!(ours.starts_with(
-        "{\"scenario\":\"power loss, BMC reachable\",\"passed\":true,\"checks\":[{\"name\":"
-    ));
+    assert!(ours.starts_with("{\"scenario\":\"power loss, BMC reachable\",\"passed\":true,\"checks\":[{\"name\":"));
     assert!(!result.to_json().contains('\n'), "one object on one line");
     assert_eq!(result.exit_code(), 0);
 }
@@ -331,11 +229,7 @@ fn logs(text: &str) -> BTreeMap<String, crate::checker::ParsedLog> {
     let parsed = crate::checker::parse_disk_log(text);
     let mut by_vm: BTreeMap<String, crate::checker::ParsedLog> = BTreeMap::new();
     for record in parsed.records {
-        by_vm
-            .entry(record.vm.clone())
-            .or_default()
-            .records
-            .push(record);
+        by_vm.entry(record.vm.clone()).or_default().records.push(record);
     }
     by_vm
 }
@@ -350,10 +244,7 @@ fn not_moved_fails_for_a_vm_with_a_second_run() {
     assert!(not_moved_check(&logs, &["a".into()]).passed);
     let moved = not_moved_check(&logs, &["a".into(), "b".into()]);
     assert!(!moved.passed);
-    assert_eq!(
-        moved.detail,
-        "a stayed on host1, b had 2 runs (host2, host3)"
-    );
+    assert_eq!(moved.detail, "a stayed on host1, b had 2 runs (host2, host3)");
     assert!(!not_moved_check(&logs, &["ghost".into()]).passed);
 }
 

@@ -16,24 +16,14 @@ pub const HELPER: &str = env!("CARGO_BIN_EXE_kvmha-lab-helper");
 pub const SOON: Duration = Duration::from_secs(15);
 
 pub fn build(hosts: usize) -> Lab {
-    build_with(LabConfig {
-        hosts,
-        ..LabConfig::default()
-    })
+    build_with(LabConfig { hosts, ..LabConfig::default() })
 }
 
 pub fn build_with(config: LabConfig) -> Lab {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the lab integration tests need root (CI runs as root)"
-    );
+    assert!(nix::unistd::geteuid().is_root(), "the lab integration tests need root (CI runs as root)");
     let started = Instant::now();
     let lab = Lab::build(config).expect("lab builds");
-    eprintln!(
-        "lab {} built in {} ms",
-        lab.id(),
-        started.elapsed().as_millis()
-    );
+    eprintln!("lab {} built in {} ms", lab.id(), started.elapsed().as_millis());
     lab
 }
 
@@ -63,10 +53,7 @@ pub fn records(lab: &Lab, vm: &str) -> Vec<DiskRecord> {
 }
 
 pub fn wait_writes(lab: &Lab, vm: &str, count: usize) {
-    wait_for(&format!("{count} writes of {vm}"), SOON, || {
-        records(lab, vm).len() >= count
-    })
-    .expect("the VM writes");
+    wait_for(&format!("{count} writes of {vm}"), SOON, || records(lab, vm).len() >= count).expect("the VM writes");
 }
 
 /// Waits for a child to exit; true if it did in time.
@@ -98,10 +85,6 @@ pub fn is_mounted_in_host(lab: &Lab, host: &str) -> bool {
     };
     let mount_dir = lab.host_mount_dir(host).expect("host");
     std::fs::read_to_string(format!("/proc/{}/mounts", init.pid))
-        .map(|mounts| {
-            mounts
-                .lines()
-                .any(|line| line.contains(&format!(" {} fuse.sshfs ", mount_dir.display())))
-        })
+        .map(|mounts| mounts.lines().any(|line| line.contains(&format!(" {} fuse.sshfs ", mount_dir.display()))))
         .unwrap_or(false)
 }
