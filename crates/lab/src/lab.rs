@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! owner                      "pid start_ticks" of the process that owns the lab
+//! lab.json                   id, host count, BMC password: what LabHandle::open reads
+//! faults/<namespace>.json    the drop rules of one namespace (partition, loss, bmc-fail)
 //! events.log                 "<unix_ms> <event>" lines: power, faults, watchdog resets
 //! chassis.sh                 the BMCs' chassis-control script (see scripts.rs)
 //! ssh/                       per-lab host and client keys, sshd and ssh configs
@@ -12,6 +14,8 @@
 //! hosts/hostN/init           "pid start_ticks" of the host's PID-namespace init; absent = off
 //! hosts/hostN/boot.sh        run inside the host after each power-on (agent, VMs, ...)
 //! hosts/hostN/mnt/           mount point of the shared storage, inside the host only
+//!                            (over a read-only tmpfs, so no storage means EROFS)
+//! hosts/hostN/power-request  "on", left by the chassis script for the controller
 //! hosts/hostN/watchdog       the host's watchdog file (see watchdog.rs)
 //! hosts/hostN/console.log    output of the host's init and boot.sh
 //! bmc/hostN/                 ipmi_sim's lan.conf, emu.cmds, state dir and log
@@ -19,7 +23,9 @@
 //!
 //! Every long-lived process (host inits, ipmi_sim, sshd, boot scripts) is a child of
 //! the owning process and is reaped by the controller thread: PID 1 of this machine
-//! reaps nobody, so an orphan would stay a zombie.
+//! reaps nobody quickly, so an orphan would linger as a zombie. The owner runs two
+//! threads: the controller (power requests from the BMCs, watchdogs, reaping, every
+//! 50 ms) and the mounter (storage mounts of hosts that booted without storage).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
