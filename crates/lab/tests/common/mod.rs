@@ -68,10 +68,11 @@ pub fn exits_within(child: &mut Child, timeout: Duration) -> bool {
     false
 }
 
-/// One ping from inside a host or the manager; true if answered.
+/// Three quick pings from inside a host or the manager; true if any is answered, so
+/// one reply lost on a loaded machine does not fail a test (ping exits 0 then).
 pub fn ping(mut command: Command, address: &str) -> bool {
     command
-        .args(["-c", "1", "-W", "1", address])
+        .args(["-c", "3", "-i", "0.2", "-W", "1", address])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
