@@ -20,6 +20,8 @@ packages=(
   python3
   python3-pip
   openssl
+  iputils-ping    # lab: reachability checks between lab namespaces (lab also needs openipmi, ipmitool, openssh-server, sshfs above)
+  openssh-client  # lab: ssh-keygen for per-lab keys, the ssh under sshfs
 )
 
 missing=()

@@ -19,6 +19,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(Bench),
+    /// A real multi-host cluster on this machine: up, status, fault, down.
+    #[command(subcommand)]
+    Lab(kvmha_lab::cli::LabCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(args) => simulate::run(args),
         Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),
         Command::Bench(Bench::Bmc(args)) => Ok(kvmha_bmc::bench::run_blocking(args)?),
+        Command::Lab(command) => Ok(kvmha_lab::cli::run(command)?),
     }
 }

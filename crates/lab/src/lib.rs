@@ -1,1 +1,54 @@
-//! kvmha-lab: see ARCHITECTURE.md §2. Not built yet.
+//! kvmha-lab: a real multi-host KVM HA cluster on one Linux machine (ARCHITECTURE.md §9).
+//!
+//! Hosts are namespaces with their own init, BMCs are `ipmi_sim` processes on an
+//! out-of-band network, shared storage is sshfs over a storage network, and faults
+//! are signals and nftables rules. The checker reads what the lab VMs wrote.
+//!
+//! # Using it (root only)
+//!
+//! ```no_run
+//! use kvmha_lab::{Lab, LabConfig, NetSelector};
+//! use kvmha_lab::topology::Network;
+//!
+//! let lab = Lab::build(LabConfig {
+//!     hosts: 3,
+//!     // Runs inside every host after each power-on: start the agent here. It
+//!     // gets KVMHA_LAB_HOST, KVMHA_LAB_STORAGE_DIR, KVMHA_LAB_WATCHDOG, ...
+//!     boot_script: "kvmha agent --config ... &\n".to_string(),
+//!     ..LabConfig::default()
+//! })?;
+//! // The manager runs in the manager namespace (mgmt 10.77.1.2, oob 10.77.3.2).
+//! let _manager = lab.manager_command("kvmha").arg("manager").spawn();
+//! lab.ensure_bmcs_alive()?; // before each scenario
+//! lab.power_off("host1")?; // or through its BMC: lab.bmc("host1")? / lab.ipmitool(...)
+//! lab.partition("host2", NetSelector::One(Network::Mgmt))?;
+//! lab.heal("host2", None)?;
+//! let logs = kvmha_lab::checker::read_disk_logs(&lab.storage_dir())?;
+//! assert!(kvmha_lab::checker::no_double_run(&logs).passed());
+//! lab.teardown()?; // Drop does the same
+//! # Ok::<(), kvmha_lab::LabError>(())
+//! ```
+//!
+//! - [`lab`]: build, power, hang, partitions, loss, BMC failure, teardown, and the
+//!   cleanup of labs left by crashed runs. [`lab::LabHandle`] drives a running lab
+//!   from another process (`kvmha lab fault`).
+//! - [`topology`]: names and the address plan.
+//! - [`watchdog`]: the lab watchdog behind a /dev/watchdog-like file.
+//! - [`writer`]: the lab VM (`kvmha lab vm-writer`), one disk line every 100 ms.
+//! - [`checker`]: `no_double_run`, `recovery_ms`, where VMs run, from disk logs.
+//! - [`scenario`]: scenario files and the JSON result of SCENARIOS.md.
+//! - [`cli`]: `kvmha lab up | status | fault | down`.
+
+pub mod checker;
+pub mod cli;
+mod error;
+pub mod lab;
+pub mod process;
+pub mod scenario;
+mod scripts;
+pub mod topology;
+pub mod watchdog;
+pub mod writer;
+
+pub use error::{LabError, Result};
+pub use lab::{Lab, LabConfig, NetSelector, PowerState};

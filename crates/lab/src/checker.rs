@@ -1,0 +1,287 @@
+//! The checker: what the disk logs prove, computed from the files alone.
+//!
+//! Pure functions over parsed lines; no clock, no I/O except [`read_disk_logs`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use crate::error::{LabError, Result};
+
+/// One line `<unix_ms> <host> <vm> <boot_id> <seq>` of a disk log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRecord {
+    pub unix_ms: u64,
+    pub host: String,
+    pub vm: String,
+    pub boot_id: String,
+    pub seq: u64,
+}
+
+/// A parsed disk log. Malformed lines are counted, not fatal: a host that loses
+/// power mid-write may leave a torn last line, and QEMU disks are NUL-padded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedLog {
+    pub records: Vec<DiskRecord>,
+    pub malformed_lines: usize,
+}
+
+pub fn parse_disk_log(text: &str) -> ParsedLog {
+    let mut parsed = ParsedLog::default();
+    for line in text.split('\n') {
+        let line = line.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+        if line.is_empty() {
+            continue;
+        }
+        match parse_line(line) {
+            Some(record) => parsed.records.push(record),
+            None => parsed.malformed_lines += 1,
+        }
+    }
+    parsed
+}
+
+fn parse_line(line: &str) -> Option<DiskRecord> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [unix_ms, host, vm, boot_id, seq] = fields.as_slice() else {
+        return None;
+    };
+    Some(DiskRecord {
+        unix_ms: unix_ms.parse().ok()?,
+        host: host.to_string(),
+        vm: vm.to_string(),
+        boot_id: boot_id.to_string(),
+        seq: seq.parse().ok()?,
+    })
+}
+
+/// Reads every `vms/<vm>/disk.log` under the storage directory, keyed by VM name.
+pub fn read_disk_logs(storage_dir: &Path) -> Result<BTreeMap<String, ParsedLog>> {
+    let vms_dir = storage_dir.join("vms");
+    let mut logs = BTreeMap::new();
+    let entries = match std::fs::read_dir(&vms_dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(logs),
+        Err(error) => return Err(LabError::io(&vms_dir, error)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|error| LabError::io(&vms_dir, error))?;
+        let path = entry.path().join("disk.log");
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let vm = entry.file_name().to_string_lossy().into_owned();
+        logs.insert(vm, parse_disk_log(&String::from_utf8_lossy(&bytes)));
+    }
+    Ok(logs)
+}
+
+/// One run of a VM: the writes of one boot id on one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub host: String,
+    pub boot_id: String,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub writes: usize,
+}
+
+/// The runs found in one VM's records, ordered by first write.
+pub fn runs(records: &[DiskRecord]) -> Vec<Run> {
+    let mut by_boot: BTreeMap<(&str, &str), Run> = BTreeMap::new();
+    for record in records {
+        let run = by_boot.entry((record.host.as_str(), record.boot_id.as_str())).or_insert_with(|| Run {
+            host: record.host.clone(),
+            boot_id: record.boot_id.clone(),
+            first_ms: record.unix_ms,
+            last_ms: record.unix_ms,
+            writes: 0,
+        });
+        run.first_ms = run.first_ms.min(record.unix_ms);
+        run.last_ms = run.last_ms.max(record.unix_ms);
+        run.writes += 1;
+    }
+    let mut runs: Vec<Run> = by_boot.into_values().collect();
+    runs.sort_by_key(|run| (run.first_ms, run.last_ms));
+    runs
+}
+
+/// Two runs of one VM whose write spans intersect: the VM ran twice at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlap {
+    pub vm: String,
+    pub first: Run,
+    pub second: Run,
+}
+
+/// Outcome of `no_double_run` over every VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoubleRunReport {
+    pub vms: usize,
+    pub overlaps: Vec<Overlap>,
+}
+
+impl DoubleRunReport {
+    pub fn passed(&self) -> bool {
+        self.overlaps.is_empty()
+    }
+
+    /// The check's detail line, in the words of SCENARIOS.md.
+    pub fn detail(&self) -> String {
+        let mut text = format!("{} VMs, {} overlapping writers", self.vms, self.overlaps.len());
+        for overlap in &self.overlaps {
+            text.push_str(&format!(
+                "; {}: {}@{} [{}..{}] and {}@{} [{}..{}]",
+                overlap.vm,
+                overlap.first.boot_id,
+                overlap.first.host,
+                overlap.first.first_ms,
+                overlap.first.last_ms,
+                overlap.second.boot_id,
+                overlap.second.host,
+                overlap.second.first_ms,
+                overlap.second.last_ms,
+            ));
+        }
+        text
+    }
+}
+
+/// No VM may have two boot ids writing its disk in overlapping time: the span from
+/// a run's first to its last write is when it ran; two spans that intersect (even in
+/// one millisecond) are a double run. A clean handover (old run's last write before
+/// the new run's first) passes. A run that stops and later resumes (a host unfrozen
+/// after its VM was restarted elsewhere) spans the other run and is caught.
+pub fn no_double_run(logs: &BTreeMap<String, ParsedLog>) -> DoubleRunReport {
+    let mut overlaps = Vec::new();
+    for (vm, log) in logs {
+        let runs = runs(&log.records);
+        for (position, first) in runs.iter().enumerate() {
+            for second in &runs[position + 1..] {
+                let intersect = first.first_ms <= second.last_ms && second.first_ms <= first.last_ms;
+                if intersect {
+                    overlaps.push(Overlap { vm: vm.clone(), first: first.clone(), second: second.clone() });
+                }
+            }
+        }
+    }
+    DoubleRunReport { vms: logs.len(), overlaps }
+}
+
+/// Time from a fault to the VM's first write by a new run: a boot id that had not
+/// written before the fault, on a host other than `failed_host` (when given; a
+/// crashed VM may come back on its own host). `None`: not recovered (yet).
+pub fn recovery_ms(records: &[DiskRecord], fault_unix_ms: u64, failed_host: Option<&str>) -> Option<u64> {
+    let before_fault: BTreeSet<(&str, &str)> = records
+        .iter()
+        .filter(|record| record.unix_ms < fault_unix_ms)
+        .map(|record| (record.host.as_str(), record.boot_id.as_str()))
+        .collect();
+    records
+        .iter()
+        .filter(|record| record.unix_ms >= fault_unix_ms)
+        .filter(|record| Some(record.host.as_str()) != failed_host)
+        .filter(|record| !before_fault.contains(&(record.host.as_str(), record.boot_id.as_str())))
+        .map(|record| record.unix_ms - fault_unix_ms)
+        .min()
+}
+
+/// Where a VM runs at the end of an observation: the host of its latest write, if
+/// that write is at most `fresh_ms` older than `end_ms` (a VM that stopped writing
+/// runs nowhere). Writes after `end_ms` are ignored.
+pub fn running_host(records: &[DiskRecord], end_ms: u64, fresh_ms: u64) -> Option<String> {
+    records
+        .iter()
+        .filter(|record| record.unix_ms <= end_ms)
+        .max_by_key(|record| record.unix_ms)
+        .filter(|latest| end_ms - latest.unix_ms <= fresh_ms)
+        .map(|latest| latest.host.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines of one run writing every 100 ms over [from_ms, to_ms].
+    fn run_lines(host: &str, vm: &str, boot_id: &str, from_ms: u64, to_ms: u64) -> String {
+        (from_ms..=to_ms)
+            .step_by(100)
+            .enumerate()
+            .map(|(seq, unix_ms)| format!("{unix_ms} {host} {vm} {boot_id} {seq}\n"))
+            .collect()
+    }
+
+    fn logs_of(vm: &str, text: &str) -> BTreeMap<String, ParsedLog> {
+        BTreeMap::from([(vm.to_string(), parse_disk_log(text))])
+    }
+
+    #[test]
+    fn clean_handover_passes() {
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
+        let report = no_double_run(&logs_of("vm1", &text));
+        assert!(report.passed(), "{}", report.detail());
+        assert_eq!(report.detail(), "1 VMs, 0 overlapping writers");
+    }
+
+    #[test]
+    fn planted_overlapping_writers_fail() {
+        // host1's run goes on while host2's has started: split brain.
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 9_000) + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
+        let report = no_double_run(&logs_of("vm1", &text));
+        assert!(!report.passed());
+        assert_eq!(report.overlaps.len(), 1);
+        assert_eq!(report.overlaps[0].first.boot_id, "aaaa");
+        assert_eq!(report.overlaps[0].second.boot_id, "bbbb");
+        assert!(report.detail().contains("1 overlapping writers"), "{}", report.detail());
+    }
+
+    #[test]
+    fn a_frozen_run_that_resumes_after_the_takeover_fails() {
+        // host1 hangs at 5 s, host2 takes over at 8 s, host1 is unfrozen at 20 s and
+        // writes once more: its span covers host2's run.
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000)
+            + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000)
+            + "20000 host1 vm1 aaaa 41\n";
+        assert!(!no_double_run(&logs_of("vm1", &text)).passed());
+    }
+
+    #[test]
+    fn same_boot_id_on_two_hosts_counts_as_two_runs() {
+        let text = run_lines("host1", "vm1", "same", 1_000, 3_000) + &run_lines("host2", "vm1", "same", 2_000, 4_000);
+        assert!(!no_double_run(&logs_of("vm1", &text)).passed());
+    }
+
+    #[test]
+    fn torn_and_padded_lines_are_counted_not_fatal() {
+        let text = "1000 host1 vm1 aaaa 0\n1100 host1 vm1 aa\0\0\0\n\0\0\0\0";
+        let parsed = parse_disk_log(text);
+        assert_eq!(parsed.records.len(), 1);
+        assert_eq!(parsed.malformed_lines, 1);
+    }
+
+    #[test]
+    fn a_vm_runs_where_it_wrote_last_if_it_still_writes() {
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host2", "vm1", "bbbb", 8_000, 12_000);
+        let records = parse_disk_log(&text).records;
+        assert_eq!(running_host(&records, 12_050, 500).as_deref(), Some("host2"));
+        assert_eq!(running_host(&records, 6_000, 500), None, "between runs it runs nowhere");
+        assert_eq!(running_host(&records, 5_100, 500).as_deref(), Some("host1"));
+        assert_eq!(running_host(&records, 20_000, 500), None, "stopped writing");
+    }
+
+    #[test]
+    fn recovery_is_measured_to_the_first_write_of_a_new_run_elsewhere() {
+        let text = run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host2", "vm1", "bbbb", 8_100, 12_000);
+        let records = parse_disk_log(&text).records;
+        assert_eq!(recovery_ms(&records, 5_050, Some("host1")), Some(3_050));
+        // Writes of the old run after the fault never count as recovery.
+        let only_old = parse_disk_log(&run_lines("host1", "vm1", "aaaa", 1_000, 9_000)).records;
+        assert_eq!(recovery_ms(&only_old, 5_000, Some("host1")), None);
+        // A restart on the same host counts only when the host is not excluded.
+        let restarted = parse_disk_log(
+            &(run_lines("host1", "vm1", "aaaa", 1_000, 5_000) + &run_lines("host1", "vm1", "cccc", 6_000, 7_000)),
+        )
+        .records;
+        assert_eq!(recovery_ms(&restarted, 5_000, None), Some(1_000));
+        assert_eq!(recovery_ms(&restarted, 5_000, Some("host1")), None);
+    }
+}
