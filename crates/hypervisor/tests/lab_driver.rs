@@ -156,6 +156,9 @@ async fn graceful_shutdown_finishes_the_last_line_and_exits() {
 async fn a_frozen_vm_times_out_its_shutdown_and_falls_back_to_destroy() {
     let lab = Lab::new();
     let (pid, _) = define_and_start(&lab, "vm1").await;
+    // Once it writes, its SIGTERM handler is in place (before that, SIGTERM's default
+    // action would kill even a stopped process).
+    lab.wait_for_lines("vm1", 1);
     // SIGSTOP: the guest is frozen and cannot act on the shutdown request.
     kill(pid, Signal::STOP);
     let request = ShutdownRequest { timeout: Duration::from_millis(400), destroy_on_timeout: false };
