@@ -77,8 +77,9 @@ pub fn lab_domain_xml(name: &str, vcpus: u32, memory_mib: u64) -> String {
 }
 
 /// Domain names become file names (lab driver) and log fields: keep them plain.
+/// The lab driver requires this; the libvirt driver leaves names to libvirt.
 pub fn validate_domain_name(name: &str) -> Result<()> {
-    const NAME_BYTES_MAX: usize = 64;
+    const NAME_BYTES_MAX: usize = 63;
     if name.is_empty() {
         return Err(invalid("domain name is empty".to_string()));
     }
@@ -86,9 +87,11 @@ pub fn validate_domain_name(name: &str) -> Result<()> {
         return Err(invalid(format!("domain name {name:?} is longer than {NAME_BYTES_MAX} bytes")));
     }
     let plain = name.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
-    if !plain || name.starts_with('.') {
+    // Same rule as the storage crate's VM names; a leading '-' would read as a flag on
+    // the VM process's command line.
+    if !plain || name.starts_with('.') || name.starts_with('-') {
         return Err(invalid(format!(
-            "domain name {name:?} must be ASCII letters, digits, '-', '_' or '.', not starting with '.'"
+            "domain name {name:?} must be ASCII letters, digits, '-', '_' or '.', not starting with '.' or '-'"
         )));
     }
     Ok(())
@@ -153,6 +156,7 @@ mod tests {
             "<domain><memory>1</memory></domain>",
             "<domain><name>../etc</name><memory>1</memory></domain>",
             "<domain><name>a b</name><memory>1</memory></domain>",
+            "<domain><name>-x</name><memory>1</memory></domain>",
             "<domain><name>a</name></domain>",
             "<domain><name>a</name><memory unit='parsec'>1</memory></domain>",
             "<domain><name>a</name><memory>1</memory><vcpu>0</vcpu></domain>",
