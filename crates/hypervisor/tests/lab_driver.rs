@@ -19,8 +19,8 @@ fn kill(pid: u32, signal: Signal) {
 async fn define_and_start(lab: &Lab, vm: &str) -> (u32, String) {
     assert_eq!(lab.driver.define(&lab_domain_xml(vm, 2, 128)).await.unwrap(), vm);
     lab.driver.start(vm).await.unwrap();
-    let pid = lab.driver.pid(vm).unwrap().expect("running vm has a pid");
-    let boot_id = lab.driver.boot_id(vm).unwrap().expect("running vm has a boot id");
+    let pid = lab.driver.pid(vm).await.unwrap().expect("running vm has a pid");
+    let boot_id = lab.driver.boot_id(vm).await.unwrap().expect("running vm has a boot id");
     (pid, boot_id)
 }
 
@@ -46,7 +46,7 @@ async fn start_writes_heartbeat_lines_and_destroy_stops_them() {
     let info = lab.driver.domain("vm1").await.unwrap();
     assert_eq!(info.state, DomainState::ShutOff(ShutOffReason::Destroyed));
     assert!(!info.active);
-    assert_eq!(lab.driver.pid("vm1").unwrap(), None);
+    assert_eq!(lab.driver.pid("vm1").await.unwrap(), None);
 
     let written = lab.lines("vm1").len();
     std::thread::sleep(Duration::from_millis(400));
@@ -77,7 +77,7 @@ async fn a_vm_killed_from_outside_is_crashed_and_restarts_with_a_new_boot() {
     assert!(matches!(error, Error::InvalidState { .. }), "{error}");
     let lines_before_restart = lab.lines("vm1").len();
     lab.driver.start("vm1").await.unwrap();
-    let second_boot = lab.driver.boot_id("vm1").unwrap().unwrap();
+    let second_boot = lab.driver.boot_id("vm1").await.unwrap().unwrap();
     assert_ne!(second_boot, first_boot);
     let lines = lab.wait_for_lines("vm1", lines_before_restart + 3);
     assert_one_boot(&lines[..lines_before_restart], "vm1", &first_boot);
@@ -107,8 +107,8 @@ async fn a_restarted_driver_finds_running_vms_and_their_crashes() {
     let listed = restarted.list().await.unwrap();
     let states: Vec<(&str, DomainState)> = listed.iter().map(|info| (info.name.as_str(), info.state)).collect();
     assert_eq!(states, [("vm1", DomainState::Running), ("vm2", DomainState::Running)]);
-    assert_eq!(restarted.pid("vm1").unwrap(), Some(pid1));
-    assert_eq!(restarted.boot_id("vm1").unwrap(), Some(boot1));
+    assert_eq!(restarted.pid("vm1").await.unwrap(), Some(pid1));
+    assert_eq!(restarted.boot_id("vm1").await.unwrap(), Some(boot1));
     let error = restarted.start("vm1").await.unwrap_err();
     assert!(matches!(error, Error::InvalidState { .. }), "{error}");
 
@@ -130,7 +130,7 @@ async fn a_second_start_of_a_running_vm_is_refused() {
     let error = lab.driver.start("vm1").await.unwrap_err();
     assert!(matches!(&error, Error::InvalidState { domain, .. } if domain == "vm1"), "{error}");
     assert!(error.is_fatal());
-    assert_eq!(lab.driver.pid("vm1").unwrap(), Some(pid));
+    assert_eq!(lab.driver.pid("vm1").await.unwrap(), Some(pid));
     // Still exactly one writer on the disk.
     let lines = lab.wait_for_lines("vm1", 4);
     assert_one_boot(&lines, "vm1", &boot_id);

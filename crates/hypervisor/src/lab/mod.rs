@@ -212,6 +212,8 @@ impl StopIntent {
 /// The lab process driver.
 #[derive(Debug, Clone)]
 pub struct LabDriver {
+    /// Immutable; a copy lives in `inner` for the blocking work.
+    config: LabConfig,
     inner: Arc<Mutex<Inner>>,
     call_timeout: Duration,
 }
@@ -236,29 +238,32 @@ impl LabDriver {
         for directory in [config.state_dir.join("domains"), config.state_dir.join("run")] {
             fs::create_dir_all(&directory).map_err(|error| Error::io("create state dir", &directory, error))?;
         }
-        Ok(LabDriver { inner: Arc::new(Mutex::new(Inner { config, children: HashMap::new() })), call_timeout })
+        Ok(LabDriver {
+            config: config.clone(),
+            inner: Arc::new(Mutex::new(Inner { config, children: HashMap::new() })),
+            call_timeout,
+        })
     }
 
     /// The configuration this driver runs with.
-    pub fn config(&self) -> LabConfig {
-        self.lock().config.clone()
+    pub fn config(&self) -> &LabConfig {
+        &self.config
     }
 
     /// The pid of a running VM's process (the lab's `vm-crash` fault kills it).
-    pub fn pid(&self, name: &str) -> Result<Option<u32>> {
-        let mut inner = self.lock();
-        let status = inner.status(name)?;
-        Ok(status.running.and_then(|record| u32::try_from(record.pid).ok()))
+    pub async fn pid(&self, name: &str) -> Result<Option<u32>> {
+        let name = name.to_string();
+        self.blocking("pid", move |inner| {
+            let running = inner.status(&name)?.running;
+            Ok(running.and_then(|record| u32::try_from(record.pid).ok()))
+        })
+        .await
     }
 
-    /// The boot id of a running VM.
-    pub fn boot_id(&self, name: &str) -> Result<Option<String>> {
-        let mut inner = self.lock();
-        Ok(inner.status(name)?.running.map(|record| record.boot_id))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poison| poison.into_inner())
+    /// The boot id of a running VM (the one its disk log lines carry).
+    pub async fn boot_id(&self, name: &str) -> Result<Option<String>> {
+        let name = name.to_string();
+        self.blocking("boot id", move |inner| Ok(inner.status(&name)?.running.map(|record| record.boot_id))).await
     }
 
     /// Runs `work` on a blocking thread (file I/O, process waits) within the deadline.

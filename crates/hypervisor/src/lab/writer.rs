@@ -2,8 +2,9 @@
 //! log on shared storage and fsyncs it (ARCHITECTURE.md §9).
 //!
 //! Line format, one per 100 ms: `<unix_ms> <host> <vm> <boot_id> <seq>\n`, where `seq`
-//! counts this boot's lines from 1. Two boot ids whose lines interleave in time on one
-//! disk log are two writers on one disk: split brain, visible to anyone reading the file.
+//! counts this boot's ticks from 1 (a tick whose append failed leaves a gap). Two boot
+//! ids whose lines interleave in time on one disk log are two writers on one disk: split
+//! brain, visible to anyone reading the file.
 //!
 //! A write that fails (storage cut, EIO) is retried on the next tick with a fresh file
 //! handle; because a failed write may have left part of a line, the next line then
@@ -105,7 +106,7 @@ pub fn run_writer(config: &WriterConfig, stop: &AtomicBool) -> io::Result<Writer
     config.validate()?;
     let path = disk_log_path(&config.storage_root, &config.vm);
     let mut file: Option<File> = None;
-    let mut previous_write_failed = false;
+    let mut line_may_be_torn = false;
     let mut summary = WriterSummary { lines_written: 0, failed_writes: 0 };
     let mut seq: u64 = 0;
     let mut next_tick = Instant::now();
@@ -120,20 +121,22 @@ pub fn run_writer(config: &WriterConfig, stop: &AtomicBool) -> io::Result<Writer
             seq,
         };
         let mut bytes = line.render();
-        if previous_write_failed {
+        if line_may_be_torn {
             bytes.insert(0, '\n');
         }
         match append_and_sync(&mut file, &path, bytes.as_bytes()) {
             Ok(()) => {
                 summary.lines_written += 1;
-                previous_write_failed = false;
+                line_may_be_torn = false;
             }
-            Err(error) => {
+            Err(failure) => {
                 summary.failed_writes += 1;
-                previous_write_failed = true;
+                // Only a failed write can leave part of a line behind; a failed open or
+                // fsync cannot.
+                line_may_be_torn |= matches!(failure, AppendFailure::Write(_));
                 // A dead handle (EIO on a network mount) is not reused.
                 file = None;
-                eprintln!("kvmha-lab-vm: write to {} failed (seq {seq}): {error}", path.display());
+                eprintln!("kvmha-lab-vm: append to {} failed (seq {seq}): {failure}", path.display());
             }
         }
 
@@ -149,17 +152,39 @@ pub fn run_writer(config: &WriterConfig, stop: &AtomicBool) -> io::Result<Writer
     Ok(summary)
 }
 
-fn append_and_sync(file: &mut Option<File>, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    if file.is_none() {
-        if let Some(directory) = path.parent() {
-            std::fs::create_dir_all(directory)?;
+/// Which step of an append failed.
+#[derive(Debug)]
+enum AppendFailure {
+    Open(io::Error),
+    Write(io::Error),
+    Sync(io::Error),
+}
+
+impl std::fmt::Display for AppendFailure {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppendFailure::Open(error) => write!(formatter, "open: {error}"),
+            AppendFailure::Write(error) => write!(formatter, "write: {error}"),
+            AppendFailure::Sync(error) => write!(formatter, "fsync: {error}"),
         }
-        *file = Some(OpenOptions::new().create(true).append(true).open(path)?);
+    }
+}
+
+fn append_and_sync(file: &mut Option<File>, path: &Path, bytes: &[u8]) -> Result<(), AppendFailure> {
+    if file.is_none() {
+        let open = || -> io::Result<File> {
+            if let Some(directory) = path.parent() {
+                std::fs::create_dir_all(directory)?;
+            }
+            OpenOptions::new().create(true).append(true).open(path)
+        };
+        *file = Some(open().map_err(AppendFailure::Open)?);
     }
     let handle = file.as_mut().expect("opened above");
-    // One write call per line: with O_APPEND the line lands whole or fails.
-    handle.write_all(bytes)?;
-    handle.sync_all()
+    // One write(2) per line on an O_APPEND descriptor: concurrent readers see whole
+    // lines; only an error mid-write can leave a partial one.
+    handle.write_all(bytes).map_err(AppendFailure::Write)?;
+    handle.sync_all().map_err(AppendFailure::Sync)
 }
 
 fn sleep_until(deadline: Instant, stop: &AtomicBool) {
@@ -201,6 +226,39 @@ mod tests {
         ] {
             assert_eq!(HeartbeatLine::parse(torn), None, "{torn:?}");
         }
+    }
+
+    /// Storage that cannot be written (here: a file where the VM's directory belongs) is
+    /// counted and retried; once it is back, lines continue, seq showing the gap.
+    #[test]
+    fn an_unwritable_disk_is_retried_and_leaves_a_gap_in_seq() {
+        let directory = tempfile::tempdir().unwrap();
+        let blocker = directory.path().join("vms");
+        std::fs::write(&blocker, "not a directory").unwrap();
+        let config = WriterConfig {
+            storage_root: directory.path().to_path_buf(),
+            host: "node1".into(),
+            vm: "vm1".into(),
+            boot_id: "b0".into(),
+            interval: Duration::from_millis(10),
+        };
+        let stop = AtomicBool::new(false);
+        let summary = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| run_writer(&config, &stop));
+            std::thread::sleep(Duration::from_millis(100));
+            std::fs::remove_file(&blocker).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            stop.store(true, Ordering::SeqCst);
+            writer.join().unwrap().unwrap()
+        });
+        assert!(summary.failed_writes >= 3, "{summary:?}");
+        assert!(summary.lines_written >= 3, "{summary:?}");
+        let text = std::fs::read_to_string(disk_log_path(directory.path(), "vm1")).unwrap();
+        let seqs: Vec<u64> =
+            text.lines().map(|line| HeartbeatLine::parse(line).expect("whole lines only").seq).collect();
+        assert_eq!(seqs.len() as u64, summary.lines_written);
+        assert!(seqs[0] > 1, "the first ticks failed: {seqs:?}");
+        assert!(seqs.windows(2).all(|pair| pair[1] == pair[0] + 1), "{seqs:?}");
     }
 
     #[test]
