@@ -1,6 +1,8 @@
 //! The libvirt driver against libvirt's own `test:///default` driver (in-process, no
-//! daemon). The test driver keeps its state per connection, so each test runs its whole
-//! sequence on one `LibvirtDriver` (one connection).
+//! daemon). Each test runs its whole sequence on one `LibvirtDriver` (one connection).
+//! `test:///default` shares its state among the connections of one process, so tests use
+//! distinct domain names and UUIDs and stay correct when a runner (`cargo test`) runs them
+//! as threads of one process.
 
 use std::time::Duration;
 
@@ -10,11 +12,17 @@ use kvmha_hypervisor::{
 };
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-const UUID: &str = "8d0a6c3e-5b1f-4f0e-9a57-1c2d3e4f5a6b";
+/// A UUID of its own per domain name (FNV-1a of the name in the last group).
+fn uuid_of(name: &str) -> String {
+    let hash =
+        name.bytes().fold(0xcbf29ce484222325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3));
+    format!("8d0a6c3e-5b1f-4f0e-9a57-{:012x}", hash & 0xffff_ffff_ffff)
+}
 
 fn domain_xml(name: &str) -> String {
+    let uuid = uuid_of(name);
     format!(
-        "<domain type='test'>\n  <name>{name}</name>\n  <uuid>{UUID}</uuid>\n  \
+        "<domain type='test'>\n  <name>{name}</name>\n  <uuid>{uuid}</uuid>\n  \
          <memory unit='MiB'>256</memory>\n  <currentMemory unit='MiB'>128</currentMemory>\n  \
          <vcpu>2</vcpu>\n  <os>\n    <type>hvm</type>\n  </os>\n</domain>\n"
     )
@@ -35,10 +43,16 @@ async fn define_start_list_destroy_undefine() {
     assert_eq!(defined.state, DomainState::ShutOff(ShutOffReason::Unknown));
     assert!(!defined.active);
     assert!(defined.persistent);
-    assert_eq!(defined.uuid.as_deref(), Some(UUID));
+    assert_eq!(defined.uuid, Some(uuid_of("ha-web")));
 
     driver.start("ha-web").await.unwrap();
-    let listed = driver.list().await.unwrap();
+    let listed: Vec<_> = driver
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|info| ["ha-web", "test"].contains(&info.name.as_str()))
+        .collect();
     let names: Vec<&str> = listed.iter().map(|info| info.name.as_str()).collect();
     // "test" is the domain the test driver ships with.
     assert_eq!(names, ["ha-web", "test"]);
@@ -60,7 +74,8 @@ async fn define_start_list_destroy_undefine() {
     let error = driver.domain("ha-web").await.unwrap_err();
     assert!(matches!(&error, Error::NoSuchDomain { domain } if domain == "ha-web"), "{error}");
     let names: Vec<String> = driver.list().await.unwrap().into_iter().map(|info| info.name).collect();
-    assert_eq!(names, ["test"]);
+    assert!(names.contains(&"test".to_string()), "{names:?}");
+    assert!(!names.contains(&"ha-web".to_string()), "{names:?}");
 }
 
 #[tokio::test]
@@ -86,7 +101,7 @@ async fn xml_round_trip_defines_the_same_domain_elsewhere() {
     source.define(&domain_xml("ha-db")).await.unwrap();
     let xml = source.domain_xml("ha-db").await.unwrap();
     assert!(xml.contains("<name>ha-db</name>"), "{xml}");
-    assert!(xml.contains(UUID), "{xml}");
+    assert!(xml.contains(&uuid_of("ha-db")), "{xml}");
 
     // test:///default shares its state between the connections of one process, so the
     // other "host" is a test driver started from its own (empty) node file.
