@@ -380,3 +380,44 @@ fn map_error(operation: &'static str, domain: Option<&str>, error: virt::error::
         _ => Error::Rejected { operation, message },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use virt::domain::{
+        DomainCrashedReason, DomainRunningReason, DomainShutoffReason, DomainState as Libvirt, DomainStateReason,
+    };
+
+    use super::*;
+
+    fn shutoff(reason: DomainShutoffReason) -> DomainState {
+        map_state(Enum::Known(Libvirt::Shutoff), Enum::Known(DomainStateReason::Shutoff(Enum::Known(reason))))
+    }
+
+    #[test]
+    fn a_dead_emulator_is_a_crash_and_a_requested_stop_is_not() {
+        assert_eq!(shutoff(DomainShutoffReason::Crashed), DomainState::Crashed(CrashReason::ProcessExited));
+        assert_eq!(shutoff(DomainShutoffReason::Destroyed), DomainState::ShutOff(ShutOffReason::Destroyed));
+        assert_eq!(shutoff(DomainShutoffReason::Shutdown), DomainState::ShutOff(ShutOffReason::Shutdown));
+        assert_eq!(shutoff(DomainShutoffReason::Migrated), DomainState::ShutOff(ShutOffReason::Migrated));
+        assert_eq!(shutoff(DomainShutoffReason::Failed), DomainState::ShutOff(ShutOffReason::Failed));
+        let panicked = map_state(
+            Enum::Known(Libvirt::Crashed),
+            Enum::Known(DomainStateReason::Crashed(Enum::Known(DomainCrashedReason::Panicked))),
+        );
+        assert_eq!(panicked, DomainState::Crashed(CrashReason::Panicked));
+    }
+
+    #[test]
+    fn blocked_counts_as_running_and_unknown_values_do_not_panic() {
+        let blocked = map_state(
+            Enum::Known(Libvirt::Blocked),
+            Enum::Known(DomainStateReason::Running(Enum::Known(DomainRunningReason::Booted))),
+        );
+        assert_eq!(blocked, DomainState::Running);
+        assert_eq!(map_state(Enum::Unknown(99), Enum::Unknown(7)), DomainState::NoState);
+        assert_eq!(
+            map_state(Enum::Known(Libvirt::Shutoff), Enum::Unknown(42)),
+            DomainState::ShutOff(ShutOffReason::Unknown)
+        );
+    }
+}
