@@ -708,7 +708,10 @@ fn remove_if_present(path: &Path) -> Result<()> {
 
 /// Write to a temporary file, fsync, rename: a crash leaves the old or the new content.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = path.with_extension("tmp");
+    // ".<file name>.tmp": unique per target file (vm1.pid and vm1.stop must not share
+    // one), and hidden from the definition listing, which reads only "*.xml".
+    let file_name = path.file_name().expect("state paths end in a file name").to_string_lossy();
+    let temporary = path.with_file_name(format!(".{file_name}.tmp"));
     let write = || -> std::io::Result<()> {
         let mut file = File::create(&temporary)?;
         file.write_all(bytes)?;
