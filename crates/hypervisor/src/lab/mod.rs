@@ -408,6 +408,11 @@ impl Inner {
         if status.running.is_some() {
             return Err(Error::InvalidState { domain: name.to_string(), message: "already running".to_string() });
         }
+        // Forget the previous run first: an agent dying between here and the pid file
+        // leaves a plain "shut off", never a stale intent over a new process (which
+        // would later hide a crash of the new boot).
+        remove_if_present(&self.config.run_path(name, "stop"))?;
+        remove_if_present(&self.config.run_path(name, "pid"))?;
         let boot_id = new_boot_id();
         let log_path = self.config.run_path(name, "log");
         let log = OpenOptions::new()
@@ -452,7 +457,6 @@ impl Inner {
             let _ = child.wait();
             return Err(error);
         }
-        remove_if_present(&self.config.run_path(name, "stop"))?;
         self.children.insert(name.to_string(), child);
         tracing::info!(domain = name, pid, boot_id, "lab vm started");
         Ok(())
