@@ -13,7 +13,7 @@ use kvmha_hypervisor::lab::writer::{run_writer, WriterConfig, WRITE_INTERVAL};
 #[derive(Debug, Parser)]
 #[command(about = "kvmha lab VM: a process that writes heartbeat lines to its disk log")]
 struct Arguments {
-    /// Shared storage root; the disk log is <storage_root>/vms/<vm>/disk.log.
+    /// Shared storage root; the disk log is STORAGE_ROOT/vms/VM/disk.log.
     #[arg(long)]
     storage_root: PathBuf,
     /// The host this VM runs on (written into every line).
