@@ -65,7 +65,7 @@ fn a_reader_sees_whole_lines_in_strict_order_while_the_vm_writes() {
         assert!(text.starts_with(&previous), "the log was rewritten, not appended to");
         let lines = read_lines(&log);
         for (index, line) in lines.iter().enumerate() {
-            assert_eq!(line.seq, index as u64 + 1, "seq not strictly consecutive: {lines:?}");
+            assert_eq!(line.seq, index as u64, "seq not strictly consecutive: {lines:?}");
         }
         for pair in lines.windows(2) {
             assert!(pair[0].unix_ms <= pair[1].unix_ms, "time went backwards: {pair:?}");

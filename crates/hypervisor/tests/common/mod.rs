@@ -118,14 +118,14 @@ pub fn process_running(pid: u32) -> bool {
     }
 }
 
-/// Asserts one boot's lines: consecutive seq from 1, one boot id, time never backwards.
+/// Asserts one boot's lines: consecutive seq from 0, one boot id, time never backwards.
 pub fn assert_one_boot(lines: &[HeartbeatLine], vm: &str, boot_id: &str) {
     assert!(!lines.is_empty());
     for (index, line) in lines.iter().enumerate() {
         assert_eq!(line.host, HOST);
         assert_eq!(line.vm, vm);
         assert_eq!(line.boot_id, boot_id);
-        assert_eq!(line.seq, index as u64 + 1, "seq must advance by one: {lines:?}");
+        assert_eq!(line.seq, index as u64, "seq must advance by one: {lines:?}");
     }
     for pair in lines.windows(2) {
         assert!(pair[1].unix_ms >= pair[0].unix_ms, "time went backwards: {pair:?}");
