@@ -39,7 +39,8 @@ async fn start_writes_heartbeat_lines_and_destroy_stops_them() {
     assert_one_boot(&lines, "vm1", &boot_id);
     // One line per ~100 ms: the span of the first six lines is five intervals.
     let span_ms = lines[5].unix_ms - lines[0].unix_ms;
-    assert!((400..=1500).contains(&span_ms), "5 intervals took {span_ms} ms");
+    // Generous upper bound: a loaded CI machine may stall fsync, never speed it up.
+    assert!((400..=3000).contains(&span_ms), "5 intervals took {span_ms} ms");
 
     lab.driver.destroy("vm1").await.unwrap();
     assert!(!process_running(pid), "SIGKILL of the group ends the process");

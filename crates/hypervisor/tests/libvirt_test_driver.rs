@@ -196,6 +196,6 @@ async fn a_silent_server_yields_a_timeout_at_the_deadline() {
     assert!(matches!(error, Error::Timeout { operation: "connect", .. }), "{error}");
     assert!(error.is_retryable());
     assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}");
-    assert!(elapsed < Duration::from_millis(2500), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(2700), "returned only with the server: {elapsed:?}");
     silent.join().unwrap();
 }

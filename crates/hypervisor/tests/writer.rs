@@ -75,8 +75,10 @@ fn a_reader_sees_whole_lines_in_strict_order_while_the_vm_writes() {
         std::thread::sleep(Duration::from_millis(3));
     }
     let lines = read_lines(&log);
-    assert!((10..=20).contains(&lines.len()), "{} lines in 1.5 s", lines.len());
-    assert!(reads > 100, "only {reads} reads");
+    // ~15 expected; fewer on a loaded machine; never more than one per 100 ms (16),
+    // plus one for the final read coming late.
+    assert!((5..=17).contains(&lines.len()), "{} lines in 1.5 s", lines.len());
+    assert!(reads > 50, "only {reads} reads");
 
     // SIGTERM is the graceful shutdown: the writer stops after a whole line, exit 0.
     kill_process(vm.pid(), Signal::TERM).unwrap();
