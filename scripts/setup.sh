@@ -7,6 +7,8 @@ set -euo pipefail
 packages=(
   build-essential
   pkg-config
+  libvirt-dev      # hypervisor: the virt crate links libvirt.so (test:///default needs no daemon)
+  strace           # hypervisor: the writer test checks each heartbeat line is fsynced
   bindfs   # storage: a FUSE mount the hung-pool test freezes (SIGSTOP) to hang a pool
   fuse3    # storage: fusermount for that test's cleanup
   openssh-server  # storage: a loopback sshd serving the sshfs pool tests
