@@ -25,8 +25,9 @@ sidm = int(a["sidm"]).to_bytes(4, "little")
 sidc = int(a["sidc"]).to_bytes(4, "little")
 rm, rc, guid = x(a["rm"]), x(a["rc"]), x(a["guid"])
 sik = h(kuid, rm + rc + role + ulen + user)
-k1 = h(sik, b"\x01" * 32)
-k2 = h(sik, b"\x02" * 32)
+# The K constants are 20 bytes for every algorithm (IPMI v2.0 §13.32; what ipmitool does).
+k1 = h(sik, b"\x01" * 20)
+k2 = h(sik, b"\x02" * 20)
 out = {
   "rakp2": h(kuid, sidm + sidc + rm + rc + guid + role + ulen + user).hex(),
   "rakp3": h(kuid, rc + sidm + role + ulen + user).hex(),

@@ -42,7 +42,7 @@ impl Hash {
         }
     }
 
-    /// Length of the full HMAC output; K1/K2 are derived from a constant of this length.
+    /// Length of the full HMAC output.
     pub fn output_len(self) -> usize {
         match self {
             Hash::Sha1 => 20,
@@ -180,9 +180,14 @@ impl RakpInputs<'_> {
     }
 }
 
-/// K_n = HMAC_SIK(constant n repeated to the hash length) (§13.32).
+/// Length of the constants K1 and K2 are derived from. §13.32 defines them as 20 bytes, and
+/// BMCs and ipmitool keep 20 bytes for HMAC-SHA256 (suite 17) too: stretching the constant
+/// to the hash length yields keys no real BMC shares.
+const ADDITIONAL_KEY_CONSTANT_LEN: usize = 20;
+
+/// K_n = HMAC_SIK(constant n repeated 20 times) (§13.32), for every authentication algorithm.
 pub fn additional_key(hash: Hash, sik: &[u8], constant: u8) -> Vec<u8> {
-    hash.hmac(sik, &[&vec![constant; hash.output_len()]])
+    hash.hmac(sik, &[&[constant; ADDITIONAL_KEY_CONSTANT_LEN]])
 }
 
 /// Per-packet integrity code with K1, truncated for the suite's algorithm.

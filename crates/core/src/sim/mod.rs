@@ -609,7 +609,11 @@ impl World {
                 Command::Directives(_) => {}
                 Command::Investigate { host, investigation, kinds, neighbours, evidence_after, .. } => {
                     self.trace("command", || {
-                        format!("investigate {host} {investigation}: {kinds:?} via {neighbours:?}")
+                        format!(
+                            "investigate {host} {investigation}: {} via [{}]",
+                            kinds.iter().map(|kind| kind.name()).collect::<Vec<_>>().join(", "),
+                            neighbours.iter().map(HostName::as_str).collect::<Vec<_>>().join(",")
+                        )
                     });
                     let Some(target) = self.host_index(&host) else {
                         continue;
