@@ -1,5 +1,6 @@
 use super::*;
 use crate::engine::PlantedBug;
+use std::io::Write;
 
 fn threads() -> usize {
     std::thread::available_parallelism().map(|count| count.get()).unwrap_or(2).min(4)
@@ -56,7 +57,9 @@ fn one_schedule_is_deterministic() {
 fn ten_thousand_schedules_break_no_invariant() {
     let (schedules, steps, failures) = run_many(1, 10_000, threads());
     let violations: usize = failures.iter().map(|failure| failure.violations.len()).sum();
-    println!("sim: {schedules} schedules, {steps} steps, {violations} violations");
+    // Written to the process's stderr, not through println!, so that a plain `cargo test`
+    // shows the tally too (libtest only captures the print macros).
+    let _ = writeln!(std::io::stderr().lock(), "sim: {schedules} schedules, {steps} steps, {violations} violations");
     assert_eq!(schedules, 10_000);
     assert!(failures.is_empty(), "{} failing schedules:{}", failures.len(), report(&failures));
 }
