@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("{}: cannot read: {source}", file.display())]
+    #[error("{}: cannot read", file.display())]
     ConfigRead { file: PathBuf, source: std::io::Error },
     #[error("{}: field `{field}`: {problem}", file.display())]
     Config { file: PathBuf, field: String, problem: String },
@@ -16,6 +16,6 @@ pub enum AgentError {
     Manager { url: String, reason: String },
     #[error(transparent)]
     Proto(#[from] kvmha_proto::ProtoError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
 }

@@ -4,17 +4,17 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
-    #[error("{}: cannot read: {source}", file.display())]
+    #[error("{}: cannot read", file.display())]
     ConfigRead { file: PathBuf, source: std::io::Error },
     #[error("{}: field `{field}`: {problem}", file.display())]
     Config { file: PathBuf, field: String, problem: String },
-    #[error("database {}: {source}", path.display())]
+    #[error("database {}", path.display())]
     Store { path: PathBuf, source: rusqlite::Error },
     #[error("stored engine state is unreadable: {reason}")]
     Snapshot { reason: String },
     #[error(transparent)]
     Proto(#[from] kvmha_proto::ProtoError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
     #[error("the engine thread stopped")]
     EngineGone,

@@ -11,7 +11,7 @@ pub enum ProtoError {
     Certificate { reason: String },
     #[error("tls: {reason}")]
     Tls { reason: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: String, source: std::io::Error },
 }
 
