@@ -222,3 +222,16 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Re
         ManagerError::Config { file: file.into(), field, problem: error.message().to_owned() }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_is_taken_from_the_line_the_error_points_at() {
+        let text = "cluster_id = \"c\"\nlisten = 5\n";
+        let error = parse_toml::<RawConfig>(Path::new("/etc/kvmha/manager.toml"), text).unwrap_err();
+        let message = error.to_string();
+        assert!(message.starts_with("/etc/kvmha/manager.toml: field `listen`:"), "{message}");
+    }
+}

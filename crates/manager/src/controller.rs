@@ -83,6 +83,13 @@ pub struct Controller {
 }
 
 impl Controller {
+    /// A controller whose requests the caller reads itself: for tests and tools that
+    /// drive an [`Executor`] without an engine thread.
+    pub fn detached() -> (Controller, mpsc::Receiver<Request>) {
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        (Controller { sender }, receiver)
+    }
+
     pub async fn step(&self, event: Event) -> Result<StepOutcome, ManagerError> {
         let (reply, answer) = oneshot::channel();
         self.sender.send(Request::Step { event, reply: Some(reply) }).await.map_err(|_| ManagerError::EngineGone)?;

@@ -189,3 +189,77 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(|error| self.wrap(error))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvmha_core::event::{AuditKind, Event};
+    use kvmha_core::model::Resources;
+    use kvmha_core::{EngineConfig, HostSpec, Instant, Profile, Timing, TimingSettings};
+
+    fn engine_with_one_host() -> (Engine, Vec<AuditEvent>) {
+        let timing = Timing::from_profile(Profile::Fast, &TimingSettings::default()).unwrap();
+        let mut engine = Engine::new(EngineConfig::new(timing), Instant::ZERO);
+        let spec = HostSpec {
+            name: HostName::from("host1"),
+            networks: vec!["mgmt".into()],
+            capacity: Resources { cpus: 1, memory_mb: 1 },
+            has_bmc: false,
+            has_watchdog: false,
+            pools: vec![],
+        };
+        let commands = engine.step(Instant::from_millis(5), Event::HostAdded(spec));
+        let audits = commands
+            .into_iter()
+            .filter_map(|command| match command {
+                kvmha_core::Command::Audit(audit) => Some(audit),
+                _ => None,
+            })
+            .collect();
+        (engine, audits)
+    }
+
+    #[test]
+    fn engine_and_audit_lines_survive_a_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.db");
+        let (engine, audits) = engine_with_one_host();
+        assert!(!audits.is_empty());
+        {
+            let mut store = Store::open(&path).unwrap();
+            assert!(store.load_engine().unwrap().is_none());
+            let references: Vec<&AuditEvent> = audits.iter().collect();
+            let last = store.commit(&engine, 1234, &references).unwrap();
+            assert_eq!(last, audits.len() as i64);
+            store.commit(&engine, 2000, &[]).unwrap();
+            store
+                .upsert_host(&HostRow {
+                    name: HostName::from("host1"),
+                    address: "127.0.0.1:1".into(),
+                    cert_sha256: "ab".into(),
+                    hypervisor: None,
+                })
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let (restored, clock_ms) = store.load_engine().unwrap().expect("a snapshot");
+        assert_eq!(clock_ms, 2000);
+        assert_eq!(restored.host_state(&HostName::from("host1")), engine.host_state(&HostName::from("host1")));
+        let rows = store.events_after(0, 100).unwrap();
+        assert_eq!(rows.len(), audits.len());
+        assert_eq!(rows[0].line, audits[0].describe());
+        assert_eq!(rows[0].host.as_deref(), Some("host1"));
+        assert!(store.events_after(rows[0].id, 100).unwrap().len() == audits.len() - 1);
+        assert_eq!(store.hosts().unwrap()[0].address, "127.0.0.1:1");
+        assert!(matches!(audits[0].kind, AuditKind::Manager | AuditKind::HostState { .. }));
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_an_error_not_a_fresh_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.db");
+        let store = Store::open(&path).unwrap();
+        store.conn.execute("INSERT INTO engine (id, clock_ms, state) VALUES (1, 0, '{broken')", []).unwrap();
+        assert!(matches!(store.load_engine(), Err(ManagerError::Snapshot { .. })));
+    }
+}
