@@ -366,9 +366,17 @@ fn tokens_are_checked_with_their_roles() {
     let unknown = cluster.api_output(&["host", "show", "nohost"], &cluster.readonly_token);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
 
+    // A follower started before the action sees its audit line arrive.
+    let follower_log = cluster.dir.path().join("follow.log");
+    let follower = Guard::spawn(
+        &["events", "--follow", "--manager", &cluster.api_url, "--token", &cluster.readonly_token],
+        follower_log,
+    );
+    cluster.wait("the follower prints the log so far", |_| follower.log_text().contains("host added"));
     let accepted = cluster.api_output(&["cluster", "disarm", "--json"], &cluster.operator_token);
     assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
     assert!(cluster.has_event("cluster disarmed by operator-token"));
+    cluster.wait("the follower prints the new line", |_| follower.log_text().contains("cluster disarmed by"));
     let armed = cluster.api_output(&["cluster", "arm"], &cluster.operator_token);
     assert!(String::from_utf8_lossy(&armed.stdout).contains("cluster armed by operator-token"));
 
@@ -379,6 +387,41 @@ fn tokens_are_checked_with_their_roles() {
     }
     let secret_part = cluster.join_token.split('.').nth(1).expect("secret");
     assert!(!log.contains(secret_part));
+}
+
+#[test]
+fn a_join_with_a_wrong_secret_or_a_wrong_ca_fingerprint_is_refused() {
+    let mut cluster = Cluster::init();
+    cluster.start_manager();
+    let parts: Vec<&str> = cluster.join_token.split('.').collect();
+    let wrong_secret = format!("kvmha1.{}.{}", "0".repeat(64), parts[2]);
+    let wrong_ca = format!("kvmha1.{}.{}", parts[1], "0".repeat(64));
+    for (token, expected) in [(wrong_secret, "wrong join token"), (wrong_ca, "does not match the token")] {
+        let dir = cluster.dir.path().join("intruder");
+        let output = run(
+            &[
+                "agent",
+                "join",
+                "--manager",
+                &cluster.manager_url,
+                "--token",
+                &token,
+                "--name",
+                "intruder",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:1",
+            ],
+            &[],
+        );
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains(parts[1]), "the secret shows in an error: {stderr}");
+        assert!(!dir.join("agent.toml").exists());
+    }
+    assert!(cluster.states().is_empty(), "a refused join added a host");
 }
 
 fn start_refused(config: &Path) -> String {
