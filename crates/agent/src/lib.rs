@@ -183,11 +183,12 @@ fn first_seq() -> u64 {
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let ping_interval = config.timing.ping_interval();
-    let client = kvmha_proto::transport::client(
-        &config.ca_pem,
-        Some((&config.cert_pem, &config.key_pem)),
-        ping_interval.max(Duration::from_millis(100)),
-    )?;
+    // A ping may take longer than one interval on a loaded machine; the manager only
+    // suspects a host after `ping_timeout` of silence, so a ping is given what is left
+    // of that after one interval (the next ping waits for this one).
+    let ping_deadline = ping_interval.max(config.timing.ping_timeout().saturating_sub(ping_interval));
+    let client =
+        kvmha_proto::transport::client(&config.ca_pem, Some((&config.cert_pem, &config.key_pem)), ping_deadline)?;
     let tls = pki::server_config(&config.cert_pem, &config.key_pem, &config.ca_pem, pki::ClientAuth::Required)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -223,7 +224,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             },
         };
         let result =
-            post::<_, PingReply>(&client, &format!("{}{}", config.manager_url, path::PING), &message, ping_interval)
+            post::<_, PingReply>(&client, &format!("{}{}", config.manager_url, path::PING), &message, ping_deadline)
                 .await;
         match result {
             Ok(reply) => {
