@@ -363,6 +363,12 @@ fn tokens_are_checked_with_their_roles() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("403") && stderr.contains("read-only"), "{stderr}");
 
+    // The engine refuses to take a host that is not failed for dead: 409 with its reason.
+    let conflict = cluster.api_output(&["host", "confirm-down", "host1"], &cluster.operator_token);
+    assert!(!conflict.status.success());
+    let stderr = String::from_utf8_lossy(&conflict.stderr);
+    assert!(stderr.contains("409") && stderr.contains("not failed"), "{stderr}");
+
     let unknown = cluster.api_output(&["host", "show", "nohost"], &cluster.readonly_token);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
 
