@@ -39,6 +39,9 @@ pub struct JoinOptions {
     pub name: String,
     pub dir: PathBuf,
     pub listen: SocketAddr,
+    /// Where the manager and the neighbours reach this agent, when not `listen` (several
+    /// networks, NAT). An unspecified IP is replaced by the address the join came from.
+    pub advertise: Option<SocketAddr>,
     pub hypervisor: Option<String>,
 }
 
@@ -114,7 +117,7 @@ pub async fn join(options: &JoinOptions) -> Result<PathBuf, AgentError> {
         secret,
         name: HostName::new(options.name.clone()),
         csr_pem: csr.cert_pem.clone(),
-        listen: options.listen.to_string(),
+        listen: options.advertise.unwrap_or(options.listen).to_string(),
         hypervisor: options.hypervisor.clone(),
         capacity: capacity(),
     };

@@ -55,6 +55,9 @@ pub struct JoinArgs {
     /// Where the agent takes the manager's commands.
     #[arg(long, default_value = "0.0.0.0:7445")]
     listen: SocketAddr,
+    /// Where the manager and the other agents reach this one, if not `--listen`.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
     /// libvirt URI (`qemu:///system`, `test:///default`) or `lab`.
     #[arg(long)]
     hypervisor: Option<String>,
@@ -102,6 +105,7 @@ pub fn agent(command: AgentCommand) -> anyhow::Result<()> {
                 name: args.name,
                 dir: args.dir,
                 listen: args.listen,
+                advertise: args.advertise,
                 hypervisor: args.hypervisor,
             };
             let file = runtime()?.block_on(kvmha_agent::join(&options)).context("joining the cluster")?;

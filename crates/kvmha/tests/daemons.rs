@@ -77,6 +77,35 @@ impl Drop for Guard {
     }
 }
 
+/// A loopback address where connections hang as they do to a powered-off machine: a
+/// listener with a backlog of one, whose queue is filled and never accepted from, so the
+/// kernel drops further SYNs.
+struct SilentAddress {
+    address: std::net::SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _fillers: Vec<std::net::TcpStream>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl SilentAddress {
+    fn new() -> SilentAddress {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
+        let listener = {
+            let _context = runtime.enter();
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+            socket.listen(1).expect("listen")
+        };
+        let address = listener.local_addr().expect("address");
+        let mut fillers = Vec::new();
+        while let Ok(stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
+            fillers.push(stream);
+            assert!(fillers.len() < 64, "the accept queue never filled up");
+        }
+        SilentAddress { address, _listener: listener, _fillers: fillers, _runtime: runtime }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -158,24 +187,28 @@ impl Cluster {
     }
 
     fn join(&self, name: &str) -> PathBuf {
+        self.join_with(name, &[])
+    }
+
+    fn join_with(&self, name: &str, extra: &[&str]) -> PathBuf {
         let dir = self.agent_dir(name);
-        let output = run(
-            &[
-                "agent",
-                "join",
-                "--manager",
-                &self.manager_url,
-                "--token",
-                &self.join_token,
-                "--name",
-                name,
-                "--dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{}", free_port()),
-            ],
-            &[],
-        );
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "agent",
+            "join",
+            "--manager",
+            &self.manager_url,
+            "--token",
+            &self.join_token,
+            "--name",
+            name,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        let output = run(&args, &[]);
         assert!(output.status.success(), "join of {name} failed: {}", String::from_utf8_lossy(&output.stderr));
         dir.join("agent.toml")
     }
@@ -455,4 +488,55 @@ fn a_malformed_config_is_refused_with_the_field_and_file_named() {
         assert!(stderr.contains(field), "{field} not named: {stderr}");
         assert!(stderr.contains("manager.toml"), "file not named: {stderr}");
     }
+}
+
+#[test]
+fn a_silent_host_nobody_can_reach_is_fenced_through_its_bmc_once() {
+    let bmc = kvmha_bmc::sim::IpmiSim::start(true).expect("ipmi_sim (scripts/setup.sh installs openipmi)");
+    let mut cluster = Cluster::init();
+    let password_file = cluster.dir.path().join("manager/bmc-host3.pass");
+    std::fs::write(&password_file, kvmha_bmc::sim::ADMIN_PASSWORD).expect("write");
+    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
+    text.push_str(&format!(
+        "\n[hosts.host3.bmc]\nkind = \"ipmi\"\naddress = \"{}\"\nusername = \"{}\"\npassword_file = \"bmc-host3.pass\"\n",
+        bmc.address(),
+        kvmha_bmc::sim::ADMIN_USER
+    ));
+    std::fs::write(cluster.config(), text).expect("write");
+    cluster.start_manager();
+    cluster.join("host1");
+    cluster.join("host2");
+    // host3's neighbours look for it at an address where nothing answers, as if the
+    // whole machine were gone; only its BMC can tell.
+    let silent = SilentAddress::new();
+    cluster.join_with("host3", &["--advertise", &silent.address.to_string()]);
+    for name in ["host1", "host2", "host3"] {
+        cluster.start_agent(name);
+    }
+    for name in ["host1", "host2", "host3"] {
+        cluster.wait_state(name, &["Up"]);
+    }
+
+    cluster.agents.get_mut("host3").expect("host3").kill();
+    cluster.wait_state("host3", &["Fenced"]);
+    assert!(!bmc.script_power(), "host3 is Fenced but its chassis is still on");
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    let intent = lines.iter().position(|line| line.contains("host3 FenceIntent")).expect("a fence intent");
+    let outcome = lines.iter().position(|line| line.contains("host3 FenceOutcome")).expect("a fence outcome");
+    assert!(intent < outcome, "the outcome was logged before the intent: {lines:#?}");
+    let fence_intents = |lines: &[String]| lines.iter().filter(|line| line.contains("FenceIntent")).count();
+    let intents_before = fence_intents(&lines);
+
+    // A restart fences nobody again: the fence is on disk as done.
+    cluster.manager.as_mut().expect("manager").kill();
+    cluster.start_manager();
+    cluster.wait_state("host1", &["Up"]);
+    cluster.wait_state("host2", &["Up"]);
+    assert_eq!(cluster.states().get("host3").map(String::as_str), Some("Fenced"));
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(fence_intents(&lines), intents_before, "a fence was repeated after the restart");
+    let log = cluster.manager.as_ref().expect("manager").log_text();
+    assert!(!log.contains(kvmha_bmc::sim::ADMIN_PASSWORD), "the BMC password is in the manager's log");
 }

@@ -66,8 +66,8 @@ pub struct JoinRequest {
     pub name: HostName,
     /// PEM certificate signing request for the agent's own key pair.
     pub csr_pem: String,
-    /// `IP:PORT` the agent serves manager commands on. An unspecified IP (0.0.0.0) is
-    /// replaced by the address the join came from.
+    /// `IP:PORT` where the manager and the neighbours reach the agent's command
+    /// listener. An unspecified IP (0.0.0.0) is replaced by the address the join came from.
     pub listen: String,
     pub hypervisor: Option<String>,
     pub capacity: Resources,
