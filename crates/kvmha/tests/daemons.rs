@@ -540,3 +540,46 @@ fn a_silent_host_nobody_can_reach_is_fenced_through_its_bmc_once() {
     let log = cluster.manager.as_ref().expect("manager").log_text();
     assert!(!log.contains(kvmha_bmc::sim::ADMIN_PASSWORD), "the BMC password is in the manager's log");
 }
+
+#[test]
+fn an_agent_takes_commands_from_the_managers_certificate_only() {
+    let mut cluster = Cluster::init();
+    cluster.start_manager();
+    cluster.join("host1");
+    cluster.join("host2");
+    cluster.start_agent("host1");
+    cluster.wait_state("host1", &["Up"]);
+    let config = std::fs::read_to_string(cluster.agent_dir("host1").join("agent.toml")).expect("agent.toml");
+    let listen = config
+        .lines()
+        .find_map(|line| line.strip_prefix("listen = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("listen in agent.toml")
+        .to_owned();
+    let read = |name: &str, file: &str| std::fs::read_to_string(cluster.agent_dir(name).join(file)).expect(file);
+    // host2's certificate is from the right CA, so TLS accepts it; the agent does not.
+    let client = kvmha_proto::transport::client(
+        &read("host1", "ca.pem"),
+        Some((&read("host2", "agent.pem"), &read("host2", "agent.key"))),
+        Duration::from_secs(10),
+    )
+    .expect("client");
+    let request = kvmha_proto::CommandRequest {
+        version: kvmha_proto::PROTOCOL_VERSION,
+        request_id: 1,
+        timeout_ms: 1000,
+        command: kvmha_proto::AgentCommand::ListVms,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (status, body) = runtime.block_on(async {
+        let response = client
+            .post(format!("https://{listen}{}", kvmha_proto::path::COMMAND))
+            .json(&request)
+            .send()
+            .await
+            .expect("the agent answers");
+        (response.status(), response.text().await.unwrap_or_default())
+    });
+    assert_eq!(status.as_u16(), 403, "{body}");
+    assert!(body.contains("manager's certificate only"), "{body}");
+}
