@@ -419,6 +419,34 @@ fn tokens_are_checked_with_their_roles() {
     let armed = cluster.api_output(&["cluster", "arm"], &cluster.operator_token);
     assert!(String::from_utf8_lossy(&armed.stdout).contains("cluster armed by operator-token"));
 
+    // Every route the OpenAPI document names exists and asks for a token (401), and a
+    // route it does not name does not exist (404).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let document: Value =
+            client.get(format!("{}/openapi.json", cluster.api_url)).send().await.unwrap().json().await.unwrap();
+        let paths = document["paths"].as_object().expect("paths");
+        assert!(paths.len() >= 10, "{paths:?}");
+        for (path, operations) in paths {
+            if path == "/openapi.json" {
+                continue;
+            }
+            let url = format!("{}{}", cluster.api_url, path.replace("{name}", "host1"));
+            for method in operations.as_object().expect("operations").keys() {
+                let request = match method.as_str() {
+                    "get" => client.get(&url),
+                    "post" => client.post(&url).json(&serde_json::json!({})),
+                    other => panic!("unexpected method {other}"),
+                };
+                let status = request.send().await.unwrap().status().as_u16();
+                assert_eq!(status, 401, "{method} {path}");
+            }
+        }
+        let missing = client.get(format!("{}/v1/nothing", cluster.api_url)).send().await.unwrap();
+        assert_eq!(missing.status().as_u16(), 404);
+    });
+
     // No secret in any log line.
     let log = cluster.manager.as_ref().expect("manager").log_text();
     for secret in [&cluster.operator_token, &cluster.readonly_token] {
