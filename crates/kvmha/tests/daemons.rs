@@ -311,6 +311,11 @@ fn three_agents_come_up_a_clean_stop_disconnects_then_suspects_and_a_kill_suspec
     cluster.wait("host2 investigated", |cluster| cluster.has_event("host2 Suspect -> Investigating"));
     cluster.wait_state("host2", &["Suspect", "Investigating", "Degraded", "FenceFailed", "Fencing"]);
     assert_eq!(cluster.states().get("host3").map(String::as_str), Some("Up"));
+
+    // The killed agent comes back in the same boot: its pings count on from where the
+    // last ones stopped (never dropped as stale), and the host is Up again.
+    cluster.start_agent("host2");
+    cluster.wait_state("host2", &["Up"]);
 }
 
 #[test]
