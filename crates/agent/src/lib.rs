@@ -1,1 +1,289 @@
-//! kvmha-agent: see ARCHITECTURE.md §2. Not built yet.
+//! kvmha-agent: the daemon on every KVM host (ARCHITECTURE.md §2).
+//!
+//! - [`join`]: `kvmha agent join`: checks the manager's CA against the join token, sends
+//!   a CSR, writes the signed certificate and `agent.toml`.
+//! - [`run`]: `kvmha agent run`: pings the manager every ping interval, serves the
+//!   manager's commands over mutual TLS, says goodbye on SIGTERM.
+//!
+//! Not here yet: VMs (issue 6: `list` answers empty, `start`/`stop` answer unsupported),
+//! heartbeats and self-fencing (issue 5: storage is reported `Ok`, heartbeat checks
+//! answer unsupported).
+
+pub mod commands;
+pub mod config;
+pub mod error;
+
+pub use config::AgentConfig;
+pub use error::AgentError;
+
+use kvmha_core::event::{Ping, StorageHealth};
+use kvmha_core::model::{BootId, Resources};
+use kvmha_core::HostName;
+use kvmha_proto::pki;
+use kvmha_proto::{path, GoodbyeMessage, JoinRequest, JoinResponse, PingMessage, PingReply, PROTOCOL_VERSION};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bound on each join request.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on the goodbye at a clean stop: a manager that does not answer must not keep
+/// the host from stopping.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+pub struct JoinOptions {
+    pub manager_url: String,
+    pub token: String,
+    pub name: String,
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Where the manager and the neighbours reach this agent, when not `listen` (several
+    /// networks, NAT). An unspecified IP is replaced by the address the join came from.
+    pub advertise: Option<SocketAddr>,
+    pub hypervisor: Option<String>,
+}
+
+/// The two parts of a join token: the secret, and the CA certificate's fingerprint.
+fn parse_token(token: &str) -> Result<(String, String), AgentError> {
+    let mut parts = token.trim().split('.');
+    let (Some("kvmha1"), Some(secret), Some(fingerprint), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AgentError::JoinToken {
+            reason: "expected kvmha1.SECRET.CA_SHA256 (as printed by manager init)".into(),
+        });
+    };
+    if fingerprint.len() != 64 || !fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(AgentError::JoinToken { reason: "the CA fingerprint part is not a SHA-256 hex digest".into() });
+    }
+    Ok((secret.to_owned(), fingerprint.to_ascii_lowercase()))
+}
+
+fn capacity() -> Resources {
+    let cpus = std::thread::available_parallelism().map(|count| count.get() as u32).unwrap_or(1);
+    let memory_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024);
+    Resources { cpus, memory_mb }
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), AgentError> {
+    let io = |source| AgentError::Io { what: format!("writing {}", path.display()), source };
+    std::fs::write(path, contents).map_err(io)?;
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Joins the cluster and writes `DIR/agent.toml`; returns its path.
+pub async fn join(options: &JoinOptions) -> Result<PathBuf, AgentError> {
+    let (secret, ca_fingerprint) = parse_token(&options.token)?;
+    let url = options.manager_url.trim_end_matches('/').to_owned();
+    let manager_error = |reason: String| AgentError::Manager { url: url.clone(), reason };
+    // The CA is fetched without verification, then checked against the token: a
+    // man in the middle cannot present a CA whose fingerprint matches.
+    let unverified = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .timeout(JOIN_TIMEOUT)
+        .build()
+        .map_err(|error| manager_error(error.to_string()))?;
+    let ca_pem = unverified
+        .get(format!("{url}{}", path::JOIN_CA))
+        .send()
+        .await
+        .and_then(|response| response.error_for_status())
+        .map_err(|error| manager_error(error.to_string()))?
+        .text()
+        .await
+        .map_err(|error| manager_error(error.to_string()))?;
+    if pki::cert_fingerprint_pem(&ca_pem)? != ca_fingerprint {
+        return Err(AgentError::JoinToken {
+            reason: "the manager's CA does not match the token's fingerprint: refusing to join".into(),
+        });
+    }
+    let client = kvmha_proto::transport::client(&ca_pem, None, JOIN_TIMEOUT)?;
+    let csr = pki::generate_csr(&options.name)?;
+    let request = JoinRequest {
+        version: PROTOCOL_VERSION,
+        secret,
+        name: HostName::new(options.name.clone()),
+        csr_pem: csr.cert_pem.clone(),
+        listen: options.advertise.unwrap_or(options.listen).to_string(),
+        hypervisor: options.hypervisor.clone(),
+        capacity: capacity(),
+    };
+    let response = client
+        .post(format!("{url}{}", path::JOIN))
+        .json(&request)
+        .send()
+        .await
+        .map_err(|error| manager_error(error.to_string()))?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|error| manager_error(error.to_string()))?;
+    if !status.is_success() {
+        let reason = serde_json::from_slice::<kvmha_proto::ErrorBody>(&bytes)
+            .map(|body| body.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(AgentError::JoinRefused { reason: format!("http {status}: {reason}") });
+    }
+    let answer: JoinResponse = kvmha_proto::decode(&bytes)?;
+    let dir = &options.dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|source| AgentError::Io { what: format!("creating {}", dir.display()), source })?;
+    write_file(&dir.join("ca.pem"), &answer.ca_pem, false)?;
+    write_file(&dir.join("agent.pem"), &answer.cert_pem, false)?;
+    write_file(&dir.join("agent.key"), &csr.key_pem, true)?;
+    let raw = config::RawConfig {
+        name: options.name.clone(),
+        cluster_id: answer.cluster_id,
+        manager_url: url.clone(),
+        listen: options.listen.to_string(),
+        hypervisor: options.hypervisor.clone(),
+        profile: answer.profile.name().to_owned(),
+        timing: answer.timing,
+        tls: config::RawTls {
+            ca_cert: "ca.pem".into(),
+            cert: "agent.pem".into(),
+            key: "agent.key".into(),
+            manager_cert_sha256: answer.manager_cert_sha256,
+        },
+    };
+    let text = toml::to_string_pretty(&raw).map_err(|error| AgentError::Config {
+        file: dir.join("agent.toml"),
+        field: "(all)".into(),
+        problem: error.to_string(),
+    })?;
+    let file = dir.join("agent.toml");
+    write_file(&file, &format!("# kvmha agent configuration, written by `kvmha agent join`.\n\n{text}"), false)?;
+    Ok(file)
+}
+
+/// This boot of the host: the kernel's boot id, which changes on every reboot.
+fn boot_id() -> BootId {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|text| text.trim().to_owned());
+    BootId(id.unwrap_or_else(|_| "unknown-boot".to_owned()))
+}
+
+/// Ping sequence numbers start at the wall clock in ms: an agent restarted within the
+/// same boot keeps counting up, so the manager never drops its pings as stale.
+fn first_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the agent until SIGTERM or SIGINT; says goodbye before returning.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let ping_interval = config.timing.ping_interval();
+    // A ping may take longer than one interval on a loaded machine; the manager only
+    // suspects a host after `ping_timeout` of silence, so a ping is given what is left
+    // of that after one interval (the next ping waits for this one).
+    let ping_deadline = ping_interval.max(config.timing.ping_timeout().saturating_sub(ping_interval));
+    let client =
+        kvmha_proto::transport::client(&config.ca_pem, Some((&config.cert_pem, &config.key_pem)), ping_deadline)?;
+    let tls = pki::server_config(&config.cert_pem, &config.key_pem, &config.ca_pem, pki::ClientAuth::Required)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| AgentError::Io { what: format!("binding {}", config.listen), source })?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let server =
+        tokio::spawn(kvmha_proto::transport::serve_tls(listener, tls, commands::router(config.clone()), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }));
+    let boot_id = boot_id();
+    let mut seq = first_seq();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| AgentError::Io { what: "installing the SIGTERM handler".into(), source })?;
+    let mut interval = tokio::time::interval(ping_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(name = %config.name, manager = %config.manager_url, listen = %config.listen, "agent running");
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = interval.tick() => {}
+        }
+        seq += 1;
+        let message = PingMessage {
+            version: PROTOCOL_VERSION,
+            ping: Ping {
+                host: config.name.clone(),
+                boot_id: boot_id.clone(),
+                seq,
+                vms: Vec::new(),
+                storage: StorageHealth::Ok,
+            },
+        };
+        let result =
+            post::<_, PingReply>(&client, &format!("{}{}", config.manager_url, path::PING), &message, ping_deadline)
+                .await;
+        match result {
+            Ok(reply) => {
+                if failing {
+                    tracing::info!("manager reachable again");
+                    failing = false;
+                }
+                tracing::trace!(manager_time_ms = reply.manager_time_ms, ?reply.directives, "ping answered");
+            }
+            Err(reason) if !failing => {
+                tracing::warn!(%reason, "ping failed");
+                failing = true;
+            }
+            Err(reason) => tracing::debug!(%reason, "ping failed"),
+        }
+    }
+    tracing::info!("stopping: goodbye to the manager");
+    let goodbye = GoodbyeMessage { version: PROTOCOL_VERSION, host: config.name.clone(), boot_id };
+    let url = format!("{}{}", config.manager_url, path::GOODBYE);
+    let sent = client.post(url).timeout(GOODBYE_TIMEOUT).json(&goodbye).send().await;
+    match sent {
+        Ok(response) if response.status().is_success() => tracing::info!("goodbye acknowledged"),
+        Ok(response) => tracing::warn!(status = %response.status(), "goodbye refused"),
+        Err(error) => tracing::warn!(%error, "goodbye not delivered"),
+    }
+    let _ = stop.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned + kvmha_proto::Versioned>(
+    client: &reqwest::Client,
+    url: &str,
+    body: &T,
+    timeout: Duration,
+) -> Result<R, String> {
+    let response = client.post(url).timeout(timeout).json(body).send().await.map_err(|error| error.to_string())?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|error| error.to_string())?;
+    if !status.is_success() {
+        return Err(format!("http {status}: {}", String::from_utf8_lossy(&bytes)));
+    }
+    kvmha_proto::decode(&bytes).map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_shapes() {
+        let fingerprint = "a".repeat(64);
+        assert_eq!(parse_token(&format!("kvmha1.s3cret.{fingerprint}")).unwrap(), ("s3cret".to_owned(), fingerprint));
+        for bad in ["", "kvmha1.x", "kvmha2.x.y", &format!("kvmha1.s.{}", "z".repeat(64)), "kvmha1.a.b.c"] {
+            let error = parse_token(bad).unwrap_err();
+            assert!(!error.to_string().contains("s3cret"), "{error}");
+        }
+    }
+}

@@ -1,5 +1,7 @@
 use clap::{Parser, Subcommand};
 
+mod daemons;
+mod ops;
 mod simulate;
 
 /// kvmha: high availability for KVM clusters.
@@ -22,6 +24,40 @@ enum Command {
     /// A real multi-host cluster on this machine: up, status, fault, down.
     #[command(subcommand)]
     Lab(kvmha_lab::cli::LabCommand),
+    /// The manager daemon: `init` a cluster, `run` it.
+    #[command(subcommand)]
+    Manager(daemons::ManagerCommand),
+    /// The agent daemon: `join` a cluster, `run` it.
+    #[command(subcommand)]
+    Agent(daemons::AgentCommand),
+    /// Hosts as the manager sees them.
+    Host {
+        #[command(flatten)]
+        api: ops::ApiArgs,
+        #[command(subcommand)]
+        command: ops::HostCommand,
+    },
+    /// VMs as the manager sees them.
+    Vm {
+        #[command(flatten)]
+        api: ops::ApiArgs,
+        #[command(subcommand)]
+        command: ops::VmCommand,
+    },
+    /// The audit log.
+    Events {
+        #[command(flatten)]
+        api: ops::ApiArgs,
+        #[command(flatten)]
+        args: ops::EventsArgs,
+    },
+    /// Cluster-wide switches.
+    Cluster {
+        #[command(flatten)]
+        api: ops::ApiArgs,
+        #[command(subcommand)]
+        command: ops::ClusterCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,5 +73,20 @@ fn main() -> anyhow::Result<()> {
         Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),
         Command::Bench(Bench::Bmc(args)) => Ok(kvmha_bmc::bench::run_blocking(args)?),
         Command::Lab(command) => Ok(kvmha_lab::cli::run(command)?),
+        Command::Manager(command) => plain_errors(daemons::manager(command)),
+        Command::Agent(command) => plain_errors(daemons::agent(command)),
+        Command::Host { api, command } => plain_errors(ops::host(api, command)),
+        Command::Vm { api, command } => plain_errors(ops::vm(api, command)),
+        Command::Events { api, args } => plain_errors(ops::events(api, args)),
+        Command::Cluster { api, command } => plain_errors(ops::cluster(api, command)),
     }
+}
+
+/// Operators get one line per error (with its causes), never a backtrace.
+fn plain_errors(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -1,0 +1,100 @@
+//! `agent.toml`, written by `kvmha agent join`: unknown keys refused, every error names
+//! the file and the field.
+
+use crate::error::AgentError;
+use kvmha_core::{HostName, Profile, Timing, TimingSettings};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub name: String,
+    pub cluster_id: String,
+    /// `https://HOST:PORT` of the manager.
+    pub manager_url: String,
+    /// Where the agent takes manager commands (mutual TLS).
+    pub listen: String,
+    /// A libvirt URI, or `lab`; unused until issue 6.
+    pub hypervisor: Option<String>,
+    pub profile: String,
+    #[serde(default)]
+    pub timing: TimingSettings,
+    pub tls: RawTls,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// SHA-256 of the manager's certificate: the only client allowed to send commands.
+    pub manager_cert_sha256: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub file: PathBuf,
+    pub name: HostName,
+    pub cluster_id: String,
+    pub manager_url: String,
+    pub listen: SocketAddr,
+    pub hypervisor: Option<String>,
+    pub timing: Timing,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub manager_cert_sha256: String,
+}
+
+impl AgentConfig {
+    pub fn load(file: &Path) -> Result<AgentConfig, AgentError> {
+        let text =
+            std::fs::read_to_string(file).map_err(|source| AgentError::ConfigRead { file: file.into(), source })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|error: toml::de::Error| {
+            let field = error
+                .span()
+                .and_then(|span| {
+                    let line_start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |at| at + 1);
+                    let (key, _) = text[line_start..].lines().next()?.split_once('=')?;
+                    Some(key.trim().to_owned())
+                })
+                .unwrap_or_else(|| "(see message)".to_owned());
+            AgentError::Config { file: file.into(), field, problem: error.message().to_owned() }
+        })?;
+        let field =
+            |field: &str, problem: String| AgentError::Config { file: file.into(), field: field.into(), problem };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let listen = raw.listen.parse().map_err(|_| field("listen", format!("{:?} is not IP:PORT", raw.listen)))?;
+        let profile: Profile = raw.profile.parse().map_err(|error| field("profile", format!("{error}")))?;
+        let timing = Timing::from_profile(profile, &raw.timing).map_err(|error| field("timing", error.to_string()))?;
+        if !raw.manager_url.starts_with("https://") {
+            return Err(field("manager_url", format!("{:?} must start with https://", raw.manager_url)));
+        }
+        let read = |name: &str, path: &Path| {
+            let path = base.join(path);
+            std::fs::read_to_string(&path).map_err(|error| field(name, format!("{}: {error}", path.display())))
+        };
+        let ca_pem = read("tls.ca_cert", &raw.tls.ca_cert)?;
+        let cert_pem = read("tls.cert", &raw.tls.cert)?;
+        let key_pem = read("tls.key", &raw.tls.key)?;
+        kvmha_proto::pki::parse_certs(&ca_pem).map_err(|error| field("tls.ca_cert", error.to_string()))?;
+        kvmha_proto::pki::parse_certs(&cert_pem).map_err(|error| field("tls.cert", error.to_string()))?;
+        kvmha_proto::pki::parse_key(&key_pem).map_err(|error| field("tls.key", error.to_string()))?;
+        Ok(AgentConfig {
+            file: file.into(),
+            name: HostName::new(raw.name),
+            cluster_id: raw.cluster_id,
+            manager_url: raw.manager_url.trim_end_matches('/').to_owned(),
+            listen,
+            hypervisor: raw.hypervisor,
+            timing,
+            ca_pem,
+            cert_pem,
+            key_pem,
+            manager_cert_sha256: raw.tls.manager_cert_sha256,
+        })
+    }
+}

@@ -1,0 +1,122 @@
+//! `kvmha manager …` and `kvmha agent …`: the daemons and their set-up.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+pub enum ManagerCommand {
+    /// Create a cluster: CA, manager certificate, tokens, manager.toml. Prints the join
+    /// token as the last line.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Agent-facing mutual-TLS listener.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Operator API (plain HTTP; keep it on loopback).
+        #[arg(long, default_value = "127.0.0.1:7444")]
+        api_listen: SocketAddr,
+        /// Timing profile: fast, balanced or conservative.
+        #[arg(long, default_value = "balanced")]
+        profile: kvmha_core::Profile,
+    },
+    /// Run the manager until SIGTERM.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Join a cluster: get a certificate signed by its CA and write agent.toml.
+    Join(JoinArgs),
+    /// Run the agent until SIGTERM (which sends a goodbye first).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The manager's agent listener, `https://HOST:PORT`.
+    #[arg(long)]
+    manager: String,
+    /// The join token printed by `kvmha manager init`.
+    #[arg(long, env = "KVMHA_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    dir: PathBuf,
+    /// Where the agent takes the manager's commands.
+    #[arg(long, default_value = "0.0.0.0:7445")]
+    listen: SocketAddr,
+    /// Where the manager and the other agents reach this one, if not `--listen`.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// libvirt URI (`qemu:///system`, `test:///default`) or `lab`.
+    #[arg(long)]
+    hypervisor: Option<String>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMHA_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+pub fn manager(command: ManagerCommand) -> anyhow::Result<()> {
+    match command {
+        ManagerCommand::Init { dir, listen, api_listen, profile } => {
+            let output = kvmha_manager::init(&kvmha_manager::InitOptions { dir, listen, api_listen, profile })?;
+            println!("config:          {}", output.config_file.display());
+            println!("operator token:  {}", output.operator_token_file.display());
+            println!("read-only token: {}", output.readonly_token_file.display());
+            println!("start it with:   kvmha manager run --config {}", output.config_file.display());
+            println!(
+                "join agents with: kvmha agent join --manager https://MANAGER:{} --token TOKEN --name NAME --dir DIR",
+                listen.port()
+            );
+            println!("join token:");
+            println!("{}", output.join_token);
+            Ok(())
+        }
+        ManagerCommand::Run { config } => {
+            init_logging();
+            runtime()?.block_on(kvmha_manager::run(&config))?;
+            Ok(())
+        }
+    }
+}
+
+pub fn agent(command: AgentCommand) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::Join(args) => {
+            let options = kvmha_agent::JoinOptions {
+                manager_url: args.manager,
+                token: args.token,
+                name: args.name,
+                dir: args.dir,
+                listen: args.listen,
+                advertise: args.advertise,
+                hypervisor: args.hypervisor,
+            };
+            let file = runtime()?.block_on(kvmha_agent::join(&options)).context("joining the cluster")?;
+            println!("joined; start it with: kvmha agent run --config {}", file.display());
+            Ok(())
+        }
+        AgentCommand::Run { config } => {
+            init_logging();
+            let config = kvmha_agent::AgentConfig::load(&config)?;
+            runtime()?.block_on(kvmha_agent::run(config))?;
+            Ok(())
+        }
+    }
+}

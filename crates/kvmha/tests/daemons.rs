@@ -1,0 +1,618 @@
+//! Multi-process tests of the daemons: a manager and agents as real `kvmha` processes on
+//! loopback, each test in its own temporary directory with its own ports. Every process
+//! is killed when its guard drops, also when a test panics.
+//!
+//! Tests assert behaviour (states, audit lines, exit codes), never durations: every wait
+//! is a bounded poll with a generous limit.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KVMHA: &str = env!("CARGO_BIN_EXE_kvmha");
+/// Generous: the machine is shared and builds run next to the tests.
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(100);
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+struct Guard {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Guard {
+    fn spawn(args: &[&str], log: PathBuf) -> Guard {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(KVMHA)
+            .args(args)
+            .env("KVMHA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("spawning kvmha");
+        Guard { child: Some(child), log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; returns its status.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit; log:\n{}", self.log_text());
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback address where connections hang as they do to a powered-off machine: a
+/// listener with a backlog of one, whose queue is filled and never accepted from, so the
+/// kernel drops further SYNs.
+struct SilentAddress {
+    address: std::net::SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _fillers: Vec<std::net::TcpStream>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl SilentAddress {
+    fn new() -> SilentAddress {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
+        let listener = {
+            let _context = runtime.enter();
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+            socket.listen(1).expect("listen")
+        };
+        let address = listener.local_addr().expect("address");
+        let mut fillers = Vec::new();
+        while let Ok(stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
+            fillers.push(stream);
+            assert!(fillers.len() < 64, "the accept queue never filled up");
+        }
+        SilentAddress { address, _listener: listener, _fillers: fillers, _runtime: runtime }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(KVMHA);
+    command.args(args).env_remove("KVMHA_MANAGER").env_remove("KVMHA_TOKEN").env("RUST_BACKTRACE", "0");
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    command.output().expect("running kvmha")
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    manager: Option<Guard>,
+    agents: BTreeMap<String, Guard>,
+    manager_url: String,
+    api_url: String,
+    operator_token: String,
+    readonly_token: String,
+    join_token: String,
+    manager_runs: u32,
+}
+
+impl Cluster {
+    /// `manager init` with the fast profile; the manager is not started yet.
+    fn init() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (listen, api) = (free_port(), free_port());
+        let manager_dir = dir.path().join("manager");
+        let output = run(
+            &[
+                "manager",
+                "init",
+                "--dir",
+                manager_dir.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+                "--api-listen",
+                &format!("127.0.0.1:{api}"),
+                "--profile",
+                "fast",
+            ],
+            &[],
+        );
+        assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8(output.stdout).expect("utf-8");
+        let join_token = stdout.lines().last().expect("a last line").trim().to_owned();
+        assert!(join_token.starts_with("kvmha1."), "last line is not a join token: {stdout}");
+        let read = |name: &str| std::fs::read_to_string(manager_dir.join(name)).expect(name).trim().to_owned();
+        Cluster {
+            manager: None,
+            agents: BTreeMap::new(),
+            manager_url: format!("https://127.0.0.1:{listen}"),
+            api_url: format!("http://127.0.0.1:{api}"),
+            operator_token: read("operator.token"),
+            readonly_token: read("readonly.token"),
+            join_token,
+            manager_runs: 0,
+            dir,
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("manager/manager.toml")
+    }
+
+    fn start_manager(&mut self) {
+        self.manager_runs += 1;
+        let log = self.dir.path().join(format!("manager-{}.log", self.manager_runs));
+        let config = self.config();
+        self.manager = Some(Guard::spawn(&["manager", "run", "--config", config.to_str().unwrap()], log));
+        self.wait("the operator API answers", |cluster| cluster.try_api(&["host", "list", "--json"]).is_some());
+    }
+
+    fn agent_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.join_with(name, &[])
+    }
+
+    fn join_with(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let dir = self.agent_dir(name);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "agent",
+            "join",
+            "--manager",
+            &self.manager_url,
+            "--token",
+            &self.join_token,
+            "--name",
+            name,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        let output = run(&args, &[]);
+        assert!(output.status.success(), "join of {name} failed: {}", String::from_utf8_lossy(&output.stderr));
+        dir.join("agent.toml")
+    }
+
+    fn start_agent(&mut self, name: &str) {
+        let config = self.agent_dir(name).join("agent.toml");
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.agents.insert(name.to_owned(), Guard::spawn(&["agent", "run", "--config", config.to_str().unwrap()], log));
+    }
+
+    fn api_output(&self, args: &[&str], token: &str) -> Output {
+        run(args, &[("KVMHA_MANAGER", &self.api_url), ("KVMHA_TOKEN", token)])
+    }
+
+    fn try_api(&self, args: &[&str]) -> Option<Value> {
+        let output = self.api_output(args, &self.operator_token);
+        if !output.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    fn states(&self) -> BTreeMap<String, String> {
+        let Some(Value::Array(hosts)) = self.try_api(&["host", "list", "--json"]) else {
+            return BTreeMap::new();
+        };
+        hosts
+            .iter()
+            .map(|host| {
+                (host["name"].as_str().unwrap_or("").to_owned(), host["state"].as_str().unwrap_or("").to_owned())
+            })
+            .collect()
+    }
+
+    /// Every audit line so far, as `kvmha events --json` prints them.
+    fn events(&self) -> Vec<Value> {
+        let output = self.api_output(&["events", "--json"], &self.operator_token);
+        assert!(output.status.success(), "events failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("json line"))
+            .collect()
+    }
+
+    fn has_event(&self, needle: &str) -> bool {
+        self.events().iter().any(|event| event["line"].as_str().unwrap_or("").contains(needle))
+    }
+
+    fn wait(&self, what: &str, condition: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        while !condition(self) {
+            if Instant::now() > deadline {
+                let log = self.manager.as_ref().map(Guard::log_text).unwrap_or_default();
+                panic!("timed out waiting for {what}; states {:?}\nmanager log:\n{log}", self.states());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn wait_state(&self, host: &str, accepted: &[&str]) {
+        self.wait(&format!("{host} in {accepted:?}"), |cluster| {
+            cluster.states().get(host).is_some_and(|state| accepted.contains(&state.as_str()))
+        });
+    }
+
+    /// A manager and three agents, all `Up`.
+    fn three_up() -> Cluster {
+        let mut cluster = Cluster::init();
+        cluster.start_manager();
+        for name in ["host1", "host2", "host3"] {
+            cluster.join(name);
+            cluster.start_agent(name);
+        }
+        for name in ["host1", "host2", "host3"] {
+            cluster.wait_state(name, &["Up"]);
+        }
+        cluster
+    }
+}
+
+#[test]
+fn three_agents_come_up_a_clean_stop_disconnects_then_suspects_and_a_kill_suspects() {
+    let mut cluster = Cluster::three_up();
+    let listed = cluster.api_output(&["host", "list"], &cluster.readonly_token);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(table.starts_with("NAME") && table.contains("host2") && table.contains("Up"), "{table}");
+
+    // Clean stop: goodbye first, so Disconnected, then Suspect once the timeout passes.
+    let agent = cluster.agents.get_mut("host1").expect("host1");
+    agent.signal("TERM");
+    let status = agent.wait_exit();
+    assert!(status.success(), "agent did not exit cleanly: {status:?}");
+    cluster.wait("host1 Up -> Disconnected", |cluster| cluster.has_event("host1 Up -> Disconnected"));
+    cluster.wait("host1 Disconnected -> Suspect", |cluster| cluster.has_event("host1 Disconnected -> Suspect"));
+    cluster.wait("host1 investigated", |cluster| cluster.has_event("host1 Suspect -> Investigating"));
+
+    // SIGKILL: no goodbye, so straight from Up to Suspect, then an investigation.
+    cluster.agents.get_mut("host2").expect("host2").kill();
+    cluster.wait("host2 Up -> Suspect", |cluster| cluster.has_event("host2 Up -> Suspect"));
+    cluster.wait("host2 investigated", |cluster| cluster.has_event("host2 Suspect -> Investigating"));
+    cluster.wait_state("host2", &["Suspect", "Investigating", "Degraded", "FenceFailed", "Fencing"]);
+    assert_eq!(cluster.states().get("host3").map(String::as_str), Some("Up"));
+
+    // The killed agent comes back in the same boot: its pings count on from where the
+    // last ones stopped (never dropped as stale), and the host is Up again.
+    cluster.start_agent("host2");
+    cluster.wait_state("host2", &["Up"]);
+}
+
+#[test]
+fn manager_killed_and_restarted_keeps_hosts_and_audit_log_and_repeats_nothing() {
+    let mut cluster = Cluster::three_up();
+    cluster.agents.get_mut("host3").expect("host3").kill();
+    cluster.wait("host3 investigated", |cluster| cluster.has_event("host3 Suspect -> Investigating"));
+    let before = cluster.events();
+    let last_before = before.last().expect("events")["id"].as_i64().expect("id");
+
+    cluster.manager.as_mut().expect("manager").kill();
+    cluster.start_manager();
+    // Hosts are still known, the live agents come back Up, the log continues.
+    let states = cluster.states();
+    assert_eq!(states.keys().cloned().collect::<Vec<_>>(), vec!["host1", "host2", "host3"], "{states:?}");
+    cluster.wait_state("host1", &["Up"]);
+    cluster.wait_state("host2", &["Up"]);
+    cluster.wait("host3 investigated again", |cluster| {
+        cluster.events().iter().any(|event| {
+            event["id"].as_i64() > Some(last_before)
+                && event["line"].as_str().unwrap_or("").contains("host3 Suspect -> Investigating")
+        })
+    });
+    let after = cluster.events();
+    assert_eq!(&after[..before.len()], &before[..], "the audit log before the restart changed");
+    let restarted =
+        after.iter().skip(before.len()).any(|event| event["line"].as_str().unwrap_or("").contains("manager started"));
+    assert!(restarted, "no 'manager started' line after the restart");
+    // No action repeated: every investigation id is started once, across the restart.
+    let mut started = BTreeMap::new();
+    for event in &after {
+        let line = event["line"].as_str().unwrap_or("");
+        if event["kind"] == "InvestigationStarted" {
+            let id = line.split_whitespace().find(|word| word.starts_with('#')).expect("an id").to_owned();
+            *started.entry(id).or_insert(0) += 1;
+        }
+    }
+    assert!(!started.is_empty());
+    assert!(started.values().all(|count| *count == 1), "an investigation was started twice: {started:?}");
+    // The clock kept going forward: no audit line is older than one before it.
+    let times: Vec<u64> = after.iter().map(|event| event["at_ms"].as_u64().expect("at_ms")).collect();
+    assert!(times.windows(2).all(|pair| pair[0] <= pair[1]), "engine clock went backwards: {times:?}");
+}
+
+#[test]
+fn an_agent_with_a_certificate_from_another_ca_is_refused() {
+    let mut cluster = Cluster::init();
+    cluster.start_manager();
+    cluster.join("host1");
+    // Same name, same trust in the manager, but its own certificate from a foreign CA.
+    let foreign = kvmha_proto::pki::ClusterCa::generate("foreign").expect("ca");
+    let issued = foreign.issue("host1", vec!["host1".into(), "127.0.0.1".into()]).expect("issue");
+    let dir = cluster.agent_dir("host1");
+    std::fs::write(dir.join("agent.pem"), &issued.cert_pem).expect("write");
+    std::fs::write(dir.join("agent.key"), &issued.key_pem).expect("write");
+    cluster.start_agent("host1");
+    let manager_log = |cluster: &Cluster| cluster.manager.as_ref().map(Guard::log_text).unwrap_or_default();
+    cluster.wait("the handshake refused", |cluster| manager_log(cluster).contains("tls handshake refused"));
+    cluster.wait("the agent sees its pings fail", |cluster| cluster.agents["host1"].log_text().contains("ping failed"));
+    assert_eq!(cluster.states().get("host1").map(String::as_str), Some("Connecting"));
+    assert!(!cluster.has_event("host1 Connecting -> Up"));
+}
+
+#[test]
+fn tokens_are_checked_with_their_roles() {
+    let mut cluster = Cluster::init();
+    cluster.start_manager();
+    cluster.join("host1");
+
+    let wrong = cluster.api_output(&["host", "list"], "not-a-token");
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("401") && stderr.contains("unknown token"), "{stderr}");
+
+    let read_only = cluster.api_output(&["host", "list", "--json"], &cluster.readonly_token);
+    assert!(read_only.status.success());
+    let hosts: Value = serde_json::from_slice(&read_only.stdout).expect("json");
+    assert_eq!(hosts[0]["name"], "host1");
+    assert_eq!(hosts[0]["state"], "Connecting");
+
+    let refused = cluster.api_output(&["host", "maintenance", "host1", "on"], &cluster.readonly_token);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("403") && stderr.contains("read-only"), "{stderr}");
+
+    // The engine refuses to take a host that is not failed for dead: 409 with its reason.
+    let conflict = cluster.api_output(&["host", "confirm-down", "host1"], &cluster.operator_token);
+    assert!(!conflict.status.success());
+    let stderr = String::from_utf8_lossy(&conflict.stderr);
+    assert!(stderr.contains("409") && stderr.contains("not failed"), "{stderr}");
+
+    let unknown = cluster.api_output(&["host", "show", "nohost"], &cluster.readonly_token);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
+
+    // A follower started before the action sees its audit line arrive.
+    let follower_log = cluster.dir.path().join("follow.log");
+    let follower = Guard::spawn(
+        &["events", "--follow", "--manager", &cluster.api_url, "--token", &cluster.readonly_token],
+        follower_log,
+    );
+    cluster.wait("the follower prints the log so far", |_| follower.log_text().contains("host added"));
+    let accepted = cluster.api_output(&["cluster", "disarm", "--json"], &cluster.operator_token);
+    assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
+    assert!(cluster.has_event("cluster disarmed by operator-token"));
+    cluster.wait("the follower prints the new line", |_| follower.log_text().contains("cluster disarmed by"));
+    let armed = cluster.api_output(&["cluster", "arm"], &cluster.operator_token);
+    assert!(String::from_utf8_lossy(&armed.stdout).contains("cluster armed by operator-token"));
+
+    // Every route the OpenAPI document names exists and asks for a token (401), and a
+    // route it does not name does not exist (404).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let document: Value =
+            client.get(format!("{}/openapi.json", cluster.api_url)).send().await.unwrap().json().await.unwrap();
+        let paths = document["paths"].as_object().expect("paths");
+        assert!(paths.len() >= 10, "{paths:?}");
+        for (path, operations) in paths {
+            if path == "/openapi.json" {
+                continue;
+            }
+            let url = format!("{}{}", cluster.api_url, path.replace("{name}", "host1"));
+            for method in operations.as_object().expect("operations").keys() {
+                let request = match method.as_str() {
+                    "get" => client.get(&url),
+                    "post" => client.post(&url).json(&serde_json::json!({})),
+                    other => panic!("unexpected method {other}"),
+                };
+                let status = request.send().await.unwrap().status().as_u16();
+                assert_eq!(status, 401, "{method} {path}");
+            }
+        }
+        let missing = client.get(format!("{}/v1/nothing", cluster.api_url)).send().await.unwrap();
+        assert_eq!(missing.status().as_u16(), 404);
+    });
+
+    // No secret in any log line.
+    let log = cluster.manager.as_ref().expect("manager").log_text();
+    for secret in [&cluster.operator_token, &cluster.readonly_token] {
+        assert!(!log.contains(secret.as_str()));
+    }
+    let secret_part = cluster.join_token.split('.').nth(1).expect("secret");
+    assert!(!log.contains(secret_part));
+}
+
+#[test]
+fn a_join_with_a_wrong_secret_or_a_wrong_ca_fingerprint_is_refused() {
+    let mut cluster = Cluster::init();
+    cluster.start_manager();
+    let parts: Vec<&str> = cluster.join_token.split('.').collect();
+    let wrong_secret = format!("kvmha1.{}.{}", "0".repeat(64), parts[2]);
+    let wrong_ca = format!("kvmha1.{}.{}", parts[1], "0".repeat(64));
+    for (token, expected) in [(wrong_secret, "wrong join token"), (wrong_ca, "does not match the token")] {
+        let dir = cluster.dir.path().join("intruder");
+        let output = run(
+            &[
+                "agent",
+                "join",
+                "--manager",
+                &cluster.manager_url,
+                "--token",
+                &token,
+                "--name",
+                "intruder",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:1",
+            ],
+            &[],
+        );
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains(parts[1]), "the secret shows in an error: {stderr}");
+        assert!(!dir.join("agent.toml").exists());
+    }
+    assert!(cluster.states().is_empty(), "a refused join added a host");
+}
+
+fn start_refused(config: &Path) -> String {
+    let output = run(&["manager", "run", "--config", config.to_str().unwrap()], &[]);
+    assert!(!output.status.success(), "a bad config was accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_malformed_config_is_refused_with_the_field_and_file_named() {
+    let cluster = Cluster::init();
+    let file = cluster.config();
+    let good = std::fs::read_to_string(&file).expect("config");
+    let cases = [
+        (good.replace("profile = \"fast\"", "profile = \"fast\"\nbogus_key = 1"), "bogus_key"),
+        (good.replace("[timing]\n", "[timing]\nping_interval_ms = \"200ms\"\n"), "ping_interval_ms"),
+        (good.replace("[timing]\n", "[timing]\nping_timeout_ms = 300\n"), "ping_timeout_ms"),
+        (good.replace("cert = \"manager.pem\"", "cert = \"missing.pem\""), "tls.cert"),
+        (good.replace("profile = \"fast\"", "profile = \"turbo\""), "profile"),
+    ];
+    for (text, field) in cases {
+        assert_ne!(text, good, "the case for {field} changed nothing");
+        std::fs::write(&file, &text).expect("write");
+        let stderr = start_refused(&file);
+        assert!(stderr.contains(field), "{field} not named: {stderr}");
+        assert!(stderr.contains("manager.toml"), "file not named: {stderr}");
+    }
+}
+
+#[test]
+fn a_silent_host_nobody_can_reach_is_fenced_through_its_bmc_once() {
+    let bmc = kvmha_bmc::sim::IpmiSim::start(true).expect("ipmi_sim (scripts/setup.sh installs openipmi)");
+    let mut cluster = Cluster::init();
+    let password_file = cluster.dir.path().join("manager/bmc-host3.pass");
+    std::fs::write(&password_file, kvmha_bmc::sim::ADMIN_PASSWORD).expect("write");
+    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
+    text.push_str(&format!(
+        "\n[hosts.host3.bmc]\nkind = \"ipmi\"\naddress = \"{}\"\nusername = \"{}\"\npassword_file = \"bmc-host3.pass\"\n",
+        bmc.address(),
+        kvmha_bmc::sim::ADMIN_USER
+    ));
+    std::fs::write(cluster.config(), text).expect("write");
+    cluster.start_manager();
+    cluster.join("host1");
+    cluster.join("host2");
+    // host3's neighbours look for it at an address where nothing answers, as if the
+    // whole machine were gone; only its BMC can tell.
+    let silent = SilentAddress::new();
+    cluster.join_with("host3", &["--advertise", &silent.address.to_string()]);
+    for name in ["host1", "host2", "host3"] {
+        cluster.start_agent(name);
+    }
+    for name in ["host1", "host2", "host3"] {
+        cluster.wait_state(name, &["Up"]);
+    }
+
+    cluster.agents.get_mut("host3").expect("host3").kill();
+    cluster.wait_state("host3", &["Fenced"]);
+    assert!(!bmc.script_power(), "host3 is Fenced but its chassis is still on");
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    let intent = lines.iter().position(|line| line.contains("host3 FenceIntent")).expect("a fence intent");
+    let outcome = lines.iter().position(|line| line.contains("host3 FenceOutcome")).expect("a fence outcome");
+    assert!(intent < outcome, "the outcome was logged before the intent: {lines:#?}");
+    let fence_intents = |lines: &[String]| lines.iter().filter(|line| line.contains("FenceIntent")).count();
+    let intents_before = fence_intents(&lines);
+
+    // A restart fences nobody again: the fence is on disk as done.
+    cluster.manager.as_mut().expect("manager").kill();
+    cluster.start_manager();
+    cluster.wait_state("host1", &["Up"]);
+    cluster.wait_state("host2", &["Up"]);
+    assert_eq!(cluster.states().get("host3").map(String::as_str), Some("Fenced"));
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(fence_intents(&lines), intents_before, "a fence was repeated after the restart");
+    let log = cluster.manager.as_ref().expect("manager").log_text();
+    assert!(!log.contains(kvmha_bmc::sim::ADMIN_PASSWORD), "the BMC password is in the manager's log");
+}
+
+#[test]
+fn an_agent_takes_commands_from_the_managers_certificate_only() {
+    let mut cluster = Cluster::init();
+    cluster.start_manager();
+    cluster.join("host1");
+    cluster.join("host2");
+    cluster.start_agent("host1");
+    cluster.wait_state("host1", &["Up"]);
+    let config = std::fs::read_to_string(cluster.agent_dir("host1").join("agent.toml")).expect("agent.toml");
+    let listen = config
+        .lines()
+        .find_map(|line| line.strip_prefix("listen = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("listen in agent.toml")
+        .to_owned();
+    let read = |name: &str, file: &str| std::fs::read_to_string(cluster.agent_dir(name).join(file)).expect(file);
+    // host2's certificate is from the right CA, so TLS accepts it; the agent does not.
+    let client = kvmha_proto::transport::client(
+        &read("host1", "ca.pem"),
+        Some((&read("host2", "agent.pem"), &read("host2", "agent.key"))),
+        Duration::from_secs(10),
+    )
+    .expect("client");
+    let request = kvmha_proto::CommandRequest {
+        version: kvmha_proto::PROTOCOL_VERSION,
+        request_id: 1,
+        timeout_ms: 1000,
+        command: kvmha_proto::AgentCommand::ListVms,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (status, body) = runtime.block_on(async {
+        let response = client
+            .post(format!("https://{listen}{}", kvmha_proto::path::COMMAND))
+            .json(&request)
+            .send()
+            .await
+            .expect("the agent answers");
+        (response.status(), response.text().await.unwrap_or_default())
+    });
+    assert_eq!(status.as_u16(), 403, "{body}");
+    assert!(body.contains("manager's certificate only"), "{body}");
+}

@@ -1,0 +1,237 @@
+//! `manager.toml`: read into a raw struct (unknown keys refused), then validated into a
+//! [`ManagerConfig`] that cannot hold an unsafe timing or a missing certificate. Every
+//! error names the file and the field.
+
+use crate::error::ManagerError;
+use kvmha_bmc::Secret;
+use kvmha_core::{HostName, PoolName, Profile, Timing, TimingSettings};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The file as written by `kvmha manager init` and edited by operators.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub cluster_id: String,
+    /// Agent-facing mutual-TLS listener (`IP:PORT`).
+    pub listen: String,
+    /// Operator API, plain HTTP: keep it on a loopback address (see docs/daemons.md).
+    pub api_listen: String,
+    /// Where `manager.db` lives; relative paths are relative to this file.
+    pub data_dir: PathBuf,
+    pub profile: String,
+    #[serde(default)]
+    pub timing: TimingSettings,
+    pub tls: RawTls,
+    pub api: RawApi,
+    #[serde(default)]
+    pub hosts: BTreeMap<String, RawHost>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Tokens are stored as SHA-256 hex: the file never holds a usable token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub operator_token_sha256: Vec<String>,
+    #[serde(default)]
+    pub readonly_token_sha256: Vec<String>,
+    pub join_token_sha256: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub bmc: Option<RawBmc>,
+    #[serde(default)]
+    pub pools: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBmc {
+    pub kind: BmcKind,
+    pub address: String,
+    pub username: String,
+    /// The password is read from this file only, never from the config itself.
+    pub password_file: PathBuf,
+    /// Redfish only: verify the BMC against this CA bundle.
+    pub ca_bundle: Option<PathBuf>,
+    /// Redfish only: no TLS verification (lab use).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BmcKind {
+    Ipmi,
+    Redfish,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub file: PathBuf,
+    pub cluster_id: String,
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    pub db_path: PathBuf,
+    pub profile: Profile,
+    pub timing_overrides: TimingSettings,
+    pub timing: Timing,
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub operator_token_sha256: Vec<String>,
+    pub readonly_token_sha256: Vec<String>,
+    pub join_token_sha256: String,
+    pub hosts: BTreeMap<HostName, HostConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    pub bmc: Option<BmcConfig>,
+    pub pools: Vec<PoolName>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BmcConfig {
+    pub kind: BmcKind,
+    pub address: String,
+    pub username: String,
+    /// Redacted in Debug output by [`Secret`].
+    pub password: Secret,
+    pub ca_bundle: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+impl ManagerConfig {
+    pub fn load(file: &Path) -> Result<ManagerConfig, ManagerError> {
+        let text =
+            std::fs::read_to_string(file).map_err(|source| ManagerError::ConfigRead { file: file.into(), source })?;
+        let raw: RawConfig = parse_toml(file, &text)?;
+        ManagerConfig::validate(file, raw)
+    }
+
+    pub fn validate(file: &Path, raw: RawConfig) -> Result<ManagerConfig, ManagerError> {
+        let base = file.parent().unwrap_or(Path::new("."));
+        let field =
+            |field: &str, problem: String| ManagerError::Config { file: file.into(), field: field.to_owned(), problem };
+        let address = |name: &str, value: &str| {
+            value.parse::<SocketAddr>().map_err(|_| field(name, format!("{value:?} is not IP:PORT")))
+        };
+        let listen = address("listen", &raw.listen)?;
+        let api_listen = address("api_listen", &raw.api_listen)?;
+        let profile: Profile = raw.profile.parse().map_err(|error| field("profile", format!("{error}")))?;
+        let timing = Timing::from_profile(profile, &raw.timing).map_err(|error| field("timing", error.to_string()))?;
+        let read_pem = |name: &str, path: &Path| {
+            let path = base.join(path);
+            std::fs::read_to_string(&path).map_err(|error| field(name, format!("{}: {error}", path.display())))
+        };
+        let ca_cert_pem = read_pem("tls.ca_cert", &raw.tls.ca_cert)?;
+        let ca_key_pem = read_pem("tls.ca_key", &raw.tls.ca_key)?;
+        let cert_pem = read_pem("tls.cert", &raw.tls.cert)?;
+        let key_pem = read_pem("tls.key", &raw.tls.key)?;
+        for (name, pem) in [("tls.ca_cert", &ca_cert_pem), ("tls.cert", &cert_pem)] {
+            kvmha_proto::pki::parse_certs(pem).map_err(|error| field(name, error.to_string()))?;
+        }
+        for (name, pem) in [("tls.ca_key", &ca_key_pem), ("tls.key", &key_pem)] {
+            kvmha_proto::pki::parse_key(pem).map_err(|error| field(name, error.to_string()))?;
+        }
+        let is_hash = |value: &String| value.len() == 64 && value.chars().all(|c| c.is_ascii_hexdigit());
+        if raw.api.operator_token_sha256.is_empty() || !raw.api.operator_token_sha256.iter().all(is_hash) {
+            return Err(field("api.operator_token_sha256", "expected a non-empty list of SHA-256 hex digests".into()));
+        }
+        if !raw.api.readonly_token_sha256.iter().all(is_hash) {
+            return Err(field("api.readonly_token_sha256", "expected SHA-256 hex digests".into()));
+        }
+        if !is_hash(&raw.api.join_token_sha256) {
+            return Err(field("api.join_token_sha256", "expected a SHA-256 hex digest".into()));
+        }
+        let mut hosts = BTreeMap::new();
+        for (name, host) in raw.hosts {
+            let bmc = match host.bmc {
+                None => None,
+                Some(bmc) => {
+                    let password_path = base.join(&bmc.password_file);
+                    let password = Secret::from_file(&password_path).map_err(|error| {
+                        field(
+                            &format!("hosts.{name}.bmc.password_file"),
+                            format!("{}: {error}", password_path.display()),
+                        )
+                    })?;
+                    Some(BmcConfig {
+                        kind: bmc.kind,
+                        address: bmc.address,
+                        username: bmc.username,
+                        password,
+                        ca_bundle: bmc.ca_bundle.map(|path| base.join(path)),
+                        insecure: bmc.insecure,
+                    })
+                }
+            };
+            let pools = host.pools.iter().map(|pool| PoolName::from(pool.as_str())).collect();
+            hosts.insert(HostName::from(name.as_str()), HostConfig { bmc, pools });
+        }
+        Ok(ManagerConfig {
+            file: file.into(),
+            cluster_id: raw.cluster_id,
+            listen,
+            api_listen,
+            db_path: base.join(raw.data_dir).join("manager.db"),
+            profile,
+            timing_overrides: raw.timing,
+            timing,
+            ca_cert_pem,
+            ca_key_pem,
+            cert_pem,
+            key_pem,
+            operator_token_sha256: raw.api.operator_token_sha256,
+            readonly_token_sha256: raw.api.readonly_token_sha256,
+            join_token_sha256: raw.api.join_token_sha256,
+            hosts,
+        })
+    }
+}
+
+/// Parses TOML, turning serde's message into one that names the file and the field (the
+/// key on the line the error points at).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ManagerError> {
+    toml::from_str(text).map_err(|error: toml::de::Error| {
+        let field = error
+            .span()
+            .and_then(|span| {
+                let line_start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |at| at + 1);
+                let line = text[line_start..].lines().next()?;
+                let (key, _) = line.split_once('=')?;
+                Some(key.trim().to_owned())
+            })
+            .unwrap_or_else(|| "(see message)".to_owned());
+        ManagerError::Config { file: file.into(), field, problem: error.message().to_owned() }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_is_taken_from_the_line_the_error_points_at() {
+        let text = "cluster_id = \"c\"\nlisten = 5\n";
+        let error = parse_toml::<RawConfig>(Path::new("/etc/kvmha/manager.toml"), text).unwrap_err();
+        let message = error.to_string();
+        assert!(message.starts_with("/etc/kvmha/manager.toml: field `listen`:"), "{message}");
+    }
+}

@@ -1,0 +1,265 @@
+//! SQLite persistence (WAL, `synchronous = FULL`).
+//!
+//! - `engine`: one row, the engine's whole state as JSON plus the engine clock at the
+//!   time it was written. Work items, counters, fencing and incidents live inside the
+//!   engine state, so they are persisted with it.
+//! - `audit`: the append-only audit log; each row is one `Command::Audit`.
+//! - `hosts`: agents that joined: address and certificate fingerprint.
+//!
+//! A step that returned commands is persisted (state + its audit lines, one
+//! transaction) before any of its commands runs: intent before action. Steps without
+//! commands (most pings, most ticks) are not written one by one; a periodic snapshot
+//! catches them up. Losing them in a crash loses only "last ping at" times, which the
+//! reconnect grace after a restart makes irrelevant.
+
+use crate::error::ManagerError;
+use kvmha_core::event::AuditEvent;
+use kvmha_core::{Engine, HostName};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    conn: Connection,
+}
+
+/// One joined agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostRow {
+    pub name: HostName,
+    /// `IP:PORT` where the agent takes commands.
+    pub address: String,
+    pub cert_sha256: String,
+    pub hypervisor: Option<String>,
+}
+
+/// One audit line as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct EventRow {
+    pub id: i64,
+    /// Engine clock (ms).
+    pub at_ms: u64,
+    /// Wall clock when written (ms since the Unix epoch).
+    pub unix_ms: u64,
+    pub host: Option<String>,
+    pub vm: Option<String>,
+    pub kind: String,
+    pub line: String,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, ManagerError> {
+        let wrap = |source| ManagerError::Store { path: path.into(), source };
+        let conn = Connection::open(path).map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(wrap)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(wrap)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS engine (id INTEGER PRIMARY KEY CHECK (id = 1), clock_ms INTEGER NOT NULL, state TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, unix_ms INTEGER NOT NULL,
+                 host TEXT, vm TEXT, kind TEXT NOT NULL, line TEXT NOT NULL, event TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, address TEXT NOT NULL, cert_sha256 TEXT NOT NULL, hypervisor TEXT);",
+        )
+        .map_err(wrap)?;
+        Ok(Store { path: path.into(), conn })
+    }
+
+    fn wrap(&self, source: rusqlite::Error) -> ManagerError {
+        ManagerError::Store { path: self.path.clone(), source }
+    }
+
+    /// The engine and its clock, if a snapshot was ever written.
+    pub fn load_engine(&self) -> Result<Option<(Engine, u64)>, ManagerError> {
+        let row: Option<(i64, String)> = self
+            .conn
+            .query_row("SELECT clock_ms, state FROM engine WHERE id = 1", [], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()
+            .map_err(|error| self.wrap(error))?;
+        let Some((clock_ms, state)) = row else { return Ok(None) };
+        let engine: Engine =
+            serde_json::from_str(&state).map_err(|error| ManagerError::Snapshot { reason: error.to_string() })?;
+        Ok(Some((engine, clock_ms as u64)))
+    }
+
+    /// Writes the engine state and the step's audit lines in one transaction. Returns the
+    /// id of the last audit row.
+    pub fn commit(&mut self, engine: &Engine, clock_ms: u64, audits: &[&AuditEvent]) -> Result<i64, ManagerError> {
+        let state =
+            serde_json::to_string(engine).map_err(|error| ManagerError::Snapshot { reason: error.to_string() })?;
+        let path = self.path.clone();
+        let wrap = |source| ManagerError::Store { path: path.clone(), source };
+        let transaction = self.conn.transaction().map_err(wrap)?;
+        transaction
+            .execute(
+                "INSERT INTO engine (id, clock_ms, state) VALUES (1, ?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET clock_ms = excluded.clock_ms, state = excluded.state",
+                params![clock_ms as i64, state],
+            )
+            .map_err(wrap)?;
+        let now = unix_ms() as i64;
+        for audit in audits {
+            let kind = match &audit.kind {
+                kvmha_core::event::AuditKind::HostState { .. } => "HostState".to_owned(),
+                other => format!("{other:?}"),
+            };
+            let event = serde_json::to_string(audit).unwrap_or_default();
+            transaction
+                .execute(
+                    "INSERT INTO audit (at_ms, unix_ms, host, vm, kind, line, event) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        audit.at.as_millis() as i64,
+                        now,
+                        audit.host.as_ref().map(|host| host.to_string()),
+                        audit.vm.as_ref().map(|vm| vm.to_string()),
+                        kind,
+                        audit.describe(),
+                        event
+                    ],
+                )
+                .map_err(wrap)?;
+        }
+        transaction.commit().map_err(wrap)?;
+        self.last_event_id()
+    }
+
+    pub fn last_event_id(&self) -> Result<i64, ManagerError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM audit", [], |row| row.get(0))
+            .map_err(|error| self.wrap(error))
+    }
+
+    pub fn upsert_host(&self, host: &HostRow) -> Result<(), ManagerError> {
+        self.conn
+            .execute(
+                "INSERT INTO hosts (name, address, cert_sha256, hypervisor) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET address = excluded.address, cert_sha256 = excluded.cert_sha256,
+                 hypervisor = excluded.hypervisor",
+                params![host.name.as_str(), host.address, host.cert_sha256, host.hypervisor],
+            )
+            .map_err(|error| self.wrap(error))?;
+        Ok(())
+    }
+
+    pub fn hosts(&self) -> Result<Vec<HostRow>, ManagerError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT name, address, cert_sha256, hypervisor FROM hosts ORDER BY name")
+            .map_err(|error| self.wrap(error))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(HostRow {
+                    name: HostName::new(row.get::<_, String>(0)?),
+                    address: row.get(1)?,
+                    cert_sha256: row.get(2)?,
+                    hypervisor: row.get(3)?,
+                })
+            })
+            .map_err(|error| self.wrap(error))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|error| self.wrap(error))
+    }
+
+    /// At most `limit` audit rows after `after`, oldest first.
+    pub fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, ManagerError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT id, at_ms, unix_ms, host, vm, kind, line FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .map_err(|error| self.wrap(error))?;
+        let rows = statement
+            .query_map(params![after, limit], |row| {
+                Ok(EventRow {
+                    id: row.get(0)?,
+                    at_ms: row.get::<_, i64>(1)? as u64,
+                    unix_ms: row.get::<_, i64>(2)? as u64,
+                    host: row.get(3)?,
+                    vm: row.get(4)?,
+                    kind: row.get(5)?,
+                    line: row.get(6)?,
+                })
+            })
+            .map_err(|error| self.wrap(error))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|error| self.wrap(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvmha_core::event::{AuditKind, Event};
+    use kvmha_core::model::Resources;
+    use kvmha_core::{EngineConfig, HostSpec, Instant, Profile, Timing, TimingSettings};
+
+    fn engine_with_one_host() -> (Engine, Vec<AuditEvent>) {
+        let timing = Timing::from_profile(Profile::Fast, &TimingSettings::default()).unwrap();
+        let mut engine = Engine::new(EngineConfig::new(timing), Instant::ZERO);
+        let spec = HostSpec {
+            name: HostName::from("host1"),
+            networks: vec!["mgmt".into()],
+            capacity: Resources { cpus: 1, memory_mb: 1 },
+            has_bmc: false,
+            has_watchdog: false,
+            pools: vec![],
+        };
+        let commands = engine.step(Instant::from_millis(5), Event::HostAdded(spec));
+        let audits = commands
+            .into_iter()
+            .filter_map(|command| match command {
+                kvmha_core::Command::Audit(audit) => Some(audit),
+                _ => None,
+            })
+            .collect();
+        (engine, audits)
+    }
+
+    #[test]
+    fn engine_and_audit_lines_survive_a_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.db");
+        let (engine, audits) = engine_with_one_host();
+        assert!(!audits.is_empty());
+        {
+            let mut store = Store::open(&path).unwrap();
+            assert!(store.load_engine().unwrap().is_none());
+            let references: Vec<&AuditEvent> = audits.iter().collect();
+            let last = store.commit(&engine, 1234, &references).unwrap();
+            assert_eq!(last, audits.len() as i64);
+            store.commit(&engine, 2000, &[]).unwrap();
+            store
+                .upsert_host(&HostRow {
+                    name: HostName::from("host1"),
+                    address: "127.0.0.1:1".into(),
+                    cert_sha256: "ab".into(),
+                    hypervisor: None,
+                })
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let (restored, clock_ms) = store.load_engine().unwrap().expect("a snapshot");
+        assert_eq!(clock_ms, 2000);
+        assert_eq!(restored.host_state(&HostName::from("host1")), engine.host_state(&HostName::from("host1")));
+        let rows = store.events_after(0, 100).unwrap();
+        assert_eq!(rows.len(), audits.len());
+        assert_eq!(rows[0].line, audits[0].describe());
+        assert_eq!(rows[0].host.as_deref(), Some("host1"));
+        assert!(store.events_after(rows[0].id, 100).unwrap().len() == audits.len() - 1);
+        assert_eq!(store.hosts().unwrap()[0].address, "127.0.0.1:1");
+        assert!(matches!(audits[0].kind, AuditKind::Manager | AuditKind::HostState { .. }));
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_an_error_not_a_fresh_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.db");
+        let store = Store::open(&path).unwrap();
+        store.conn.execute("INSERT INTO engine (id, clock_ms, state) VALUES (1, 0, '{broken')", []).unwrap();
+        assert!(matches!(store.load_engine(), Err(ManagerError::Snapshot { .. })));
+    }
+}
