@@ -188,13 +188,17 @@ impl Sushy {
         self.dir.path().join("ca.pem")
     }
 
-    fn client(&self, password: &str) -> RedfishClient {
-        let mut config = RedfishConfig::new(self.url(), USER, Secret::new(password));
+    /// A config that trusts this emulator: its CA over TLS, or the
+    /// explicit insecure mode plain http needs.
+    fn config(&self, user: &str, password: &str) -> RedfishConfig {
+        let mut config = RedfishConfig::new(self.url(), user, Secret::new(password));
         config.timeout = Duration::from_secs(5);
-        if self.tls {
-            config.tls = RedfishTls::CaBundle(self.ca());
-        }
-        RedfishClient::new(config).unwrap()
+        config.tls = if self.tls { RedfishTls::CaBundle(self.ca()) } else { RedfishTls::Insecure };
+        config
+    }
+
+    fn client(&self, password: &str) -> RedfishClient {
+        RedfishClient::new(self.config(USER, password)).unwrap()
     }
 
     /// PowerState read by Python's urllib: a witness independent of our client.
@@ -360,6 +364,7 @@ async fn refused_power_off_is_resolved_by_reading_the_state_back() {
 async fn unreachable_port_is_unreachable() {
     let mut config = RedfishConfig::new(format!("http://127.0.0.1:{}", free_tcp_port()), USER, Secret::new(PASSWORD));
     config.timeout = Duration::from_secs(2);
+    config.tls = RedfishTls::Insecure;
     let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Unreachable { .. }), "{error:?}");
 }
@@ -384,7 +389,7 @@ async fn tls_verifies_against_the_ca_bundle_and_insecure_is_explicit() {
 #[tokio::test]
 async fn session_auth_against_a_bmc_without_session_service_fails_clearly() {
     let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
-    let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
+    let mut config = sushy.config(USER, PASSWORD);
     config.auth = RedfishAuth::Session;
     let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Refused { .. } | BmcError::Authentication { .. }), "{error:?}");
@@ -393,7 +398,7 @@ async fn session_auth_against_a_bmc_without_session_service_fails_clearly() {
 #[tokio::test]
 async fn session_auth_logs_in_controls_power_and_logs_out() {
     let sushy = Sushy::start(SushyOptions { initially_on: true, sessions: true, ..Default::default() });
-    let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
+    let mut config = sushy.config(USER, PASSWORD);
     config.auth = RedfishAuth::Session;
     let client = RedfishClient::new(config.clone()).unwrap();
     assert_eq!(client.status().await.unwrap(), PowerState::On);
@@ -450,4 +455,34 @@ async fn cli_over_redfish_with_tls_status_and_fence() {
     assert_eq!(sushy.witness_power(), "Off");
     let error = cli(&sushy, &["status", "--insecure", "--ca-bundle", &ca]).await.unwrap_err();
     assert!(matches!(error, BmcError::Config { .. }), "{error:?}");
+}
+
+/// A redirecting BMC (or anything on the path answering 3xx) must not get
+/// our Basic credentials sent on to wherever it points.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let redirector = TcpListener::bind("127.0.0.1:0").unwrap();
+    let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    elsewhere.set_nonblocking(true).unwrap();
+    let elsewhere_port = elsewhere.local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{}", redirector.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in redirector.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{elsewhere_port}/redfish/v1/Systems\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    let mut config = RedfishConfig::new(url, USER, Secret::new(PASSWORD));
+    config.tls = RedfishTls::Insecure;
+    config.timeout = Duration::from_secs(3);
+    let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Refused { code: 307, .. }), "{error:?}");
+    assert!(elsewhere.accept().is_err(), "the redirect was followed");
 }
