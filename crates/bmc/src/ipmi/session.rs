@@ -233,7 +233,19 @@ impl Handshake {
             return Ok(None);
         }
         if rakp4.status != 0 {
-            return Err(rakp_failure("rakp4", rakp4.status).into());
+            // RAKP2 already proved the BMC holds our password, so a status
+            // here ("invalid integrity check value" and the like) is not a
+            // credential problem: a BMC answering a retransmitted RAKP3, or
+            // anyone on the network spoofing an unauthenticated status, can
+            // send it. A protocol error is ignored by the handshake (a
+            // genuine RAKP4 may still follow) and is retryable, so it can
+            // never stop a fence the way a wrong password does.
+            return Err(BmcError::protocol(format!(
+                "rakp4 status {:#04x} ({}) after rakp2 proved the password",
+                rakp4.status,
+                rmcp_plus_status_meaning(rakp4.status)
+            ))
+            .into());
         }
         if rakp4.console_session_id != self.params.console_session_id {
             return Err(BmcError::protocol("rakp4 for another console session").into());
@@ -253,10 +265,9 @@ impl Handshake {
                 };
                 let expected = inputs.rakp4_integrity_check(hash, sik);
                 if !constant_time_eq(&expected, &rakp4.integrity_check) {
-                    return Err(BmcError::Authentication {
-                        reason: "rakp4 integrity check value does not match".into(),
-                    }
-                    .into());
+                    // Not a credential problem either (RAKP2 proved the
+                    // password): a forged or corrupted RAKP4, to be ignored.
+                    return Err(BmcError::protocol("rakp4 integrity check value does not match").into());
                 }
                 (crypto::additional_key(hash, sik, 0x01), crypto::additional_key(hash, sik, 0x02))
             }
