@@ -22,6 +22,7 @@ fn quick_fencer() -> Fencer {
         poll_interval: Duration::from_millis(50),
         power_off_attempts_max: 2,
         resend_after: Duration::from_secs(1),
+        ..Fencer::default()
     }
 }
 
@@ -78,6 +79,7 @@ async fn a_chassis_that_stays_on_is_state_never_reached() {
         poll_interval: Duration::from_millis(50),
         power_off_attempts_max: 2,
         resend_after: Duration::from_millis(500),
+        ..Fencer::default()
     };
     let error = fencer.fence(&client).await.unwrap_err();
     assert!(matches!(error, BmcError::StateNeverReached { .. }), "{error:?}");
@@ -156,4 +158,37 @@ async fn ipmitool_driver_full_matrix_and_typed_errors() {
     config.timeout = Duration::from_secs(4);
     let error = Ipmitool::new(config).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Unreachable { .. } | BmcError::Timeout { .. }), "{error:?}");
+}
+
+fn suite_zero_client(bmc: &SimBmc) -> IpmiClient {
+    let mut config = IpmiConfig::new(bmc.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
+    config.cipher_suites = vec![0];
+    config.allow_suite_zero = true;
+    config.attempt_timeout = Duration::from_millis(300);
+    config.operation_timeout = Duration::from_secs(5);
+    IpmiClient::new(config).unwrap()
+}
+
+/// Cipher suite 0 authenticates nothing: anyone on the BMC network could
+/// answer "off". Allowing the suite for the client is not enough to fence.
+#[tokio::test]
+async fn fencing_over_cipher_suite_zero_is_refused_unless_explicitly_allowed() {
+    let bmc = SimBmc::start(true).unwrap();
+    let client = suite_zero_client(&bmc);
+    let error = quick_fencer().fence(&client).await.unwrap_err();
+    assert!(matches!(error, BmcError::Config { .. }), "{error:?}");
+    assert!(error.to_string().contains("cipher suite 0"), "{error}");
+    assert!(bmc.script_log().is_empty(), "nothing may be sent before the refusal");
+    assert!(bmc.script_power());
+}
+
+#[tokio::test]
+async fn an_allowed_unauthenticated_fence_says_so_in_its_evidence() {
+    let bmc = SimBmc::start(true).unwrap();
+    let client = suite_zero_client(&bmc);
+    let fencer = Fencer { allow_unauthenticated_fence: true, ..quick_fencer() };
+    let report = fencer.fence(&client).await.unwrap();
+    assert_eq!(report.outcome, FenceOutcome::PoweredOff);
+    assert!(report.evidence.contains("UNAUTHENTICATED (cipher suite 0)"), "{}", report.evidence);
+    assert_eq!(bmc.ipmitool_power(), "off");
 }

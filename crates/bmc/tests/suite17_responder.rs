@@ -268,6 +268,7 @@ async fn a_rakp4_error_status_after_a_verified_rakp2_does_not_stop_a_fence() {
         poll_interval: Duration::from_millis(50),
         power_off_attempts_max: 2,
         resend_after: Duration::from_secs(1),
+        ..kvmha_bmc::Fencer::default()
     };
     let report = fencer.fence(&client(address, USER, PASSWORD)).await.unwrap();
     assert_eq!(report.outcome, kvmha_bmc::FenceOutcome::PoweredOff);
