@@ -192,7 +192,7 @@ impl RedfishClient {
             .map_err(|error| self.transport_error(error))?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(BmcError::Authentication { reason: format!("redfish session login answered http {status}") });
+            return Err(self.login_refusal(status).await);
         }
         if !status.is_success() {
             return Err(BmcError::Refused {
@@ -209,6 +209,29 @@ impl RedfishClient {
         let token = header("X-Auth-Token")
             .ok_or_else(|| BmcError::protocol("redfish session created without an X-Auth-Token header"))?;
         Ok(SessionToken { token, location: header("Location") })
+    }
+
+    /// A BMC without a SessionService (sushy-emulator) may answer the login
+    /// POST with 401 like a wrong password would. One GET of the service
+    /// with Basic auth tells them apart: 404 means there is no session
+    /// service to log in to, anything else leaves the credentials to blame.
+    async fn login_refusal(&self, login_status: StatusCode) -> BmcError {
+        let authentication =
+            || BmcError::Authentication { reason: format!("redfish session login answered http {login_status}") };
+        let probe = self
+            .http
+            .get(self.url("/redfish/v1/SessionService"))
+            .basic_auth(&self.config.username, Some(String::from_utf8_lossy(self.config.password.expose())))
+            .send()
+            .await;
+        match probe {
+            Ok(response) if response.status() == StatusCode::NOT_FOUND => BmcError::Refused {
+                operation: "redfish session login".into(),
+                code: login_status.as_u16(),
+                meaning: "the bmc offers no SessionService (use basic auth)".into(),
+            },
+            _ => authentication(),
+        }
     }
 
     /// Deletes the Redfish session, if one was made (BMCs have few slots).

@@ -111,11 +111,18 @@ async fn fencing_without_privilege_is_refused_with_the_code() {
 
 #[tokio::test]
 async fn fencing_an_unreachable_bmc_fails_within_the_deadline() {
-    let client = ipmi(format!("127.0.0.1:{}", free_udp_port()), ADMIN_USER, ADMIN_PASSWORD);
-    let fencer = Fencer { deadline: Duration::from_secs(2), ..quick_fencer() };
+    // A silent peer, not a closed port: silence is what makes a fencer wait.
+    let (_silent, port) = silent_udp_port();
+    let client = ipmi(format!("127.0.0.1:{port}"), ADMIN_USER, ADMIN_PASSWORD);
+    let deadline = Duration::from_secs(2);
+    let fencer = Fencer { deadline, ..quick_fencer() };
+    let started = std::time::Instant::now();
     let error = fencer.fence(&client).await.unwrap_err();
+    let elapsed = started.elapsed();
     assert!(matches!(error, BmcError::Unreachable { .. } | BmcError::Timeout { .. }), "{error:?}");
     assert!(error.is_retryable());
+    // Generous for a loaded machine, but a bound: the deadline must hold.
+    assert!(elapsed < deadline + Duration::from_secs(5), "took {elapsed:?} with a {deadline:?} deadline");
 }
 
 #[tokio::test]
@@ -153,10 +160,12 @@ async fn ipmitool_driver_full_matrix_and_typed_errors() {
     let error = Ipmitool::new(config).unwrap().power_on().await.unwrap_err();
     assert!(matches!(error, BmcError::Refused { code: 0xd4, .. }), "{error:?}");
 
-    let mut config =
-        IpmitoolConfig::new(format!("127.0.0.1:{}", free_udp_port()), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
+    let (_silent, port) = silent_udp_port();
+    let mut config = IpmitoolConfig::new(format!("127.0.0.1:{port}"), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
     config.timeout = Duration::from_secs(4);
+    let started = std::time::Instant::now();
     let error = Ipmitool::new(config).unwrap().status().await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(4 + 5), "took {:?}", started.elapsed());
     assert!(matches!(error, BmcError::Unreachable { .. } | BmcError::Timeout { .. }), "{error:?}");
 }
 

@@ -339,6 +339,33 @@ async fn wrong_password_is_authentication_and_never_shown() {
 }
 
 #[tokio::test]
+async fn wrong_user_is_authentication_and_power_untouched() {
+    let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
+    let client = RedfishClient::new(sushy.config("intruder", PASSWORD)).unwrap();
+    let error = client.power_off().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
+    assert!(!format!("{error} {error:?}").contains(PASSWORD));
+    assert_eq!(sushy.witness_power(), "On");
+}
+
+/// Several emulated BMCs at once: each client controls its own host only.
+#[tokio::test]
+async fn several_bmcs_at_once_are_fenced_independently() {
+    let bmcs: Vec<Sushy> =
+        (0..3).map(|_| Sushy::start(SushyOptions { initially_on: true, ..Default::default() })).collect();
+    let fencer = Fencer { deadline: Duration::from_secs(10), ..Fencer::default() };
+    let clients: Vec<RedfishClient> = bmcs.iter().map(|bmc| bmc.client(PASSWORD)).collect();
+    // Fence the first two concurrently, leave the third alone.
+    let (first, second) = tokio::join!(fencer.fence(&clients[0]), fencer.fence(&clients[1]));
+    assert_eq!(first.unwrap().outcome, FenceOutcome::PoweredOff);
+    assert_eq!(second.unwrap().outcome, FenceOutcome::PoweredOff);
+    assert_eq!(bmcs[0].witness_power(), "Off");
+    assert_eq!(bmcs[1].witness_power(), "Off");
+    assert_eq!(bmcs[2].witness_power(), "On");
+    assert_eq!(clients[2].status().await.unwrap(), PowerState::On);
+}
+
+#[tokio::test]
 async fn refused_power_off_is_resolved_by_reading_the_state_back() {
     // With power-off disabled sushy answers 400 to ForceOff: on a host that
     // is off that refusal is moot, on a host that is on it is a refusal.
@@ -362,11 +389,18 @@ async fn refused_power_off_is_resolved_by_reading_the_state_back() {
 
 #[tokio::test]
 async fn unreachable_port_is_unreachable() {
-    let mut config = RedfishConfig::new(format!("http://127.0.0.1:{}", free_tcp_port()), USER, Secret::new(PASSWORD));
+    // Bound but never listening: the port is ours for the whole test (no
+    // emulator can take it) and a connect is refused at once.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = closed.local_addr().unwrap().port();
+    let mut config = RedfishConfig::new(format!("http://127.0.0.1:{port}"), USER, Secret::new(PASSWORD));
     config.timeout = Duration::from_secs(2);
     config.tls = RedfishTls::Insecure;
+    let started = Instant::now();
     let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Unreachable { .. }), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(2 + 5), "took {:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -392,7 +426,15 @@ async fn session_auth_against_a_bmc_without_session_service_fails_clearly() {
     let mut config = sushy.config(USER, PASSWORD);
     config.auth = RedfishAuth::Session;
     let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
-    assert!(matches!(error, BmcError::Refused { .. } | BmcError::Authentication { .. }), "{error:?}");
+    // sushy answers the login POST with 401, as for a wrong password; the
+    // right credentials make that a refusal naming the missing service.
+    assert!(matches!(error, BmcError::Refused { .. }), "{error:?}");
+    assert!(error.to_string().contains("SessionService"), "{error}");
+    // …while wrong credentials there stay an authentication failure.
+    let mut config = sushy.config(USER, "wrong-session-pw");
+    config.auth = RedfishAuth::Session;
+    let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
 }
 
 #[tokio::test]

@@ -75,15 +75,27 @@ fn wrong_password_exits_non_zero_saying_authentication_failed() {
 fn unreachable_bmc_exits_non_zero_within_the_timeout() {
     let password_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(password_file.path(), ADMIN_PASSWORD).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_kvmha"))
-        .args(["bmc", "status", "--timeout-ms", "1500", "--address"])
-        .arg(format!("127.0.0.1:{}", free_udp_port()))
-        .args(["--user", ADMIN_USER, "--password-file"])
-        .arg(password_file.path())
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("unreachable"), "{stderr}");
+    // Both held by this test, so no simulator can take them meanwhile: a
+    // closed port (ICMP refusal) and a silent one (only the timeout ends it).
+    let (_closed, closed_port) = closed_udp_port();
+    let (_silent, silent_port) = silent_udp_port();
+    let timeout = std::time::Duration::from_millis(1500);
+    for (port, expected) in [(closed_port, "unreachable"), (silent_port, "")] {
+        let started = std::time::Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_kvmha"))
+            .args(["bmc", "status", "--timeout-ms", &timeout.as_millis().to_string(), "--address"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--user", ADMIN_USER, "--password-file"])
+            .arg(password_file.path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let elapsed = started.elapsed();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains("unreachable") || stderr.contains("timed out"), "{stderr}");
+        // Generous for a loaded machine (process start included), but a bound.
+        assert!(elapsed < timeout + std::time::Duration::from_secs(5), "took {elapsed:?} with a {timeout:?} timeout");
+    }
 }
