@@ -30,8 +30,21 @@ enum Bench {
     Bmc(kvmha_bmc::bench::Args),
 }
 
+/// Log lines (the fencer's intent and outcome among them) go to stderr,
+/// filtered by `KVMHA_LOG`, else `RUST_LOG`, else `warn`; stdout stays the
+/// command's output (`--json`).
+fn init_logging() {
+    let filter = ["KVMHA_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok())
+        .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    init_logging();
     match cli.command {
         Command::Simulate(args) => simulate::run(args),
         Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),

@@ -99,3 +99,40 @@ fn unreachable_bmc_exits_non_zero_within_the_timeout() {
         assert!(elapsed < timeout + std::time::Duration::from_secs(5), "took {elapsed:?} with a {timeout:?} timeout");
     }
 }
+
+/// Debug logging on, every driver, success and failure: the password shows
+/// up in neither stdout nor stderr, while the fencer's log lines do (so the
+/// test would notice logging being off).
+#[test]
+fn debug_logging_never_shows_the_password() {
+    let bmc = SimBmc::start(true).unwrap();
+    let password_file = password_file(bmc.dir(), ADMIN_PASSWORD);
+    let wrong_file = bmc.dir().join("wrong-password");
+    std::fs::write(&wrong_file, "leaky-wrong-pw-42").unwrap();
+    let run = |file: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kvmha"))
+            .arg("bmc")
+            .args(args)
+            .args(["--address", &bmc.address(), "--user", ADMIN_USER, "--password-file"])
+            .arg(file)
+            .env("KVMHA_LOG", "trace")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run kvmha")
+    };
+    let fenced = run(&password_file, &["fence", "--cipher-suite", "3"]);
+    assert!(fenced.status.success(), "{fenced:?}");
+    let stderr = String::from_utf8_lossy(&fenced.stderr);
+    assert!(stderr.contains("fence verified"), "the fencer's info line must show: {stderr}");
+    assert!(stderr.contains("DEBUG"), "debug lines must show: {stderr}");
+    let mut outputs = vec![fenced];
+    for driver in ["ipmi", "ipmitool"] {
+        outputs.push(run(&password_file, &["status", "--driver", driver]));
+        outputs.push(run(&wrong_file, &["off", "--driver", driver]));
+    }
+    for output in &outputs {
+        let shown = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(!shown.contains(ADMIN_PASSWORD), "password leaked: {shown}");
+        assert!(!shown.contains("leaky-wrong-pw-42"), "wrong password leaked: {shown}");
+    }
+}
