@@ -56,6 +56,11 @@ pub struct Args {
     /// Allow IPMI cipher suite 0 (no authentication at all).
     #[arg(long)]
     pub allow_cipher_suite_zero: bool,
+    /// `fence` through a BMC whose answers are unauthenticated (cipher
+    /// suite 0): anyone on the BMC network could forge "off". The evidence
+    /// then says UNAUTHENTICATED.
+    #[arg(long)]
+    pub allow_unauthenticated_fence: bool,
     /// IPMI session privilege: callback, user, operator, administrator.
     #[arg(long, default_value = "administrator")]
     pub privilege: String,
@@ -165,7 +170,11 @@ async fn act(args: &Args, driver: &dyn PowerControl, timeout: Duration) -> Resul
             }
         }
         Action::Fence => {
-            let fencer = Fencer { deadline: timeout, ..Fencer::default() };
+            let fencer = Fencer {
+                deadline: timeout,
+                allow_unauthenticated_fence: args.allow_unauthenticated_fence,
+                ..Fencer::default()
+            };
             let report = fencer.fence(driver).await?;
             if args.json {
                 serde_json::to_string(&report).expect("report serializes")

@@ -22,7 +22,15 @@ pub struct Fencer {
     pub power_off_attempts_max: u32,
     /// Re-send power off when the state still reads on this long after the last one.
     pub resend_after: Duration,
+    /// Fence through a BMC whose answers are not authenticated (IPMI
+    /// cipher suite 0). Off by default: anyone on the BMC network could
+    /// forge the "off" read-back, and a fence would then "succeed" on a
+    /// host that is still running. When set, the evidence says so.
+    pub allow_unauthenticated_fence: bool,
 }
+
+/// Evidence marker of a fence whose read-back nobody authenticated.
+pub const UNAUTHENTICATED_SUITE_ZERO: &str = "UNAUTHENTICATED (cipher suite 0)";
 
 impl Default for Fencer {
     fn default() -> Self {
@@ -31,6 +39,7 @@ impl Default for Fencer {
             poll_interval: Duration::from_millis(100),
             power_off_attempts_max: 3,
             resend_after: Duration::from_secs(5),
+            allow_unauthenticated_fence: false,
         }
     }
 }
@@ -76,6 +85,18 @@ impl Fencer {
         let started = Instant::now();
         let deadline = started + self.deadline;
         let target = bmc.target();
+        let unauthenticated = bmc.unauthenticated();
+        if let Some(why) = unauthenticated {
+            if !self.allow_unauthenticated_fence {
+                return Err(BmcError::Config {
+                    reason: format!(
+                        "refusing to fence through bmc {target}: {why}; anyone on the bmc network could forge \
+                         the power-off read-back (allow it explicitly with allow_unauthenticated_fence)"
+                    ),
+                });
+            }
+            tracing::warn!(target = %target, why, "fencing with unauthenticated bmc answers, as explicitly allowed");
+        }
         let mut power_off_attempts = 0u32;
         let mut status_reads = 0u32;
         let mut power_off_accepted = false;
@@ -86,7 +107,10 @@ impl Fencer {
 
         let report = |outcome: FenceOutcome, attempts: u32, reads: u32, note: String| {
             let elapsed = started.elapsed();
-            let evidence = format!("bmc {target}: {note}, read back off after {}ms", elapsed.as_millis());
+            let evidence = match unauthenticated {
+                None => format!("bmc {target}: {note}, read back off after {}ms", elapsed.as_millis()),
+                Some(why) => format!("bmc {target}: {why}: {note}, read back off after {}ms", elapsed.as_millis()),
+            };
             tracing::info!(target = %target, ?outcome, attempts, reads, elapsed_ms = elapsed.as_millis() as u64, "fence verified");
             FenceReport {
                 outcome,

@@ -131,6 +131,10 @@ impl PowerControl for Ipmitool {
         format!("{} ipmitool", self.config.address)
     }
 
+    fn unauthenticated(&self) -> Option<&'static str> {
+        (self.config.cipher_suite == 0).then_some(crate::fence::UNAUTHENTICATED_SUITE_ZERO)
+    }
+
     async fn status(&self) -> Result<PowerState> {
         let stdout = self.run(&["chassis", "power", "status"]).await?;
         if stdout.contains("Chassis Power is on") {

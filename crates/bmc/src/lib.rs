@@ -58,6 +58,13 @@ pub trait PowerControl: Send + Sync + fmt::Debug {
     async fn power_cycle(&self) -> Result<()>;
     /// Hard reset.
     async fn reset(&self) -> Result<()>;
+    /// `Some(why)` when the answers of this BMC may be unauthenticated
+    /// (IPMI cipher suite 0): anyone on the BMC network could then forge
+    /// "power off confirmed". The fencer refuses such a driver unless told
+    /// otherwise, and then says so in its evidence.
+    fn unauthenticated(&self) -> Option<&'static str> {
+        None
+    }
     /// Releases what the driver holds on the BMC (a Redfish session).
     /// Drivers without state keep the default.
     async fn close(&self) -> Result<()> {

@@ -114,15 +114,14 @@ impl ResetType {
 
 impl RedfishClient {
     pub fn new(config: RedfishConfig) -> Result<Self> {
-        let base_url = if config.address.contains("://") {
-            config.address.trim_end_matches('/').to_string()
-        } else {
-            let (host, port) = crate::split_host_port(&config.address, 443)?;
-            let host = if host.contains(':') { format!("[{host}]") } else { host };
-            format!("https://{host}:{port}")
-        };
-        let mut builder =
-            reqwest::Client::builder().timeout(config.timeout).connect_timeout(config.timeout).use_rustls_tls();
+        let base_url = base_url(&config.address, &config.tls)?;
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            // A redirect would carry our Basic credentials (or token) to
+            // wherever the answer points: a BMC has no business redirecting.
+            .redirect(reqwest::redirect::Policy::none())
+            .use_rustls_tls();
         builder = match &config.tls {
             RedfishTls::WebRoots => builder,
             RedfishTls::CaBundle(path) => {
@@ -174,7 +173,7 @@ impl RedfishClient {
                     *session = Some(self.login().await?);
                 }
                 let token = &session.as_ref().expect("just set").token;
-                Ok(request.header("X-Auth-Token", token))
+                Ok(request.header("X-Auth-Token", token_header(token)?))
             }
         }
     }
@@ -193,7 +192,7 @@ impl RedfishClient {
             .map_err(|error| self.transport_error(error))?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(BmcError::Authentication { reason: format!("redfish session login answered http {status}") });
+            return Err(self.login_refusal(status).await);
         }
         if !status.is_success() {
             return Err(BmcError::Refused {
@@ -212,6 +211,29 @@ impl RedfishClient {
         Ok(SessionToken { token, location: header("Location") })
     }
 
+    /// A BMC without a SessionService (sushy-emulator) may answer the login
+    /// POST with 401 like a wrong password would. One GET of the service
+    /// with Basic auth tells them apart: 404 means there is no session
+    /// service to log in to, anything else leaves the credentials to blame.
+    async fn login_refusal(&self, login_status: StatusCode) -> BmcError {
+        let authentication =
+            || BmcError::Authentication { reason: format!("redfish session login answered http {login_status}") };
+        let probe = self
+            .http
+            .get(self.url("/redfish/v1/SessionService"))
+            .basic_auth(&self.config.username, Some(String::from_utf8_lossy(self.config.password.expose())))
+            .send()
+            .await;
+        match probe {
+            Ok(response) if response.status() == StatusCode::NOT_FOUND => BmcError::Refused {
+                operation: "redfish session login".into(),
+                code: login_status.as_u16(),
+                meaning: "the bmc offers no SessionService (use basic auth)".into(),
+            },
+            _ => authentication(),
+        }
+    }
+
     /// Deletes the Redfish session, if one was made (BMCs have few slots).
     pub async fn logout(&self) -> Result<()> {
         let Some(session) = self.session.lock().await.take() else {
@@ -223,7 +245,7 @@ impl RedfishClient {
         let url = if location.starts_with("http") { location } else { self.url(&location) };
         self.http
             .delete(url)
-            .header("X-Auth-Token", session.token)
+            .header("X-Auth-Token", token_header(&session.token)?)
             .send()
             .await
             .map_err(|error| self.transport_error(error))?;
@@ -332,6 +354,59 @@ impl RedfishClient {
     }
 }
 
+/// The base URL from `--address`. Plain `http://` sends the credentials
+/// and the power state in clear, so it is as insecure as skipping TLS
+/// verification and needs the same explicit insecure mode. An address that
+/// embeds `user:pass@` is refused: the password must come from the password
+/// file, and the address ends up in `target()`, errors and audit evidence.
+fn base_url(address: &str, tls: &RedfishTls) -> Result<String> {
+    if address.contains("://") {
+        let url = reqwest::Url::parse(address)
+            .map_err(|error| BmcError::Config { reason: format!("invalid redfish url: {error}") })?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // Never echo the address: it holds the credentials.
+            return Err(BmcError::Config {
+                reason: format!(
+                    "redfish address for host {} embeds user credentials; use --user and --password-file",
+                    url.host_str().unwrap_or("?")
+                ),
+            });
+        }
+        match url.scheme() {
+            "https" => {}
+            "http" if *tls == RedfishTls::Insecure => {}
+            "http" => {
+                return Err(BmcError::Config {
+                    reason: format!(
+                        "redfish address {} is plain http: credentials and power state would travel \
+                         unprotected; use https, or insecure mode (--insecure) on a trusted lab network",
+                        address.trim_end_matches('/')
+                    ),
+                })
+            }
+            other => return Err(BmcError::Config { reason: format!("unsupported redfish url scheme {other:?}") }),
+        }
+        return Ok(address.trim_end_matches('/').to_string());
+    }
+    if address.contains('@') {
+        return Err(BmcError::Config {
+            reason: "redfish address embeds user credentials; use --user and --password-file".into(),
+        });
+    }
+    let (host, port) = crate::split_host_port(address, 443)?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    Ok(format!("https://{host}:{port}"))
+}
+
+/// The session token as a header value marked sensitive, so that no debug
+/// output of a request (reqwest's, hyper's) prints it.
+fn token_header(token: &str) -> Result<reqwest::header::HeaderValue> {
+    let mut value = reqwest::header::HeaderValue::from_str(token)
+        .map_err(|_| BmcError::protocol("redfish session token is not a valid header value"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// Maps an HTTP status to the typed error, with Redfish's extended message
 /// when the body has one.
 fn check_status(operation: &str, status: StatusCode, body: &str) -> Result<()> {
@@ -387,5 +462,50 @@ impl PowerControl for RedfishClient {
 
     async fn reset(&self) -> Result<()> {
         RedfishClient::reset(self, ResetType::ForceRestart).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(address: &str, tls: RedfishTls) -> RedfishConfig {
+        let mut config = RedfishConfig::new(address, "admin", Secret::new("sekrit-pw"));
+        config.tls = tls;
+        config
+    }
+
+    #[test]
+    fn plain_http_needs_insecure_mode_and_the_error_names_the_address() {
+        let error = RedfishClient::new(config("http://10.0.3.11:8000", RedfishTls::WebRoots)).unwrap_err();
+        assert!(matches!(error, BmcError::Config { .. }), "{error:?}");
+        assert!(error.to_string().contains("http://10.0.3.11:8000"), "{error}");
+        assert!(error.to_string().contains("insecure"), "{error}");
+        let ca = RedfishTls::CaBundle(PathBuf::from("/nonexistent"));
+        assert!(matches!(RedfishClient::new(config("http://10.0.3.11", ca)), Err(BmcError::Config { .. })));
+        let client = RedfishClient::new(config("http://10.0.3.11:8000", RedfishTls::Insecure)).unwrap();
+        assert_eq!(client.target(), "http://10.0.3.11:8000 redfish");
+        let client = RedfishClient::new(config("10.0.3.11", RedfishTls::WebRoots)).unwrap();
+        assert_eq!(client.target(), "https://10.0.3.11:443 redfish");
+    }
+
+    #[test]
+    fn an_address_with_embedded_credentials_is_refused_without_echoing_them() {
+        for address in ["https://root:hunter2@10.0.3.11", "http://root:hunter2@10.0.3.11/", "root:hunter2@10.0.3.11"] {
+            for tls in [RedfishTls::WebRoots, RedfishTls::Insecure] {
+                let error = RedfishClient::new(config(address, tls)).unwrap_err();
+                assert!(matches!(error, BmcError::Config { .. }), "{address}: {error:?}");
+                let shown = format!("{error} {error:?}");
+                assert!(!shown.contains("hunter2"), "{shown}");
+                assert!(shown.contains("credentials"), "{shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_session_token_header_is_sensitive() {
+        let value = token_header("0123abcd").unwrap();
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("0123abcd"));
     }
 }

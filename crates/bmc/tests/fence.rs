@@ -22,6 +22,7 @@ fn quick_fencer() -> Fencer {
         poll_interval: Duration::from_millis(50),
         power_off_attempts_max: 2,
         resend_after: Duration::from_secs(1),
+        ..Fencer::default()
     }
 }
 
@@ -78,6 +79,7 @@ async fn a_chassis_that_stays_on_is_state_never_reached() {
         poll_interval: Duration::from_millis(50),
         power_off_attempts_max: 2,
         resend_after: Duration::from_millis(500),
+        ..Fencer::default()
     };
     let error = fencer.fence(&client).await.unwrap_err();
     assert!(matches!(error, BmcError::StateNeverReached { .. }), "{error:?}");
@@ -109,11 +111,18 @@ async fn fencing_without_privilege_is_refused_with_the_code() {
 
 #[tokio::test]
 async fn fencing_an_unreachable_bmc_fails_within_the_deadline() {
-    let client = ipmi(format!("127.0.0.1:{}", free_udp_port()), ADMIN_USER, ADMIN_PASSWORD);
-    let fencer = Fencer { deadline: Duration::from_secs(2), ..quick_fencer() };
+    // A silent peer, not a closed port: silence is what makes a fencer wait.
+    let (_silent, port) = silent_udp_port();
+    let client = ipmi(format!("127.0.0.1:{port}"), ADMIN_USER, ADMIN_PASSWORD);
+    let deadline = Duration::from_secs(2);
+    let fencer = Fencer { deadline, ..quick_fencer() };
+    let started = std::time::Instant::now();
     let error = fencer.fence(&client).await.unwrap_err();
+    let elapsed = started.elapsed();
     assert!(matches!(error, BmcError::Unreachable { .. } | BmcError::Timeout { .. }), "{error:?}");
     assert!(error.is_retryable());
+    // Generous for a loaded machine, but a bound: the deadline must hold.
+    assert!(elapsed < deadline + Duration::from_secs(5), "took {elapsed:?} with a {deadline:?} deadline");
 }
 
 #[tokio::test]
@@ -151,9 +160,44 @@ async fn ipmitool_driver_full_matrix_and_typed_errors() {
     let error = Ipmitool::new(config).unwrap().power_on().await.unwrap_err();
     assert!(matches!(error, BmcError::Refused { code: 0xd4, .. }), "{error:?}");
 
-    let mut config =
-        IpmitoolConfig::new(format!("127.0.0.1:{}", free_udp_port()), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
+    let (_silent, port) = silent_udp_port();
+    let mut config = IpmitoolConfig::new(format!("127.0.0.1:{port}"), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
     config.timeout = Duration::from_secs(4);
+    let started = std::time::Instant::now();
     let error = Ipmitool::new(config).unwrap().status().await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(4 + 5), "took {:?}", started.elapsed());
     assert!(matches!(error, BmcError::Unreachable { .. } | BmcError::Timeout { .. }), "{error:?}");
+}
+
+fn suite_zero_client(bmc: &SimBmc) -> IpmiClient {
+    let mut config = IpmiConfig::new(bmc.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
+    config.cipher_suites = vec![0];
+    config.allow_suite_zero = true;
+    config.attempt_timeout = Duration::from_millis(300);
+    config.operation_timeout = Duration::from_secs(5);
+    IpmiClient::new(config).unwrap()
+}
+
+/// Cipher suite 0 authenticates nothing: anyone on the BMC network could
+/// answer "off". Allowing the suite for the client is not enough to fence.
+#[tokio::test]
+async fn fencing_over_cipher_suite_zero_is_refused_unless_explicitly_allowed() {
+    let bmc = SimBmc::start(true).unwrap();
+    let client = suite_zero_client(&bmc);
+    let error = quick_fencer().fence(&client).await.unwrap_err();
+    assert!(matches!(error, BmcError::Config { .. }), "{error:?}");
+    assert!(error.to_string().contains("cipher suite 0"), "{error}");
+    assert!(bmc.script_log().is_empty(), "nothing may be sent before the refusal");
+    assert!(bmc.script_power());
+}
+
+#[tokio::test]
+async fn an_allowed_unauthenticated_fence_says_so_in_its_evidence() {
+    let bmc = SimBmc::start(true).unwrap();
+    let client = suite_zero_client(&bmc);
+    let fencer = Fencer { allow_unauthenticated_fence: true, ..quick_fencer() };
+    let report = fencer.fence(&client).await.unwrap();
+    assert_eq!(report.outcome, FenceOutcome::PoweredOff);
+    assert!(report.evidence.contains("UNAUTHENTICATED (cipher suite 0)"), "{}", report.evidence);
+    assert_eq!(bmc.ipmitool_power(), "off");
 }

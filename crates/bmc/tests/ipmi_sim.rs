@@ -164,7 +164,7 @@ async fn unknown_user_is_an_authentication_error() {
 
 #[tokio::test]
 async fn unreachable_port_fails_as_unreachable_within_the_timeout() {
-    let port = free_udp_port(); // nothing listens here
+    let (_closed, port) = closed_udp_port(); // held by us, nothing listens
     let mut config = IpmiConfig::new(format!("127.0.0.1:{port}"), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
     config.attempt_timeout = Duration::from_millis(100);
     config.attempts_max = 2;

@@ -188,13 +188,17 @@ impl Sushy {
         self.dir.path().join("ca.pem")
     }
 
-    fn client(&self, password: &str) -> RedfishClient {
-        let mut config = RedfishConfig::new(self.url(), USER, Secret::new(password));
+    /// A config that trusts this emulator: its CA over TLS, or the
+    /// explicit insecure mode plain http needs.
+    fn config(&self, user: &str, password: &str) -> RedfishConfig {
+        let mut config = RedfishConfig::new(self.url(), user, Secret::new(password));
         config.timeout = Duration::from_secs(5);
-        if self.tls {
-            config.tls = RedfishTls::CaBundle(self.ca());
-        }
-        RedfishClient::new(config).unwrap()
+        config.tls = if self.tls { RedfishTls::CaBundle(self.ca()) } else { RedfishTls::Insecure };
+        config
+    }
+
+    fn client(&self, password: &str) -> RedfishClient {
+        RedfishClient::new(self.config(USER, password)).unwrap()
     }
 
     /// PowerState read by Python's urllib: a witness independent of our client.
@@ -335,6 +339,33 @@ async fn wrong_password_is_authentication_and_never_shown() {
 }
 
 #[tokio::test]
+async fn wrong_user_is_authentication_and_power_untouched() {
+    let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
+    let client = RedfishClient::new(sushy.config("intruder", PASSWORD)).unwrap();
+    let error = client.power_off().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
+    assert!(!format!("{error} {error:?}").contains(PASSWORD));
+    assert_eq!(sushy.witness_power(), "On");
+}
+
+/// Several emulated BMCs at once: each client controls its own host only.
+#[tokio::test]
+async fn several_bmcs_at_once_are_fenced_independently() {
+    let bmcs: Vec<Sushy> =
+        (0..3).map(|_| Sushy::start(SushyOptions { initially_on: true, ..Default::default() })).collect();
+    let fencer = Fencer { deadline: Duration::from_secs(10), ..Fencer::default() };
+    let clients: Vec<RedfishClient> = bmcs.iter().map(|bmc| bmc.client(PASSWORD)).collect();
+    // Fence the first two concurrently, leave the third alone.
+    let (first, second) = tokio::join!(fencer.fence(&clients[0]), fencer.fence(&clients[1]));
+    assert_eq!(first.unwrap().outcome, FenceOutcome::PoweredOff);
+    assert_eq!(second.unwrap().outcome, FenceOutcome::PoweredOff);
+    assert_eq!(bmcs[0].witness_power(), "Off");
+    assert_eq!(bmcs[1].witness_power(), "Off");
+    assert_eq!(bmcs[2].witness_power(), "On");
+    assert_eq!(clients[2].status().await.unwrap(), PowerState::On);
+}
+
+#[tokio::test]
 async fn refused_power_off_is_resolved_by_reading_the_state_back() {
     // With power-off disabled sushy answers 400 to ForceOff: on a host that
     // is off that refusal is moot, on a host that is on it is a refusal.
@@ -358,10 +389,18 @@ async fn refused_power_off_is_resolved_by_reading_the_state_back() {
 
 #[tokio::test]
 async fn unreachable_port_is_unreachable() {
-    let mut config = RedfishConfig::new(format!("http://127.0.0.1:{}", free_tcp_port()), USER, Secret::new(PASSWORD));
+    // Bound but never listening: the port is ours for the whole test (no
+    // emulator can take it) and a connect is refused at once.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = closed.local_addr().unwrap().port();
+    let mut config = RedfishConfig::new(format!("http://127.0.0.1:{port}"), USER, Secret::new(PASSWORD));
     config.timeout = Duration::from_secs(2);
+    config.tls = RedfishTls::Insecure;
+    let started = Instant::now();
     let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Unreachable { .. }), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(2 + 5), "took {:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -384,16 +423,24 @@ async fn tls_verifies_against_the_ca_bundle_and_insecure_is_explicit() {
 #[tokio::test]
 async fn session_auth_against_a_bmc_without_session_service_fails_clearly() {
     let sushy = Sushy::start(SushyOptions { initially_on: true, ..Default::default() });
-    let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
+    let mut config = sushy.config(USER, PASSWORD);
     config.auth = RedfishAuth::Session;
     let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
-    assert!(matches!(error, BmcError::Refused { .. } | BmcError::Authentication { .. }), "{error:?}");
+    // sushy answers the login POST with 401, as for a wrong password; the
+    // right credentials make that a refusal naming the missing service.
+    assert!(matches!(error, BmcError::Refused { .. }), "{error:?}");
+    assert!(error.to_string().contains("SessionService"), "{error}");
+    // …while wrong credentials there stay an authentication failure.
+    let mut config = sushy.config(USER, "wrong-session-pw");
+    config.auth = RedfishAuth::Session;
+    let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Authentication { .. }), "{error:?}");
 }
 
 #[tokio::test]
 async fn session_auth_logs_in_controls_power_and_logs_out() {
     let sushy = Sushy::start(SushyOptions { initially_on: true, sessions: true, ..Default::default() });
-    let mut config = RedfishConfig::new(sushy.url(), USER, Secret::new(PASSWORD));
+    let mut config = sushy.config(USER, PASSWORD);
     config.auth = RedfishAuth::Session;
     let client = RedfishClient::new(config.clone()).unwrap();
     assert_eq!(client.status().await.unwrap(), PowerState::On);
@@ -450,4 +497,34 @@ async fn cli_over_redfish_with_tls_status_and_fence() {
     assert_eq!(sushy.witness_power(), "Off");
     let error = cli(&sushy, &["status", "--insecure", "--ca-bundle", &ca]).await.unwrap_err();
     assert!(matches!(error, BmcError::Config { .. }), "{error:?}");
+}
+
+/// A redirecting BMC (or anything on the path answering 3xx) must not get
+/// our Basic credentials sent on to wherever it points.
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let redirector = TcpListener::bind("127.0.0.1:0").unwrap();
+    let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    elsewhere.set_nonblocking(true).unwrap();
+    let elsewhere_port = elsewhere.local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{}", redirector.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in redirector.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{elsewhere_port}/redfish/v1/Systems\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    let mut config = RedfishConfig::new(url, USER, Secret::new(PASSWORD));
+    config.tls = RedfishTls::Insecure;
+    config.timeout = Duration::from_secs(3);
+    let error = RedfishClient::new(config).unwrap().status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Refused { code: 307, .. }), "{error:?}");
+    assert!(elsewhere.accept().is_err(), "the redirect was followed");
 }

@@ -26,6 +26,13 @@ struct BmcState {
     k2: Vec<u8>,
     outbound_seq: u32,
     commands: Vec<(u8, u8)>,
+    /// Answer every RAKP3 first with a RAKP4 carrying this status (what a
+    /// spoofer, or a BMC answering a retransmission, sends), then properly.
+    spoof_rakp4_status: Option<u8>,
+    /// A datagram to send before the answer (see `spoof_rakp4_status`).
+    send_first: Option<Vec<u8>>,
+    /// Never send the genuine RAKP4 (only the spoofed one, if any).
+    break_rakp4: bool,
 }
 
 fn reply_message(request: &[u8], completion_code: u8, data: &[u8]) -> Vec<u8> {
@@ -119,6 +126,14 @@ fn answer(state: &mut BmcState, packet: &[u8]) -> Option<Vec<u8>> {
                 reply.extend_from_slice(&state.console_session_id.to_le_bytes());
                 return Some(setup(codec::PAYLOAD_RAKP4, &reply));
             }
+            if let Some(status) = state.spoof_rakp4_status {
+                let mut spoofed = vec![request[0], status, 0, 0];
+                spoofed.extend_from_slice(&state.console_session_id.to_le_bytes());
+                state.send_first = Some(setup(codec::PAYLOAD_RAKP4, &spoofed));
+            }
+            if state.break_rakp4 {
+                return None;
+            }
             let sik = inputs.session_integrity_key(Hash::Sha256, &user_key);
             state.k1 = crypto::additional_key(Hash::Sha256, &sik, 1);
             state.k2 = crypto::additional_key(Hash::Sha256, &sik, 2);
@@ -176,7 +191,14 @@ async fn start_responder() -> (String, Arc<Mutex<BmcState>>, tokio::task::JoinHa
     let task = tokio::spawn(async move {
         let mut buffer = [0u8; 2048];
         while let Ok((length, peer)) = socket.recv_from(&mut buffer).await {
-            let reply = answer(&mut shared.lock().unwrap(), &buffer[..length]);
+            let (first, reply) = {
+                let mut state = shared.lock().unwrap();
+                let reply = answer(&mut state, &buffer[..length]);
+                (state.send_first.take(), reply)
+            };
+            if let Some(first) = first {
+                let _ = socket.send_to(&first, peer).await;
+            }
             if let Some(reply) = reply {
                 let _ = socket.send_to(&reply, peer).await;
             }
@@ -231,5 +253,44 @@ async fn a_bmc_without_suite_3_is_not_talked_into_it() {
     config.attempt_timeout = Duration::from_millis(300);
     let error = IpmiClient::new(config).unwrap().status().await.unwrap_err();
     assert!(matches!(error, BmcError::Negotiation { .. }), "{error:?}");
+    task.abort();
+}
+
+/// After RAKP2 proved the password, a RAKP4 error status is no proof of
+/// wrong credentials: it must neither be reported as an authentication
+/// failure nor stop a fence.
+#[tokio::test]
+async fn a_rakp4_error_status_after_a_verified_rakp2_does_not_stop_a_fence() {
+    let (address, state, task) = start_responder().await;
+    state.lock().unwrap().spoof_rakp4_status = Some(0x0f);
+    let fencer = kvmha_bmc::Fencer {
+        deadline: Duration::from_secs(10),
+        poll_interval: Duration::from_millis(50),
+        power_off_attempts_max: 2,
+        resend_after: Duration::from_secs(1),
+        ..kvmha_bmc::Fencer::default()
+    };
+    let report = fencer.fence(&client(address, USER, PASSWORD)).await.unwrap();
+    assert_eq!(report.outcome, kvmha_bmc::FenceOutcome::PoweredOff);
+    assert!(!state.lock().unwrap().power_on);
+    task.abort();
+}
+
+/// A BMC that answers only with the RAKP4 status: a retryable protocol
+/// error naming the status, never `Authentication`.
+#[tokio::test]
+async fn a_rakp4_status_alone_is_a_protocol_error_not_authentication() {
+    let (address, state, task) = start_responder().await;
+    {
+        let mut state = state.lock().unwrap();
+        state.spoof_rakp4_status = Some(0x0f);
+        state.break_rakp4 = true;
+    }
+    let mut config = IpmiConfig::new(address, USER, Secret::new(PASSWORD));
+    config.attempt_timeout = Duration::from_millis(200);
+    let client = IpmiClient::new(config).unwrap();
+    let error = client.status().await.unwrap_err();
+    assert!(matches!(error, BmcError::Protocol { .. }), "{error:?}");
+    assert!(error.to_string().contains("rakp4 status 0x0f"), "{error}");
     task.abort();
 }

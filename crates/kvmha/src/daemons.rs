@@ -63,11 +63,6 @@ pub struct JoinArgs {
     hypervisor: Option<String>,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMHA_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
@@ -89,7 +84,6 @@ pub fn manager(command: ManagerCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ManagerCommand::Run { config } => {
-            init_logging();
             runtime()?.block_on(kvmha_manager::run(&config))?;
             Ok(())
         }
@@ -113,7 +107,6 @@ pub fn agent(command: AgentCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AgentCommand::Run { config } => {
-            init_logging();
             let config = kvmha_agent::AgentConfig::load(&config)?;
             runtime()?.block_on(kvmha_agent::run(config))?;
             Ok(())

@@ -66,8 +66,27 @@ enum Bench {
     Bmc(kvmha_bmc::bench::Args),
 }
 
+/// Log lines (the fencer's intent and outcome among them) go to stderr,
+/// filtered by `KVMHA_LOG`, else `RUST_LOG`, else `warn`; stdout stays the
+/// command's output (`--json`).
+/// Logs go to stderr, filtered by `KVMHA_LOG`, else `RUST_LOG`, else `default`: daemons
+/// say what they do (`info`), one-shot commands only what went wrong (`warn`).
+fn init_logging(default: &str) {
+    let filter = ["KVMHA_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok())
+        .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Manager(_) | Command::Agent(_) => "info",
+        _ => "warn",
+    };
+    init_logging(default_level);
     match cli.command {
         Command::Simulate(args) => simulate::run(args),
         Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),

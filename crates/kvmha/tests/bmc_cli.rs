@@ -75,15 +75,64 @@ fn wrong_password_exits_non_zero_saying_authentication_failed() {
 fn unreachable_bmc_exits_non_zero_within_the_timeout() {
     let password_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(password_file.path(), ADMIN_PASSWORD).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_kvmha"))
-        .args(["bmc", "status", "--timeout-ms", "1500", "--address"])
-        .arg(format!("127.0.0.1:{}", free_udp_port()))
-        .args(["--user", ADMIN_USER, "--password-file"])
-        .arg(password_file.path())
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("unreachable"), "{stderr}");
+    // Both held by this test, so no simulator can take them meanwhile: a
+    // closed port (ICMP refusal) and a silent one (only the timeout ends it).
+    let (_closed, closed_port) = closed_udp_port();
+    let (_silent, silent_port) = silent_udp_port();
+    let timeout = std::time::Duration::from_millis(1500);
+    for (port, expected) in [(closed_port, "unreachable"), (silent_port, "")] {
+        let started = std::time::Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_kvmha"))
+            .args(["bmc", "status", "--timeout-ms", &timeout.as_millis().to_string(), "--address"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--user", ADMIN_USER, "--password-file"])
+            .arg(password_file.path())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let elapsed = started.elapsed();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains("unreachable") || stderr.contains("timed out"), "{stderr}");
+        // Generous for a loaded machine (process start included), but a bound.
+        assert!(elapsed < timeout + std::time::Duration::from_secs(5), "took {elapsed:?} with a {timeout:?} timeout");
+    }
+}
+
+/// Debug logging on, every driver, success and failure: the password shows
+/// up in neither stdout nor stderr, while the fencer's log lines do (so the
+/// test would notice logging being off).
+#[test]
+fn debug_logging_never_shows_the_password() {
+    let bmc = SimBmc::start(true).unwrap();
+    let password_file = password_file(bmc.dir(), ADMIN_PASSWORD);
+    let wrong_file = bmc.dir().join("wrong-password");
+    std::fs::write(&wrong_file, "leaky-wrong-pw-42").unwrap();
+    let run = |file: &std::path::Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kvmha"))
+            .arg("bmc")
+            .args(args)
+            .args(["--address", &bmc.address(), "--user", ADMIN_USER, "--password-file"])
+            .arg(file)
+            .env("KVMHA_LOG", "trace")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run kvmha")
+    };
+    let fenced = run(&password_file, &["fence", "--cipher-suite", "3"]);
+    assert!(fenced.status.success(), "{fenced:?}");
+    let stderr = String::from_utf8_lossy(&fenced.stderr);
+    assert!(stderr.contains("fence verified"), "the fencer's info line must show: {stderr}");
+    assert!(stderr.contains("DEBUG"), "debug lines must show: {stderr}");
+    let mut outputs = vec![fenced];
+    for driver in ["ipmi", "ipmitool"] {
+        outputs.push(run(&password_file, &["status", "--driver", driver]));
+        outputs.push(run(&wrong_file, &["off", "--driver", driver]));
+    }
+    for output in &outputs {
+        let shown = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(!shown.contains(ADMIN_PASSWORD), "password leaked: {shown}");
+        assert!(!shown.contains("leaky-wrong-pw-42"), "wrong password leaked: {shown}");
+    }
 }

@@ -400,6 +400,12 @@ impl PowerControl for IpmiClient {
         format!("{} ipmi", self.config.address)
     }
 
+    fn unauthenticated(&self) -> Option<&'static str> {
+        // Suites are tried in order, so with suite 0 anywhere in the list a
+        // BMC (or whoever answers for it) may choose it.
+        self.suites.iter().any(|suite| suite.id == 0).then_some(crate::fence::UNAUTHENTICATED_SUITE_ZERO)
+    }
+
     async fn status(&self) -> Result<PowerState> {
         Ok(self.chassis_status().await?.power)
     }

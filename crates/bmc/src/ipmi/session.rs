@@ -233,7 +233,19 @@ impl Handshake {
             return Ok(None);
         }
         if rakp4.status != 0 {
-            return Err(rakp_failure("rakp4", rakp4.status).into());
+            // RAKP2 already proved the BMC holds our password, so a status
+            // here ("invalid integrity check value" and the like) is not a
+            // credential problem: a BMC answering a retransmitted RAKP3, or
+            // anyone on the network spoofing an unauthenticated status, can
+            // send it. A protocol error is ignored by the handshake (a
+            // genuine RAKP4 may still follow) and is retryable, so it can
+            // never stop a fence the way a wrong password does.
+            return Err(BmcError::protocol(format!(
+                "rakp4 status {:#04x} ({}) after rakp2 proved the password",
+                rakp4.status,
+                rmcp_plus_status_meaning(rakp4.status)
+            ))
+            .into());
         }
         if rakp4.console_session_id != self.params.console_session_id {
             return Err(BmcError::protocol("rakp4 for another console session").into());
@@ -253,10 +265,9 @@ impl Handshake {
                 };
                 let expected = inputs.rakp4_integrity_check(hash, sik);
                 if !constant_time_eq(&expected, &rakp4.integrity_check) {
-                    return Err(BmcError::Authentication {
-                        reason: "rakp4 integrity check value does not match".into(),
-                    }
-                    .into());
+                    // Not a credential problem either (RAKP2 proved the
+                    // password): a forged or corrupted RAKP4, to be ignored.
+                    return Err(BmcError::protocol("rakp4 integrity check value does not match").into());
                 }
                 (crypto::additional_key(hash, sik, 0x01), crypto::additional_key(hash, sik, 0x02))
             }
@@ -269,6 +280,7 @@ impl Handshake {
             k2,
             outbound_seq: 0,
             inbound_seq_highest: 0,
+            inbound_seq_seen: 0,
             rq_seq: 0,
         }))
     }
@@ -309,6 +321,10 @@ pub struct Session {
     k2: Vec<u8>,
     outbound_seq: u32,
     inbound_seq_highest: u32,
+    /// Bit `n` set: `inbound_seq_highest - n` was accepted. An exact replay
+    /// inside the window (a captured valid answer sent again, say "off"
+    /// for a later status read) is then refused, not just a stale one.
+    inbound_seq_seen: u64,
     rq_seq: u8,
 }
 
@@ -390,9 +406,7 @@ impl Session {
             }
         }
         let seq = decoded.header.session_seq;
-        if seq == 0 || seq.wrapping_add(INBOUND_SEQ_WINDOW) <= self.inbound_seq_highest {
-            return Err(BmcError::protocol("response sequence number outside the window"));
-        }
+        self.check_inbound_seq(seq)?;
         let wants_confidentiality = self.suite.confidentiality != crypto::CONFIDENTIALITY_NONE;
         let message = if wants_confidentiality {
             if !decoded.header.encrypted {
@@ -403,7 +417,102 @@ impl Session {
             decoded.payload.to_vec()
         };
         let response = codec::decode_ipmi_response(&message)?;
-        self.inbound_seq_highest = self.inbound_seq_highest.max(seq);
+        // Recorded only now: a packet that failed any check must not use
+        // up a sequence number a genuine answer may still carry.
+        self.record_inbound_seq(seq);
         Ok(response)
+    }
+
+    fn check_inbound_seq(&self, seq: u32) -> Result<()> {
+        if seq == 0 || seq.wrapping_add(INBOUND_SEQ_WINDOW) <= self.inbound_seq_highest {
+            return Err(BmcError::protocol("response sequence number outside the window"));
+        }
+        if seq <= self.inbound_seq_highest {
+            let behind = self.inbound_seq_highest - seq;
+            if self.inbound_seq_seen & (1u64 << behind) != 0 {
+                return Err(BmcError::protocol("replayed response sequence number"));
+            }
+        }
+        Ok(())
+    }
+
+    fn record_inbound_seq(&mut self, seq: u32) {
+        if seq > self.inbound_seq_highest {
+            let ahead = seq - self.inbound_seq_highest;
+            self.inbound_seq_seen = if ahead >= 64 { 0 } else { self.inbound_seq_seen << ahead };
+            self.inbound_seq_highest = seq;
+        }
+        // check_inbound_seq keeps `behind` below the window (8 < 64).
+        self.inbound_seq_seen |= 1u64 << (self.inbound_seq_highest - seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONSOLE_SESSION_ID: u32 = 0x1234_5678;
+
+    fn session() -> Session {
+        Session {
+            suite: CipherSuite::SUITE_3,
+            console_session_id: CONSOLE_SESSION_ID,
+            managed_session_id: 0x0bad_cafe,
+            k1: vec![0x11; 20],
+            k2: vec![0x22; 20],
+            outbound_seq: 0,
+            inbound_seq_highest: 0,
+            inbound_seq_seen: 0,
+            rq_seq: 0,
+        }
+    }
+
+    /// A Get Chassis Status answer as the BMC would seal it.
+    fn sealed_response(session: &Session, seq: u32, power_on: bool) -> Vec<u8> {
+        let mut message = vec![0x81, 0x01 << 2];
+        message.push(codec::checksum(&message));
+        message.extend_from_slice(&[0x20, 0x01 << 2, 0x01, 0x00, u8::from(power_on), 0, 0]);
+        message.push(codec::checksum(&message[3..]));
+        let payload = crypto::encrypt_aes_cbc_128(&session.k2, &[7; 16], &message);
+        let header = V2Header {
+            payload_type: codec::PAYLOAD_IPMI,
+            encrypted: true,
+            authenticated: true,
+            session_id: CONSOLE_SESSION_ID,
+            session_seq: seq,
+        };
+        let (suite, k1) = (session.suite, session.k1.clone());
+        let integrity = move |covered: &[u8]| crypto::integrity_code(suite, &k1, covered);
+        codec::encode_v2(header, &payload, Some(&integrity))
+    }
+
+    #[test]
+    fn an_exact_replay_inside_the_window_is_rejected() {
+        let mut session = session();
+        let captured_off = sealed_response(&session, 5, false);
+        assert!(session.open_response(&captured_off).is_ok());
+        let error = session.open_response(&captured_off).unwrap_err();
+        assert!(error.to_string().contains("replayed"), "{error}");
+        // Later and (reordered) earlier answers inside the window still pass, once.
+        assert!(session.open_response(&sealed_response(&session, 7, true)).is_ok());
+        let late = sealed_response(&session, 6, true);
+        assert!(session.open_response(&late).is_ok());
+        assert!(session.open_response(&late).is_err());
+        assert!(session.open_response(&captured_off).is_err());
+        // Far ahead: the old window is gone, the new one starts clean.
+        assert!(session.open_response(&sealed_response(&session, 200, true)).is_ok());
+        assert!(session.open_response(&sealed_response(&session, 195, true)).is_ok());
+        assert!(session.open_response(&sealed_response(&session, 195, true)).is_err());
+        assert!(session.open_response(&sealed_response(&session, 100, true)).is_err());
+    }
+
+    #[test]
+    fn a_packet_failing_integrity_does_not_use_up_its_sequence_number() {
+        let mut session = session();
+        let mut forged = sealed_response(&session, 3, false);
+        let last = forged.len() - 1;
+        forged[last] ^= 0xff;
+        assert!(session.open_response(&forged).is_err());
+        assert!(session.open_response(&sealed_response(&session, 3, true)).is_ok());
     }
 }

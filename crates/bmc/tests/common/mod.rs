@@ -11,6 +11,26 @@ pub fn free_udp_port() -> u16 {
     kvmha_bmc::sim::free_udp_port().expect("free udp port")
 }
 
+/// A UDP port that stays bound for as long as the socket lives and never
+/// answers: a BMC that is silent (no ICMP refusal either). Unlike a port
+/// from `free_udp_port`, no simulator started meanwhile can take it.
+pub fn silent_udp_port() -> (std::net::UdpSocket, u16) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind silent udp port");
+    let port = socket.local_addr().expect("local address").port();
+    (socket, port)
+}
+
+/// A UDP port that is certainly closed for as long as the socket lives:
+/// the socket holds the port (nobody else can bind it) but is connected to
+/// another peer, so the kernel matches no socket for our datagrams and
+/// answers ICMP port unreachable, as for a port nothing listens on.
+pub fn closed_udp_port() -> (std::net::UdpSocket, u16) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind closed udp port");
+    socket.connect("127.0.0.1:9").expect("connect the placeholder socket elsewhere");
+    let port = socket.local_addr().expect("local address").port();
+    (socket, port)
+}
+
 /// Test-only conveniences on a simulated BMC.
 pub trait SimBmcExt {
     fn ipmitool(&self, user: &str, password: &str, args: &[&str]) -> Output;
