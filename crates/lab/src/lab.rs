@@ -247,7 +247,7 @@ fn make_executable(path: &Path) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|error| LabError::io(path, error))
 }
 
-fn random_hex(bytes: usize) -> Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String> {
     let mut buffer = vec![0u8; bytes];
     File::open("/dev/urandom")
         .and_then(|mut file| file.read_exact(&mut buffer))

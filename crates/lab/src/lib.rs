@@ -34,7 +34,8 @@
 //!   from another process (`kvmha lab fault`).
 //! - [`topology`]: names and the address plan.
 //! - [`watchdog`]: the lab watchdog behind a /dev/watchdog-like file.
-//! - [`writer`]: the lab VM (`kvmha lab vm-writer`), one disk line every 100 ms.
+//! - the lab VM (`kvmha lab vm-writer`) is `kvmha_hypervisor::lab::writer`, the
+//!   writer the hypervisor crate's lab driver runs; one disk line every 100 ms.
 //! - [`checker`]: `no_double_run`, `recovery_ms`, where VMs run, from disk logs.
 //! - [`scenario`]: scenario files and the JSON result of SCENARIOS.md.
 //! - [`cli`]: `kvmha lab up | status | fault | down`.
@@ -48,7 +49,6 @@ pub mod scenario;
 mod scripts;
 pub mod topology;
 pub mod watchdog;
-pub mod writer;
 
 pub use error::{LabError, Result};
 pub use lab::{Lab, LabConfig, NetSelector, PowerState};
