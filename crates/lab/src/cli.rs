@@ -11,7 +11,7 @@ use kvmha_hypervisor::lab::writer::{run_writer, WriterConfig};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::error::{LabError, Result};
-use crate::lab::{clean_stale_labs, wait_for, Lab, LabConfig, LabHandle, DEFAULT_BASE_DIR};
+use crate::lab::{clean_stale_labs, wait_for, BmcProtocol, Lab, LabConfig, LabHandle, DEFAULT_BASE_DIR};
 use crate::process::ProcessId;
 use crate::topology::{LabId, Network, Node};
 use crate::NetSelector;
@@ -27,6 +27,9 @@ pub enum LabCommand {
         watchdog_timeout_ms: u64,
         #[arg(long, default_value = DEFAULT_BASE_DIR)]
         base_dir: PathBuf,
+        /// A host whose BMC speaks Redfish (sushy-emulator) instead of IPMI; repeatable.
+        #[arg(long = "redfish", value_name = "HOST")]
+        redfish_hosts: Vec<String>,
     },
     /// List the labs on this machine with their hosts' power state.
     Status {
@@ -76,12 +79,13 @@ pub enum LabCommand {
 
 pub fn run(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { hosts, watchdog_timeout_ms, base_dir } => up(LabConfig {
+        LabCommand::Up { hosts, watchdog_timeout_ms, base_dir, redfish_hosts } => up(LabConfig {
             hosts,
             base_dir,
             watchdog_timeout: Duration::from_millis(watchdog_timeout_ms.max(1)),
             keep_in: None,
             boot_script: String::new(),
+            redfish_hosts: redfish_hosts.into_iter().collect(),
         }),
         LabCommand::Status { base_dir } => status(&base_dir),
         LabCommand::Down { id, base_dir } => down(id.as_deref(), &base_dir),
@@ -129,14 +133,20 @@ fn up(config: LabConfig) -> Result<()> {
     for host in lab.host_names() {
         let bmc = lab.bmc(&host)?;
         let init = lab.dir().join("hosts").join(&host).join("init");
+        let bmc_command = match bmc.protocol {
+            BmcProtocol::Ipmi => format!(
+                "ipmitool -I lanplus -C 3 -H {} -U {} -P {} chassis power status",
+                bmc.address, bmc.user, bmc.password
+            ),
+            BmcProtocol::Redfish => {
+                format!("curl -L -u {}:{} {}/redfish/v1/Systems/{host}", bmc.user, bmc.password, bmc.url())
+            }
+        };
         let _ = writeln!(
             out,
-            "{host}: mgmt {} | shell: nsenter -t $(cut -d' ' -f1 {}) -m -n -p bash | bmc: ipmitool -I lanplus -C 3 -H {} -U {} -P {} chassis power status",
+            "{host}: mgmt {} | shell: nsenter -t $(cut -d' ' -f1 {}) -m -n -p bash | bmc: {bmc_command}",
             address(Node::Host(index_of(&host)), Network::Mgmt),
             init.display(),
-            bmc.address,
-            bmc.user,
-            bmc.password,
         );
     }
     let _ = writeln!(out, "shared storage: {}", lab.storage_dir().display());

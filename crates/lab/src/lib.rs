@@ -1,6 +1,7 @@
 //! kvmha-lab: a real multi-host KVM HA cluster on one Linux machine (ARCHITECTURE.md §9).
 //!
-//! Hosts are namespaces with their own init, BMCs are `ipmi_sim` processes on an
+//! Hosts are namespaces with their own init, BMCs are `ipmi_sim` processes (or
+//! `sushy-emulator` for hosts in [`LabConfig::redfish_hosts`]) on an
 //! out-of-band network, shared storage is sshfs over a storage network, and faults
 //! are signals and nftables rules. The checker reads what the lab VMs wrote.
 //!
