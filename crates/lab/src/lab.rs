@@ -997,7 +997,7 @@ impl Shared {
                 &endpoint.password,
             ),
         )?;
-        write_file(&dir.join("emu.cmds"), scripts::ipmi_emu_cmds())?;
+        write_file(&dir.join("emu.cmds"), kvmha_bmc::sim::EMU_CMDS)?;
         let log = self.open_log(&dir.join("ipmi_sim.log"))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.id.namespace(&Node::Bmc(index))])
