@@ -19,7 +19,7 @@
 //! hosts/hostN/watchdog       the host's watchdog file (see watchdog.rs)
 //! hosts/hostN/console.log    output of the host's init and boot.sh
 //! bmc/hostN/                 ipmi_sim's lan.conf, emu.cmds, state dir and log (Redfish:
-//!                             redfish_bmc.py, sushy.conf, htpasswd, state dir, sushy.log)
+//!                             redfish_bmc.py, sushy.conf, htpasswd, state dir, sushy-emulator.log)
 //! ```
 //!
 //! Every long-lived process (host inits, ipmi_sim, sshd, boot scripts) is a child of
@@ -998,22 +998,16 @@ impl Shared {
             ),
         )?;
         write_file(&dir.join("emu.cmds"), kvmha_bmc::sim::EMU_CMDS)?;
-        let log = self.open_log(&dir.join("ipmi_sim.log"))?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.id.namespace(&Node::Bmc(index))])
             .args(["ipmi_sim", "-n", "-c"])
             .arg(dir.join("lan.conf"))
             .arg("-f")
             .arg(dir.join("emu.cmds"))
             .arg("-s")
-            .arg(dir.join("state"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|error| LabError::io("ipmi_sim.log", error))?)
-            .stderr(log)
-            .spawn()
-            .map_err(|error| LabError::Command { command: "ipmi_sim".to_string(), detail: error.to_string() })?;
-        lock(&self.daemons).insert(format!("bmc{index}"), child);
-        Ok(())
+            .arg(dir.join("state"));
+        self.spawn_bmc(index, "ipmi_sim", command)
     }
 
     /// sushy-emulator in the BMC's namespace, acting on the host through `chassis`.
@@ -1026,8 +1020,8 @@ impl Shared {
             &dir.join("sushy.conf"),
             &scripts::redfish_conf(endpoint.address, endpoint.port, &host_name(index), &dir.join("state"), &htpasswd),
         )?;
-        let log = self.open_log(&dir.join("sushy.log"))?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.id.namespace(&Node::Bmc(index))])
             .arg("python3")
             .arg(&script)
@@ -1036,12 +1030,20 @@ impl Shared {
             .env("KVMHA_HOST_DIR", self.host_dir(index))
             .env("KVMHA_HTPASSWD", &htpasswd)
             .env("KVMHA_BMC_USER", &endpoint.user)
-            .env("KVMHA_BMC_PASSWORD", &endpoint.password)
+            .env("KVMHA_BMC_PASSWORD", &endpoint.password);
+        self.spawn_bmc(index, "sushy-emulator", command)
+    }
+
+    /// Starts host `index`'s BMC daemon (`what`, also its log's name) as a lab daemon.
+    fn spawn_bmc(&self, index: usize, what: &str, mut command: Command) -> Result<()> {
+        let log_name = format!("{what}.log");
+        let log = self.open_log(&self.bmc_dir(index).join(&log_name))?;
+        let child = command
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|error| LabError::io("sushy.log", error))?)
+            .stdout(log.try_clone().map_err(|error| LabError::io(&log_name, error))?)
             .stderr(log)
             .spawn()
-            .map_err(|error| LabError::Command { command: "sushy-emulator".to_string(), detail: error.to_string() })?;
+            .map_err(|error| LabError::Command { command: what.to_string(), detail: error.to_string() })?;
         lock(&self.daemons).insert(format!("bmc{index}"), child);
         Ok(())
     }
