@@ -7,15 +7,9 @@ use std::path::Path;
 
 use crate::error::{LabError, Result};
 
-/// One line `<unix_ms> <host> <vm> <boot_id> <seq>` of a disk log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskRecord {
-    pub unix_ms: u64,
-    pub host: String,
-    pub vm: String,
-    pub boot_id: String,
-    pub seq: u64,
-}
+/// One line `<unix_ms> <host> <vm> <boot_id> <seq>` of a disk log: the line type of
+/// the writer every lab VM runs, so the format has one definition and one parser.
+pub use kvmha_hypervisor::lab::writer::HeartbeatLine as DiskRecord;
 
 /// A parsed disk log. Malformed lines are counted, not fatal: a host that loses
 /// power mid-write may leave a torn last line, and QEMU disks are NUL-padded.
@@ -32,26 +26,12 @@ pub fn parse_disk_log(text: &str) -> ParsedLog {
         if line.is_empty() {
             continue;
         }
-        match parse_line(line) {
+        match DiskRecord::parse(line) {
             Some(record) => parsed.records.push(record),
             None => parsed.malformed_lines += 1,
         }
     }
     parsed
-}
-
-fn parse_line(line: &str) -> Option<DiskRecord> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let [unix_ms, host, vm, boot_id, seq] = fields.as_slice() else {
-        return None;
-    };
-    Some(DiskRecord {
-        unix_ms: unix_ms.parse().ok()?,
-        host: host.to_string(),
-        vm: vm.to_string(),
-        boot_id: boot_id.to_string(),
-        seq: seq.parse().ok()?,
-    })
 }
 
 /// Reads every `vms/<vm>/disk.log` under the storage directory, keyed by VM name.
@@ -206,12 +186,45 @@ mod tests {
         (from_ms..=to_ms)
             .step_by(100)
             .enumerate()
-            .map(|(seq, unix_ms)| format!("{unix_ms} {host} {vm} {boot_id} {seq}\n"))
+            .map(|(seq, unix_ms)| {
+                let (host, vm, boot_id) = (host.to_string(), vm.to_string(), boot_id.to_string());
+                DiskRecord { unix_ms, host, vm, boot_id, seq: seq as u64 }.render()
+            })
             .collect()
     }
 
     fn logs_of(vm: &str, text: &str) -> BTreeMap<String, ParsedLog> {
         BTreeMap::from([(vm.to_string(), parse_disk_log(text))])
+    }
+
+    /// What the lab VM writes is what the checker reads: seq from 0, every line whole.
+    #[test]
+    fn the_lab_vm_writer_output_parses() {
+        use kvmha_hypervisor::lab::writer::{disk_log_path, run_writer, WriterConfig};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = std::env::temp_dir().join(format!("kvmha-lab-checker-{}", std::process::id()));
+        let config = WriterConfig {
+            storage_root: dir.clone(),
+            host: "host1".into(),
+            vm: "vm1".into(),
+            boot_id: "b007".into(),
+            interval: std::time::Duration::from_millis(5),
+        };
+        let stop = AtomicBool::new(false);
+        let summary = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| run_writer(&config, &stop));
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            stop.store(true, Ordering::SeqCst);
+            writer.join().expect("writer thread").expect("writer")
+        });
+        let text = std::fs::read_to_string(disk_log_path(&dir, "vm1")).expect("disk log");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        let parsed = parse_disk_log(&text);
+        assert_eq!(parsed.malformed_lines, 0);
+        assert_eq!(parsed.records.len() as u64, summary.lines_written);
+        let seqs: Vec<u64> = parsed.records.iter().map(|record| record.seq).collect();
+        assert_eq!(seqs, (0..summary.lines_written).collect::<Vec<u64>>());
+        assert!(parsed.records.iter().all(|record| record.host == "host1" && record.boot_id == "b007"));
     }
 
     #[test]

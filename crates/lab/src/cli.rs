@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use kvmha_hypervisor::lab::writer::{run_writer, WriterConfig};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::error::{LabError, Result};
-use crate::lab::{clean_stale_labs, wait_for, Lab, LabConfig, LabHandle, DEFAULT_BASE_DIR};
+use crate::lab::{clean_stale_labs, wait_for, BmcProtocol, Lab, LabConfig, LabHandle, DEFAULT_BASE_DIR};
 use crate::process::ProcessId;
 use crate::topology::{LabId, Network, Node};
-use crate::writer::{new_boot_id, run_vm_writer, VmWriterConfig};
 use crate::NetSelector;
 
 #[derive(Debug, clap::Subcommand)]
@@ -27,6 +27,9 @@ pub enum LabCommand {
         watchdog_timeout_ms: u64,
         #[arg(long, default_value = DEFAULT_BASE_DIR)]
         base_dir: PathBuf,
+        /// A host whose BMC speaks Redfish (sushy-emulator) instead of IPMI; repeatable.
+        #[arg(long = "redfish", value_name = "HOST")]
+        redfish_hosts: Vec<String>,
     },
     /// List the labs on this machine with their hosts' power state.
     Status {
@@ -55,7 +58,8 @@ pub enum LabCommand {
         #[arg(long, default_value = DEFAULT_BASE_DIR)]
         base_dir: PathBuf,
     },
-    /// Run one lab VM: append `<unix_ms> <host> <vm> <boot_id> <seq>` to its disk and fsync.
+    /// Run one lab VM until killed: append `<unix_ms> <host> <vm> <boot_id> <seq>` to
+    /// `STORAGE_DIR/vms/VM/disk.log` and fsync (the hypervisor crate's lab writer).
     #[command(hide = true)]
     VmWriter {
         /// The shared storage as mounted on this host.
@@ -70,20 +74,18 @@ pub enum LabCommand {
         boot_id: Option<String>,
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
-        /// Stop after this many successful writes (default: run until killed).
-        #[arg(long)]
-        writes_max: Option<u64>,
     },
 }
 
 pub fn run(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { hosts, watchdog_timeout_ms, base_dir } => up(LabConfig {
+        LabCommand::Up { hosts, watchdog_timeout_ms, base_dir, redfish_hosts } => up(LabConfig {
             hosts,
             base_dir,
             watchdog_timeout: Duration::from_millis(watchdog_timeout_ms.max(1)),
             keep_in: None,
             boot_script: String::new(),
+            redfish_hosts: redfish_hosts.into_iter().collect(),
         }),
         LabCommand::Status { base_dir } => status(&base_dir),
         LabCommand::Down { id, base_dir } => down(id.as_deref(), &base_dir),
@@ -91,19 +93,20 @@ pub fn run(command: LabCommand) -> Result<()> {
             let handle = find_lab(&base_dir, lab.as_deref())?;
             fault(&handle, &action, &host, net.as_deref(), percent)
         }
-        LabCommand::VmWriter { storage_dir, host, vm, boot_id, interval_ms, writes_max } => {
-            let config = VmWriterConfig {
-                storage_dir,
+        LabCommand::VmWriter { storage_dir, host, vm, boot_id, interval_ms } => {
+            let config = WriterConfig {
+                storage_root: storage_dir,
                 host,
                 vm,
                 boot_id: match boot_id {
                     Some(boot_id) => boot_id,
-                    None => new_boot_id()?,
+                    None => crate::lab::random_hex(8)?,
                 },
                 interval: Duration::from_millis(interval_ms.max(1)),
-                writes_max,
             };
-            run_vm_writer(&config, &AtomicBool::new(false))?;
+            // Runs until killed, as a guest does; only a bad config returns.
+            run_writer(&config, &AtomicBool::new(false))
+                .map_err(|error| LabError::Config(format!("vm writer: {error}")))?;
             Ok(())
         }
     }
@@ -130,14 +133,20 @@ fn up(config: LabConfig) -> Result<()> {
     for host in lab.host_names() {
         let bmc = lab.bmc(&host)?;
         let init = lab.dir().join("hosts").join(&host).join("init");
+        let bmc_command = match bmc.protocol {
+            BmcProtocol::Ipmi => format!(
+                "ipmitool -I lanplus -C 3 -H {} -U {} -P {} chassis power status",
+                bmc.address, bmc.user, bmc.password
+            ),
+            BmcProtocol::Redfish => {
+                format!("curl -L -u {}:{} {}/redfish/v1/Systems/{host}", bmc.user, bmc.password, bmc.url())
+            }
+        };
         let _ = writeln!(
             out,
-            "{host}: mgmt {} | shell: nsenter -t $(cut -d' ' -f1 {}) -m -n -p bash | bmc: ipmitool -I lanplus -C 3 -H {} -U {} -P {} chassis power status",
+            "{host}: mgmt {} | shell: nsenter -t $(cut -d' ' -f1 {}) -m -n -p bash | bmc: {bmc_command}",
             address(Node::Host(index_of(&host)), Network::Mgmt),
             init.display(),
-            bmc.address,
-            bmc.user,
-            bmc.password,
         );
     }
     let _ = writeln!(out, "shared storage: {}", lab.storage_dir().display());

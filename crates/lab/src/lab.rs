@@ -18,7 +18,8 @@
 //! hosts/hostN/power-request  "on", left by the chassis script for the controller
 //! hosts/hostN/watchdog       the host's watchdog file (see watchdog.rs)
 //! hosts/hostN/console.log    output of the host's init and boot.sh
-//! bmc/hostN/                 ipmi_sim's lan.conf, emu.cmds, state dir and log
+//! bmc/hostN/                 ipmi_sim's lan.conf, emu.cmds, state dir and log (Redfish:
+//!                             redfish_bmc.py, sushy.conf, htpasswd, state dir, sushy-emulator.log)
 //! ```
 //!
 //! Every long-lived process (host inits, ipmi_sim, sshd, boot scripts) is a child of
@@ -27,7 +28,7 @@
 //! threads: the controller (power requests from the BMCs, watchdogs, reaping, every
 //! 50 ms) and the mounter (storage mounts of hosts that booted without storage).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
@@ -48,7 +49,7 @@ use crate::process::{
     run_args, wait_until, ProcessId,
 };
 use crate::scripts::{self, INIT_FILE, POWER_LOCK_FILE, POWER_REQUEST_FILE};
-use crate::topology::{host_index, host_name, LabId, Network, Node, HOSTS_MAX, IPMI_PORT, PREFIX_LEN};
+use crate::topology::{host_index, host_name, LabId, Network, Node, HOSTS_MAX, IPMI_PORT, PREFIX_LEN, REDFISH_PORT};
 use crate::watchdog::{Watchdog, WatchdogAction};
 
 /// Where labs keep their state unless told otherwise.
@@ -78,6 +79,9 @@ pub struct LabConfig {
     /// KVMHA_LAB_MGMT_ADDRESS, KVMHA_LAB_MANAGER_ADDRESS, ... in its environment.
     /// This is where the agent starts. Per host: [`LabHandle::set_boot_script`].
     pub boot_script: String,
+    /// Hosts whose BMC is a Redfish emulator (sushy-emulator) instead of ipmi_sim
+    /// (`bmc = "redfish"`); both act on their host alike.
+    pub redfish_hosts: BTreeSet<String>,
 }
 
 impl Default for LabConfig {
@@ -88,6 +92,7 @@ impl Default for LabConfig {
             watchdog_timeout: Duration::from_secs(10),
             keep_in: None,
             boot_script: String::new(),
+            redfish_hosts: BTreeSet::new(),
         }
     }
 }
@@ -134,10 +139,27 @@ impl NetSelector {
 /// How to reach one host's BMC from the manager namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BmcEndpoint {
+    pub protocol: BmcProtocol,
     pub address: Ipv4Addr,
     pub port: u16,
     pub user: String,
     pub password: String,
+}
+
+/// What a lab BMC speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BmcProtocol {
+    /// IPMI 2.0 over LAN (ipmi_sim), UDP 623.
+    Ipmi,
+    /// Redfish over plain HTTP (sushy-emulator), one system named after the host.
+    Redfish,
+}
+
+impl BmcEndpoint {
+    /// The Redfish service root's base, `http://ADDRESS:PORT` (Redfish BMCs only).
+    pub fn url(&self) -> String {
+        format!("http://{}:{}", self.address, self.port)
+    }
 }
 
 /// Packet drops configured in one namespace, rendered as one nftables table.
@@ -213,6 +235,8 @@ pub struct LabHandle {
     dir: PathBuf,
     hosts: usize,
     bmc_password: String,
+    /// Indexes of the hosts with a Redfish BMC.
+    redfish: BTreeSet<usize>,
 }
 
 /// A running lab; dropping it tears everything down.
@@ -247,7 +271,7 @@ fn make_executable(path: &Path) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|error| LabError::io(path, error))
 }
 
-fn random_hex(bytes: usize) -> Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String> {
     let mut buffer = vec![0u8; bytes];
     File::open("/dev/urandom")
         .and_then(|mut file| file.read_exact(&mut buffer))
@@ -296,7 +320,14 @@ impl Lab {
             .ok_or_else(|| LabError::Config("cannot read own /proc/self/stat".to_string()))?;
         write_file(&dir.join("owner"), &me.to_line())?;
         let watchdog_timeout_ms = config.watchdog_timeout.as_millis().max(1) as u64;
-        let handle = LabHandle { id, dir, hosts: config.hosts, bmc_password: random_hex(6)? };
+        let mut redfish = BTreeSet::new();
+        for host in &config.redfish_hosts {
+            match host_index(host).filter(|index| *index <= config.hosts) {
+                Some(index) => redfish.insert(index),
+                None => return Err(LabError::UnknownHost(host.clone())),
+            };
+        }
+        let handle = LabHandle { id, dir, hosts: config.hosts, bmc_password: random_hex(6)?, redfish };
         handle.save()?;
         let shared = Arc::new(Shared {
             handle,
@@ -351,7 +382,7 @@ impl Lab {
         self.shared.boot_at(index, StorageAtBoot::BestEffort)
     }
 
-    /// Is the ipmi_sim process of `host` still running? (LAB-FACTS: one died silently once.)
+    /// Is the BMC process (ipmi_sim or sushy-emulator) of `host` still running? (LAB-FACTS: one died silently once.)
     pub fn bmc_alive(&self, host: &str) -> Result<bool> {
         let index = self.shared.index(host)?;
         let mut daemons = lock(&self.shared.daemons);
@@ -423,6 +454,8 @@ struct LabMeta {
     id: String,
     hosts: usize,
     bmc_password: String,
+    #[serde(default)]
+    redfish: BTreeSet<usize>,
 }
 
 impl LabHandle {
@@ -434,11 +467,22 @@ impl LabHandle {
             serde_json::from_str(&text).map_err(|error| LabError::Config(format!("{}: {error}", path.display())))?;
         let id = LabId::parse(&meta.id)
             .ok_or_else(|| LabError::Config(format!("{}: bad lab id {:?}", path.display(), meta.id)))?;
-        Ok(LabHandle { id, dir: dir.to_path_buf(), hosts: meta.hosts, bmc_password: meta.bmc_password })
+        Ok(LabHandle {
+            id,
+            dir: dir.to_path_buf(),
+            hosts: meta.hosts,
+            bmc_password: meta.bmc_password,
+            redfish: meta.redfish,
+        })
     }
 
     fn save(&self) -> Result<()> {
-        let meta = LabMeta { id: self.id.to_string(), hosts: self.hosts, bmc_password: self.bmc_password.clone() };
+        let meta = LabMeta {
+            id: self.id.to_string(),
+            hosts: self.hosts,
+            bmc_password: self.bmc_password.clone(),
+            redfish: self.redfish.clone(),
+        };
         let text = serde_json::to_string_pretty(&meta).expect("strings and numbers serialise");
         write_file(&self.dir.join("lab.json"), &text)
     }
@@ -662,9 +706,15 @@ impl LabHandle {
     }
 
     fn bmc_endpoint(&self, index: usize) -> BmcEndpoint {
+        let (protocol, port) = if self.redfish.contains(&index) {
+            (BmcProtocol::Redfish, REDFISH_PORT)
+        } else {
+            (BmcProtocol::Ipmi, IPMI_PORT)
+        };
         BmcEndpoint {
+            protocol,
             address: Node::Bmc(index).address(Network::Oob).expect("BMCs are on oob"),
-            port: IPMI_PORT,
+            port,
             user: BMC_USER.to_string(),
             password: self.bmc_password.clone(),
         }
@@ -932,6 +982,9 @@ impl Shared {
         let _ = std::fs::remove_dir_all(dir.join("state"));
         create_dir(&dir.join("state"))?;
         let endpoint = self.bmc_endpoint(index);
+        if endpoint.protocol == BmcProtocol::Redfish {
+            return self.start_redfish_bmc(index, &chassis, &endpoint);
+        }
         let name = format!("{}-bmc{index}", self.id);
         write_file(
             &dir.join("lan.conf"),
@@ -944,28 +997,77 @@ impl Shared {
                 &endpoint.password,
             ),
         )?;
-        write_file(&dir.join("emu.cmds"), scripts::ipmi_emu_cmds())?;
-        let log = self.open_log(&dir.join("ipmi_sim.log"))?;
-        let child = Command::new("ip")
+        write_file(&dir.join("emu.cmds"), kvmha_bmc::sim::EMU_CMDS)?;
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.id.namespace(&Node::Bmc(index))])
             .args(["ipmi_sim", "-n", "-c"])
             .arg(dir.join("lan.conf"))
             .arg("-f")
             .arg(dir.join("emu.cmds"))
             .arg("-s")
-            .arg(dir.join("state"))
+            .arg(dir.join("state"));
+        self.spawn_bmc(index, "ipmi_sim", command)
+    }
+
+    /// sushy-emulator in the BMC's namespace, acting on the host through `chassis`.
+    fn start_redfish_bmc(&self, index: usize, chassis: &Path, endpoint: &BmcEndpoint) -> Result<()> {
+        let dir = self.bmc_dir(index);
+        let script = dir.join("redfish_bmc.py");
+        let htpasswd = dir.join("htpasswd");
+        write_file(&script, scripts::REDFISH_BMC_PY)?;
+        write_file(
+            &dir.join("sushy.conf"),
+            &scripts::redfish_conf(endpoint.address, endpoint.port, &host_name(index), &dir.join("state"), &htpasswd),
+        )?;
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.id.namespace(&Node::Bmc(index))])
+            .arg("python3")
+            .arg(&script)
+            .arg(dir.join("sushy.conf"))
+            .env("KVMHA_CHASSIS", chassis)
+            .env("KVMHA_HOST_DIR", self.host_dir(index))
+            .env("KVMHA_HTPASSWD", &htpasswd)
+            .env("KVMHA_BMC_USER", &endpoint.user)
+            .env("KVMHA_BMC_PASSWORD", &endpoint.password);
+        self.spawn_bmc(index, "sushy-emulator", command)
+    }
+
+    /// Starts host `index`'s BMC daemon (`what`, also its log's name) as a lab daemon.
+    fn spawn_bmc(&self, index: usize, what: &str, mut command: Command) -> Result<()> {
+        let log_name = format!("{what}.log");
+        let log = self.open_log(&self.bmc_dir(index).join(&log_name))?;
+        let child = command
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|error| LabError::io("ipmi_sim.log", error))?)
+            .stdout(log.try_clone().map_err(|error| LabError::io(&log_name, error))?)
             .stderr(log)
             .spawn()
-            .map_err(|error| LabError::Command { command: "ipmi_sim".to_string(), detail: error.to_string() })?;
+            .map_err(|error| LabError::Command { command: what.to_string(), detail: error.to_string() })?;
         lock(&self.daemons).insert(format!("bmc{index}"), child);
         Ok(())
     }
 
-    /// Waits until the BMC answers a power-status request from the manager namespace.
+    /// Waits until the BMC answers a power-status request from the manager namespace
+    /// (a Redfish BMC: until it listens).
     fn wait_bmc_ready(&self, index: usize) -> Result<()> {
         let endpoint = self.bmc_endpoint(index);
+        if endpoint.protocol == BmcProtocol::Redfish {
+            let pid = lock(&self.daemons).get(&format!("bmc{index}")).map(|child| child.id());
+            let listen = format!("{}:{:04X} 00000000:0000 0A", hex_address(endpoint.address), endpoint.port);
+            let listening = wait_until(Duration::from_secs(20), || {
+                pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok())
+                    .is_some_and(|table| table.contains(&listen))
+            });
+            return if listening {
+                Ok(())
+            } else {
+                Err(LabError::NotReady {
+                    what: format!("Redfish BMC of {} to listen", host_name(index)),
+                    timeout_ms: 20_000,
+                })
+            };
+        }
         let ready = wait_until(Duration::from_secs(10), || {
             let mut command = Command::new("ip");
             command
@@ -1217,6 +1319,11 @@ impl Shared {
             None => Ok(()),
         }
     }
+}
+
+/// An IPv4 address as /proc/net/tcp prints it (host byte order, here little endian).
+fn hex_address(address: Ipv4Addr) -> String {
+    format!("{:08X}", u32::from_le_bytes(address.octets()))
 }
 
 /// Processes outside the host's PID namespace whose children are inside it: the

@@ -1,6 +1,7 @@
 //! kvmha-lab: a real multi-host KVM HA cluster on one Linux machine (ARCHITECTURE.md §9).
 //!
-//! Hosts are namespaces with their own init, BMCs are `ipmi_sim` processes on an
+//! Hosts are namespaces with their own init, BMCs are `ipmi_sim` processes (or
+//! `sushy-emulator` for hosts in [`LabConfig::redfish_hosts`]) on an
 //! out-of-band network, shared storage is sshfs over a storage network, and faults
 //! are signals and nftables rules. The checker reads what the lab VMs wrote.
 //!
@@ -34,7 +35,8 @@
 //!   from another process (`kvmha lab fault`).
 //! - [`topology`]: names and the address plan.
 //! - [`watchdog`]: the lab watchdog behind a /dev/watchdog-like file.
-//! - [`writer`]: the lab VM (`kvmha lab vm-writer`), one disk line every 100 ms.
+//! - the lab VM (`kvmha lab vm-writer`) is `kvmha_hypervisor::lab::writer`, the
+//!   writer the hypervisor crate's lab driver runs; one disk line every 100 ms.
 //! - [`checker`]: `no_double_run`, `recovery_ms`, where VMs run, from disk logs.
 //! - [`scenario`]: scenario files and the JSON result of SCENARIOS.md.
 //! - [`cli`]: `kvmha lab up | status | fault | down`.
@@ -48,7 +50,6 @@ pub mod scenario;
 mod scripts;
 pub mod topology;
 pub mod watchdog;
-pub mod writer;
 
 pub use error::{LabError, Result};
 pub use lab::{Lab, LabConfig, NetSelector, PowerState};

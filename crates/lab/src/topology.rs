@@ -30,6 +30,8 @@ pub const LAB_ID_PREFIX: &str = "kh";
 pub const HOSTS_MAX: usize = 200;
 /// The UDP port every simulated BMC listens on (the IPMI standard port).
 pub const IPMI_PORT: u16 = 623;
+/// The TCP port every Redfish BMC (sushy-emulator, plain HTTP) listens on.
+pub const REDFISH_PORT: u16 = 8000;
 
 /// `kh` + 6 lower-case hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

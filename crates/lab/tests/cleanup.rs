@@ -12,6 +12,7 @@ use common::*;
 use kvmha_lab::lab::{clean_stale_labs, list_netns};
 use kvmha_lab::process::{all_pids, ProcessId};
 use kvmha_lab::topology::{LabId, Node};
+use kvmha_lab::LabConfig;
 
 /// Live processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
@@ -30,11 +31,15 @@ fn processes_mentioning(needle: &str) -> Vec<(i32, String)> {
 fn a_panicking_test_leaves_no_namespace_mount_or_process() {
     let stash: Mutex<Option<(LabId, PathBuf, Vec<Child>)>> = Mutex::new(None);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let lab = build(2);
+        // host2's BMC is a Redfish emulator, so its cleanup is covered too.
+        let lab =
+            build_with(LabConfig { hosts: 2, redfish_hosts: ["host2".to_string()].into(), ..LabConfig::default() });
         let writers = vec![spawn_writer(&lab, "host1", "vm-1"), spawn_writer(&lab, "host2", "vm-2")];
         wait_writes(&lab, "vm-1", 2);
         wait_writes(&lab, "vm-2", 2);
-        assert!(!processes_mentioning(lab.id().as_str()).is_empty());
+        let running = processes_mentioning(lab.id().as_str());
+        assert!(running.iter().any(|(_, command)| command.contains("ipmi_sim")), "{running:?}");
+        assert!(running.iter().any(|(_, command)| command.contains("redfish_bmc.py")), "{running:?}");
         *stash.lock().unwrap() = Some((lab.id().clone(), lab.dir().to_path_buf(), writers));
         panic!("planted failure with the lab up");
     }));

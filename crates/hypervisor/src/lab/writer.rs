@@ -84,7 +84,8 @@ impl HeartbeatLine {
         Some(HeartbeatLine { unix_ms, host, vm, boot_id, seq })
     }
 
-    fn render(&self) -> String {
+    /// The line as written, newline included: the one rendering of the format.
+    pub fn render(&self) -> String {
         format!("{} {} {} {} {}\n", self.unix_ms, self.host, self.vm, self.boot_id, self.seq)
     }
 }

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kvmha_hypervisor::lab::writer::disk_log_path;
 use kvmha_lab::checker::{parse_disk_log, DiskRecord};
 use kvmha_lab::lab::wait_for;
-use kvmha_lab::writer::disk_log_path;
 use kvmha_lab::{Lab, LabConfig};
 
 pub const HELPER: &str = env!("CARGO_BIN_EXE_kvmha-lab-helper");
