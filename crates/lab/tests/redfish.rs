@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use kvmha_bmc::redfish::{RedfishClient, RedfishConfig, ResetType};
+use kvmha_bmc::redfish::{RedfishClient, RedfishConfig, RedfishTls, ResetType};
 use kvmha_bmc::{FenceOutcome, Fencer, PowerControl, PowerState, Secret};
 use kvmha_lab::lab::{wait_for, BmcProtocol};
 use kvmha_lab::topology::Node;
@@ -44,6 +44,9 @@ fn redfish_bmc_fences_its_host_from_the_manager_namespace() {
 
     let mut config = RedfishConfig::new(endpoint.url(), endpoint.user.clone(), Secret::new(endpoint.password.clone()));
     config.timeout = Duration::from_secs(2);
+    // The lab's emulated BMC speaks plain HTTP on the lab's own out-of-band network: the
+    // client must be told so explicitly.
+    config.tls = RedfishTls::Insecure;
     let client = RedfishClient::new(config).expect("client");
 
     in_manager_netns(&lab, |runtime| {
