@@ -248,9 +248,16 @@ mod tests {
         let stop = AtomicBool::new(false);
         let summary = std::thread::scope(|scope| {
             let writer = scope.spawn(|| run_writer(&config, &stop));
-            std::thread::sleep(Duration::from_millis(100));
+            // Thirty ticks against the blocker; then wait for three lines, however slow the
+            // machine is (fsync under load), rather than for a fixed time.
+            std::thread::sleep(Duration::from_millis(300));
             std::fs::remove_file(&blocker).unwrap();
-            std::thread::sleep(Duration::from_millis(100));
+            let log = disk_log_path(directory.path(), "vm1");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::fs::read_to_string(&log).map_or(0, |text| text.lines().count()) < 3 {
+                assert!(std::time::Instant::now() < deadline, "the writer never recovered");
+                std::thread::sleep(Duration::from_millis(10));
+            }
             stop.store(true, Ordering::SeqCst);
             writer.join().unwrap().unwrap()
         });
