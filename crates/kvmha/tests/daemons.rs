@@ -822,3 +822,34 @@ fn a_failing_pool_degrades_without_self_fencing_and_all_failing_self_fences_afte
     assert!(after.len() <= petted_at_fence + 1, "keepalives continued after the self-fence");
     assert!(!after.contains(&b'V'), "a self-fenced agent released its watchdog");
 }
+
+#[test]
+fn a_host_without_bmc_whose_agent_is_killed_is_fenced_by_lease_expiry() {
+    let mut cluster = Cluster::init();
+    // Pools a and b for host3 only, which has an armed watchdog and no BMC.
+    add_manager_pools(&cluster, "host3");
+    cluster.start_manager();
+    cluster.join("host1");
+    cluster.join("host2");
+    // Neighbours find nothing at host3's address, as if the machine were gone.
+    let silent = SilentAddress::new();
+    cluster.join_with("host3", &["--advertise", &silent.address.to_string()]);
+    let watchdog = add_agent_pools(&cluster, "host3");
+    for name in ["host1", "host2", "host3"] {
+        cluster.start_agent(name);
+    }
+    for name in ["host1", "host2", "host3"] {
+        cluster.wait_state(name, &["Up"]);
+    }
+    cluster.wait("host3's watchdog is petted", |_| std::fs::read(&watchdog).is_ok_and(|bytes| bytes.len() > 2));
+
+    cluster.agents.get_mut("host3").expect("host3").kill();
+    cluster.wait_state("host3", &["Fenced"]);
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    assert!(
+        lines.iter().any(|line| line.contains("host3") && line.contains("LeaseExpired")),
+        "no lease-expiry proof in the audit log: {lines:#?}"
+    );
+    assert!(!lines.iter().any(|line| line.contains("host3 FenceIntent")), "fenced through a BMC it does not have");
+}
