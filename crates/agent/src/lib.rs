@@ -5,9 +5,11 @@
 //! - [`run`]: `kvmha agent run`: pings the manager every ping interval, serves the
 //!   manager's commands over mutual TLS, says goodbye on SIGTERM.
 //!
-//! Not here yet: VMs (issue 6: `list` answers empty, `start`/`stop` answer unsupported),
-//! heartbeats and self-fencing (issue 5: storage is reported `Ok`, heartbeat checks
-//! answer unsupported).
+//! - [`heartbeat`], [`watchdog`], [`self_fence`]: heartbeat records on every pool, the
+//!   watchdog client and the self-fence decision (docs/daemons.md).
+//!
+//! Not here yet: VMs (issue 6: `list` answers empty, `start`/`stop` answer unsupported,
+//! the self-fence's VM stop is a hook), heartbeat checks for neighbours (unsupported).
 
 pub mod commands;
 pub mod config;
