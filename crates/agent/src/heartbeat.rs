@@ -47,7 +47,14 @@ pub fn storage_boot_id(text: &str) -> BootId {
 
 impl Heartbeats {
     /// Starts one writer task per pool. No pool I/O happens before the tasks run.
-    pub fn start(config: &AgentConfig, boot_id: BootId, armed: bool) -> Result<Heartbeats, AgentError> {
+    /// `origin`: where the self-fence clock starts before any write lands (the last
+    /// renewal of an earlier run in this boot, if remembered); now otherwise.
+    pub fn start(
+        config: &AgentConfig,
+        boot_id: BootId,
+        armed: bool,
+        origin: Option<Instant>,
+    ) -> Result<Heartbeats, AgentError> {
         let io = |what: String| {
             move |error: kvmha_storage::StorageError| AgentError::Io {
                 what,
@@ -90,7 +97,8 @@ impl Heartbeats {
             }));
             writers.push(writer);
         }
-        Ok(Heartbeats { writers, tasks: Mutex::new(tasks), armed_in_record, renew_interval, started: Instant::now() })
+        let started = origin.unwrap_or_else(Instant::now);
+        Ok(Heartbeats { writers, tasks: Mutex::new(tasks), armed_in_record, renew_interval, started })
     }
 
     /// Storage health for the ping: a pool fails if its latest attempt failed or no
@@ -115,7 +123,7 @@ impl Heartbeats {
         }
     }
 
-    /// When the writers started: the self-fence clock's origin before any write lands.
+    /// The self-fence clock's origin before any write lands.
     pub fn started(&self) -> Instant {
         self.started
     }

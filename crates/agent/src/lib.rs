@@ -210,9 +210,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }));
     let boot_id = boot_id();
     let guard = Arc::new(Guard::arm(&config)?);
-    let heartbeats =
-        Arc::new(heartbeat::Heartbeats::start(&config, heartbeat::storage_boot_id(&boot_id.0), guard.watchdog_open())?);
-    let guard_task = tokio::spawn(guard.clone().run(heartbeats.clone(), config.clone()));
+    let state_file = config.file.parent().unwrap_or(Path::new(".")).join("self-fence.state");
+    let heartbeats = Arc::new(heartbeat::Heartbeats::start(
+        &config,
+        heartbeat::storage_boot_id(&boot_id.0),
+        guard.watchdog_open(),
+        self_fence::recall(&state_file, &boot_id.0),
+    )?);
+    let guard_task = tokio::spawn(guard.clone().run(heartbeats.clone(), config.clone(), state_file, boot_id.0.clone()));
     let mut seq = first_seq();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| AgentError::Io { what: "installing the SIGTERM handler".into(), source })?;
@@ -333,8 +338,15 @@ impl Guard {
         }
     }
 
-    async fn run(self: Arc<Self>, heartbeats: Arc<heartbeat::Heartbeats>, config: Arc<AgentConfig>) {
+    async fn run(
+        self: Arc<Self>,
+        heartbeats: Arc<heartbeat::Heartbeats>,
+        config: Arc<AgentConfig>,
+        state_file: PathBuf,
+        boot_id: String,
+    ) {
         use std::sync::atomic::Ordering;
+        let mut remembered = None;
         let every = (config.timing.lease_renew_interval() / 2).min(config.timing.watchdog_timeout() / 4);
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,12 +356,20 @@ impl Guard {
                 continue;
             }
             let now = std::time::Instant::now();
+            let last_success = heartbeats.last_success();
+            if last_success.is_some() && last_success != remembered {
+                // Kept across an agent restart within this boot (small, local, not shared).
+                match self_fence::remember(&state_file, &boot_id, last_success.unwrap_or(now)) {
+                    Ok(()) => remembered = last_success,
+                    Err(error) => tracing::debug!(%error, "remembering the last renewal failed"),
+                }
+            }
             let inputs = self_fence::SelfFenceInputs {
                 watchdog_armed: self.watchdog_open(),
                 // No hypervisor driver yet (issue 6): the agent cannot tell, so it
                 // assumes HA VMs may run here.
                 ha_vms: None,
-                last_renewal: heartbeats.last_success().unwrap_or(heartbeats.started()),
+                last_renewal: last_success.unwrap_or(heartbeats.started()),
                 hold_until: *self.hold_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
                 self_fence_after: config.timing.self_fence_after(),
             };

@@ -5,6 +5,7 @@
 //! on its own monotonic clock from the later of the last landed write and the expiry of
 //! a storage hold the manager granted.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug)]
@@ -30,9 +31,53 @@ pub fn self_fence_due(inputs: &SelfFenceInputs, now: Instant) -> bool {
     now.saturating_duration_since(since) >= inputs.self_fence_after
 }
 
+/// Time since boot (`/proc/uptime`): a clock that survives an agent restart within
+/// one boot, unlike the process's `Instant`s.
+fn uptime() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(seconds))
+}
+
+/// Remembers `last_renewal` for this boot in `path` (written aside, then renamed), so
+/// that a restarted agent does not restart its self-fence clock.
+pub fn remember(path: &Path, boot_id: &str, last_renewal: Instant) -> std::io::Result<()> {
+    let up = uptime().ok_or_else(|| std::io::Error::other("/proc/uptime unreadable"))?;
+    let at = up.saturating_sub(last_renewal.elapsed());
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, format!("{boot_id} {}\n", at.as_millis()))?;
+    std::fs::rename(&temporary, path)
+}
+
+/// The last renewal remembered in `path` by an earlier run in this same boot.
+pub fn recall(path: &Path, boot_id: &str) -> Option<Instant> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (boot, millis) = text.trim().split_once(' ')?;
+    if boot != boot_id {
+        return None;
+    }
+    let at = Duration::from_millis(millis.parse().ok()?);
+    let age = uptime()?.checked_sub(at)?;
+    Instant::now().checked_sub(age)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_renewal_is_remembered_within_one_boot_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("self-fence.state");
+        assert_eq!(recall(&path, "boot-1"), None);
+        let last = Instant::now() - Duration::from_secs(3);
+        remember(&path, "boot-1", last).unwrap();
+        let recalled = recall(&path, "boot-1").expect("remembered");
+        // /proc/uptime has 10 ms resolution.
+        let error = recalled.max(last) - recalled.min(last);
+        assert!(error < Duration::from_millis(100), "{error:?}");
+        assert_eq!(recall(&path, "boot-2"), None, "another boot's clock counts for nothing");
+    }
 
     const AFTER: Duration = Duration::from_secs(6);
 
