@@ -853,3 +853,19 @@ fn a_host_without_bmc_whose_agent_is_killed_is_fenced_by_lease_expiry() {
     );
     assert!(!lines.iter().any(|line| line.contains("host3 FenceIntent")), "fenced through a BMC it does not have");
 }
+
+#[test]
+fn a_timing_that_breaks_the_lease_rule_is_refused_naming_the_numbers() {
+    let cluster = Cluster::init();
+    let file = cluster.config();
+    let good = std::fs::read_to_string(&file).expect("config");
+    // Core's rules accept renewals every 2.8 s; the storage rule does not: two renewals
+    // (plus an i/o timeout) do not fit before the 6 s self-fence.
+    let text = good.replace("[timing]\n", "[timing]\nlease_renew_interval_ms = 2800\n");
+    assert_ne!(text, good);
+    std::fs::write(&file, &text).expect("write");
+    let stderr = start_refused(&file);
+    assert!(stderr.contains("timing") && stderr.contains("manager.toml"), "{stderr}");
+    assert!(stderr.contains("two renewals"), "the rule is not named: {stderr}");
+    assert!(stderr.contains("2.8s") && stderr.contains("6s"), "the conflicting numbers are not named: {stderr}");
+}
