@@ -3,6 +3,7 @@
 
 use crate::error::AgentError;
 use kvmha_core::{HostName, Profile, Timing, TimingSettings};
+use kvmha_storage::LeaseTimings;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,30 @@ pub struct RawConfig {
     #[serde(default)]
     pub timing: TimingSettings,
     pub tls: RawTls,
+    /// Shared pools this host writes its heartbeat record to (issue 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<RawPool>,
+    /// The hardware watchdog; absent: no watchdog, the host never self-fences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<RawWatchdog>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// The pool's name, as the manager's config names it.
+    pub name: String,
+    /// Where the pool is mounted on this host (relative paths: relative to agent.toml).
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatchdog {
+    /// The watchdog device, `/dev/watchdog` on a real host.
+    pub device: PathBuf,
+    /// Whether the agent opens the device and self-fences when its storage is lost.
+    pub armed: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -47,6 +72,34 @@ pub struct AgentConfig {
     pub cert_pem: String,
     pub key_pem: String,
     pub manager_cert_sha256: String,
+    pub pools: Vec<PoolConfig>,
+    pub watchdog: Option<WatchdogConfig>,
+    /// The profile's lease numbers, checked by [`LeaseTimings::check`].
+    pub lease: LeaseTimings,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchdogConfig {
+    pub device: PathBuf,
+    pub armed: bool,
+}
+
+/// The storage crate's view of the timing profile. One storage operation may take half
+/// a renewal interval: a renewal never queues behind the previous one.
+pub fn lease_timings(timing: &Timing) -> LeaseTimings {
+    LeaseTimings {
+        renewal_interval: timing.lease_renew_interval(),
+        io_timeout: timing.lease_renew_interval() / 2,
+        self_fence_deadline: timing.self_fence_after(),
+        watchdog_timeout: timing.watchdog_timeout(),
+        lease_expiry: timing.lease_takeover_after(),
+    }
 }
 
 impl AgentConfig {
@@ -83,6 +136,30 @@ impl AgentConfig {
         kvmha_proto::pki::parse_certs(&ca_pem).map_err(|error| field("tls.ca_cert", error.to_string()))?;
         kvmha_proto::pki::parse_certs(&cert_pem).map_err(|error| field("tls.cert", error.to_string()))?;
         kvmha_proto::pki::parse_key(&key_pem).map_err(|error| field("tls.key", error.to_string()))?;
+        let lease = lease_timings(&timing);
+        lease.check().map_err(|error| field("timing", error.to_string()))?;
+        let mut pools: Vec<PoolConfig> = Vec::new();
+        for (index, pool) in raw.pools.iter().enumerate() {
+            kvmha_storage::Name::new(&pool.name)
+                .map_err(|error| field(&format!("pools[{index}].name"), error.to_string()))?;
+            if pools.iter().any(|seen| seen.name == pool.name) {
+                return Err(field(&format!("pools[{index}].name"), format!("pool {:?} is named twice", pool.name)));
+            }
+            pools.push(PoolConfig { name: pool.name.clone(), path: base.join(&pool.path) });
+        }
+        if !pools.is_empty() {
+            kvmha_storage::Name::new(&raw.cluster_id).map_err(|error| field("cluster_id", error.to_string()))?;
+            kvmha_storage::Name::new(&raw.name).map_err(|error| field("name", error.to_string()))?;
+        }
+        let watchdog =
+            raw.watchdog.map(|watchdog| WatchdogConfig { device: base.join(watchdog.device), armed: watchdog.armed });
+        if watchdog.as_ref().is_some_and(|watchdog| watchdog.armed) && pools.is_empty() {
+            return Err(field(
+                "watchdog.armed",
+                "an armed watchdog needs at least one heartbeat pool: without one the agent could only self-fence"
+                    .into(),
+            ));
+        }
         Ok(AgentConfig {
             file: file.into(),
             name: HostName::new(raw.name),
@@ -95,6 +172,9 @@ impl AgentConfig {
             cert_pem,
             key_pem,
             manager_cert_sha256: raw.tls.manager_cert_sha256,
+            pools,
+            watchdog,
+            lease,
         })
     }
 }

@@ -5,13 +5,18 @@
 //! - [`run`]: `kvmha agent run`: pings the manager every ping interval, serves the
 //!   manager's commands over mutual TLS, says goodbye on SIGTERM.
 //!
-//! Not here yet: VMs (issue 6: `list` answers empty, `start`/`stop` answer unsupported),
-//! heartbeats and self-fencing (issue 5: storage is reported `Ok`, heartbeat checks
-//! answer unsupported).
+//! - [`heartbeat`], [`watchdog`], [`self_fence`]: heartbeat records on every pool, the
+//!   watchdog client and the self-fence decision (docs/daemons.md).
+//!
+//! Not here yet: VMs (issue 6: `list` answers empty, `start`/`stop` answer unsupported,
+//! the self-fence's VM stop is a hook), heartbeat checks for neighbours (unsupported).
 
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod heartbeat;
+pub mod self_fence;
+pub mod watchdog;
 
 pub use config::AgentConfig;
 pub use error::AgentError;
@@ -156,6 +161,8 @@ pub async fn join(options: &JoinOptions) -> Result<PathBuf, AgentError> {
             key: "agent.key".into(),
             manager_cert_sha256: answer.manager_cert_sha256,
         },
+        pools: Vec::new(),
+        watchdog: None,
     };
     let text = toml::to_string_pretty(&raw).map_err(|error| AgentError::Config {
         file: dir.join("agent.toml"),
@@ -202,6 +209,15 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
     let boot_id = boot_id();
+    let guard = Arc::new(Guard::arm(&config)?);
+    let state_file = config.file.parent().unwrap_or(Path::new(".")).join("self-fence.state");
+    let heartbeats = Arc::new(heartbeat::Heartbeats::start(
+        &config,
+        heartbeat::storage_boot_id(&boot_id.0),
+        guard.watchdog_open(),
+        self_fence::recall(&state_file, &boot_id.0),
+    )?);
+    let guard_task = tokio::spawn(guard.clone().run(heartbeats.clone(), config.clone(), state_file, boot_id.0.clone()));
     let mut seq = first_seq();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| AgentError::Io { what: "installing the SIGTERM handler".into(), source })?;
@@ -223,7 +239,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 boot_id: boot_id.clone(),
                 seq,
                 vms: Vec::new(),
-                storage: StorageHealth::Ok,
+                storage: if heartbeats.is_empty() {
+                    StorageHealth::Ok
+                } else {
+                    heartbeats.health(std::time::Instant::now())
+                },
             },
         };
         let result =
@@ -236,12 +256,25 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     failing = false;
                 }
                 tracing::trace!(manager_time_ms = reply.manager_time_ms, ?reply.directives, "ping answered");
+                guard.obey(&reply.directives, &heartbeats, &config).await;
             }
             Err(reason) if !failing => {
                 tracing::warn!(%reason, "ping failed");
                 failing = true;
             }
             Err(reason) => tracing::debug!(%reason, "ping failed"),
+        }
+    }
+    guard_task.abort();
+    let _ = guard_task.await;
+    if !heartbeats.is_empty() {
+        if heartbeats.stop_cleanly().await {
+            tracing::info!("wrote \"stopped cleanly, watchdog disarmed\" to every pool");
+            guard.release();
+        } else {
+            // The watchdog stays armed (closed without the magic character): the
+            // records do not say this host stopped cleanly.
+            tracing::warn!("could not write \"stopped cleanly\" to every pool: the watchdog stays armed");
         }
     }
     tracing::info!("stopping: goodbye to the manager");
@@ -256,6 +289,150 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let _ = stop.send(true);
     let _ = server.await;
     Ok(())
+}
+
+/// The watchdog and the self-fence decision. Keepalives come from their own task, so a
+/// slow manager or a hung pool never delays them; they stop for good once the agent
+/// self-fences.
+#[derive(Debug)]
+struct Guard {
+    watchdog: std::sync::Mutex<Option<watchdog::Watchdog>>,
+    /// The manager's storage hold: no self-fence before this.
+    hold_until: std::sync::Mutex<Option<std::time::Instant>>,
+    fenced: std::sync::atomic::AtomicBool,
+}
+
+impl Guard {
+    /// Opens (arms) the watchdog first when the config says armed: records say "armed"
+    /// only once it is.
+    fn arm(config: &AgentConfig) -> Result<Guard, AgentError> {
+        let watchdog = match &config.watchdog {
+            Some(watchdog) if watchdog.armed => Some(watchdog::Watchdog::open(&watchdog.device).map_err(|source| {
+                AgentError::Io { what: format!("opening the watchdog {}", watchdog.device.display()), source }
+            })?),
+            _ => None,
+        };
+        Ok(Guard {
+            watchdog: std::sync::Mutex::new(watchdog),
+            hold_until: std::sync::Mutex::new(None),
+            fenced: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<watchdog::Watchdog>> {
+        self.watchdog.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn watchdog_open(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Disarms with the magic close (after the records say "not armed").
+    fn release(&self) {
+        if let Some(watchdog) = self.lock().take() {
+            let device = watchdog_path(&watchdog);
+            match watchdog.magic_close() {
+                Ok(()) => tracing::info!(%device, "watchdog released"),
+                Err(error) => tracing::error!(%error, "watchdog magic close failed"),
+            }
+        }
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        heartbeats: Arc<heartbeat::Heartbeats>,
+        config: Arc<AgentConfig>,
+        state_file: PathBuf,
+        boot_id: String,
+    ) {
+        use std::sync::atomic::Ordering;
+        let mut remembered = None;
+        let every = (config.timing.lease_renew_interval() / 2).min(config.timing.watchdog_timeout() / 4);
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if self.fenced.load(Ordering::SeqCst) {
+                continue;
+            }
+            let now = std::time::Instant::now();
+            let last_success = heartbeats.last_success();
+            if last_success.is_some() && last_success != remembered {
+                // Kept across an agent restart within this boot (small, local, not shared).
+                match self_fence::remember(&state_file, &boot_id, last_success.unwrap_or(now)) {
+                    Ok(()) => remembered = last_success,
+                    Err(error) => tracing::debug!(%error, "remembering the last renewal failed"),
+                }
+            }
+            let inputs = self_fence::SelfFenceInputs {
+                watchdog_armed: self.watchdog_open(),
+                // No hypervisor driver yet (issue 6): the agent cannot tell, so it
+                // assumes HA VMs may run here.
+                ha_vms: None,
+                last_renewal: last_success.unwrap_or(heartbeats.started()),
+                hold_until: *self.hold_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                self_fence_after: config.timing.self_fence_after(),
+            };
+            if self_fence::self_fence_due(&inputs, now) {
+                tracing::error!(
+                    self_fence_after_ms = config.timing.self_fence_after().as_millis() as u64,
+                    silent_ms = now.saturating_duration_since(inputs.last_renewal).as_millis() as u64,
+                    "SELF-FENCE: no heartbeat landed on any pool for the self-fence time; stopping HA VMs and \
+                     the watchdog keepalives"
+                );
+                stop_ha_vms_hard().await;
+                self.fenced.store(true, Ordering::SeqCst);
+                continue;
+            }
+            if let Some(watchdog) = self.lock().as_mut() {
+                if let Err(error) = watchdog.keepalive() {
+                    tracing::warn!(%error, "watchdog keepalive failed");
+                }
+            }
+        }
+    }
+
+    /// The manager's directives from a ping reply: storage hold and disarm/re-arm.
+    async fn obey(
+        &self,
+        directives: &kvmha_core::event::Directives,
+        heartbeats: &heartbeat::Heartbeats,
+        config: &AgentConfig,
+    ) {
+        use std::sync::atomic::Ordering;
+        if directives.storage_hold {
+            let until = std::time::Instant::now() + config.timing.storage_hold_validity();
+            *self.hold_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(until);
+        }
+        let configured = config.watchdog.as_ref().filter(|watchdog| watchdog.armed);
+        if directives.disarmed && self.watchdog_open() {
+            // The records say "not armed" first; only then is the watchdog released.
+            if heartbeats.write_armed(false).await {
+                self.release();
+            }
+        } else if !directives.disarmed && !self.watchdog_open() && !self.fenced.load(Ordering::SeqCst) {
+            if let Some(watchdog) = configured {
+                // Re-arm: the watchdog first, then the records.
+                match watchdog::Watchdog::open(&watchdog.device) {
+                    Ok(opened) => {
+                        *self.lock() = Some(opened);
+                        heartbeats.write_armed(true).await;
+                    }
+                    Err(error) => tracing::warn!(%error, "re-arming the watchdog failed"),
+                }
+            }
+        }
+    }
+}
+
+fn watchdog_path(watchdog: &watchdog::Watchdog) -> String {
+    watchdog.path().display().to_string()
+}
+
+/// Hook for issue 6: stop every HA VM on this host hard, through the hypervisor driver.
+/// No driver yet, so there is nothing to stop.
+async fn stop_ha_vms_hard() {
+    tracing::warn!("no hypervisor driver yet (issue 6): no HA VM to stop");
 }
 
 async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned + kvmha_proto::Versioned>(

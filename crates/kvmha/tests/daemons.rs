@@ -616,3 +616,256 @@ fn an_agent_takes_commands_from_the_managers_certificate_only() {
     assert_eq!(status.as_u16(), 403, "{body}");
     assert!(body.contains("manager's certificate only"), "{body}");
 }
+
+/// Adds heartbeat pools `a` and `b` (two shared directories) to the manager's config,
+/// for `host` with a watchdog.
+fn add_manager_pools(cluster: &Cluster, host: &str) {
+    let pools = cluster.dir.path().join("pools");
+    for pool in ["a", "b"] {
+        std::fs::create_dir_all(pools.join(pool)).expect("pool dir");
+    }
+    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
+    text.push_str(&format!(
+        "\n[pools.a]\npath = \"{0}/a\"\n\n[pools.b]\npath = \"{0}/b\"\n\n[hosts.{host}]\npools = [\"a\", \"b\"]\nwatchdog = true\n",
+        pools.display()
+    ));
+    std::fs::write(cluster.config(), text).expect("write");
+}
+
+/// Adds pools `a` and `b` to `host`'s agent config, with an armed watchdog whose device
+/// is a plain file (returned).
+fn add_agent_pools(cluster: &Cluster, host: &str) -> PathBuf {
+    let pools = cluster.dir.path().join("pools");
+    let watchdog = cluster.agent_dir(host).join("watchdog");
+    let agent_toml = cluster.agent_dir(host).join("agent.toml");
+    let mut text = std::fs::read_to_string(&agent_toml).unwrap_or_default();
+    text.push_str(&format!(
+        "\n[[pools]]\nname = \"a\"\npath = \"{0}/a\"\n\n[[pools]]\nname = \"b\"\npath = \"{0}/b\"\n\n[watchdog]\ndevice = \"{1}\"\narmed = true\n",
+        pools.display(),
+        watchdog.display()
+    ));
+    std::fs::write(&agent_toml, text).expect("write");
+    watchdog
+}
+
+/// The manager's heartbeat investigator, run in the test against the manager's config.
+struct Investigator {
+    runtime: tokio::runtime::Runtime,
+    reader: kvmha_manager::heartbeat::HeartbeatReader,
+}
+
+impl Investigator {
+    fn new(config: &Path) -> Investigator {
+        let config = kvmha_manager::config::ManagerConfig::load(config).expect("manager config");
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let reader = {
+            let _context = runtime.enter();
+            kvmha_manager::heartbeat::HeartbeatReader::start(&config).expect("reader")
+        };
+        Investigator { runtime, reader }
+    }
+
+    fn look(&self, host: &str, evidence_after: Instant) -> Vec<kvmha_core::event::RecordState> {
+        let host = kvmha_core::HostName::from(host);
+        let (_, _, observation) =
+            self.runtime.block_on(self.reader.investigate(&host, evidence_after)).expect("host has pools");
+        observation.pools.into_iter().map(|pool| pool.record).collect()
+    }
+
+    fn wait(
+        &self,
+        what: &str,
+        host: &str,
+        evidence_after: Instant,
+        ok: impl Fn(&[kvmha_core::event::RecordState]) -> bool,
+    ) {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        loop {
+            let states = self.look(host, evidence_after);
+            if ok(&states) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {states:?}");
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+fn unchanged(state: &kvmha_core::event::RecordState, armed: bool, clean: bool, at_least: Duration) -> bool {
+    matches!(state, kvmha_core::event::RecordState::Unchanged { watchdog_armed, stopped_cleanly, unchanged_for, .. }
+        if *watchdog_armed == armed && *stopped_cleanly == clean && *unchanged_for >= at_least)
+}
+
+#[test]
+fn heartbeats_advance_on_two_pools_go_stale_when_killed_and_say_stopped_cleanly_after_a_clean_stop() {
+    use kvmha_core::event::RecordState;
+    let mut cluster = Cluster::init();
+    add_manager_pools(&cluster, "host1");
+    cluster.start_manager();
+    cluster.join("host1");
+    let watchdog = add_agent_pools(&cluster, "host1");
+    cluster.start_agent("host1");
+    cluster.wait_state("host1", &["Up"]);
+    let investigator = Investigator::new(&cluster.config());
+    let after_start = Instant::now();
+    investigator.wait("advancing on both pools", "host1", after_start, |states| {
+        states.len() == 2 && states.iter().all(|state| *state == RecordState::Advancing)
+    });
+
+    // SIGKILL: nobody writes any more; the record stays armed and not stopped cleanly.
+    cluster.agents.get_mut("host1").expect("host1").kill();
+    let after_kill = Instant::now();
+    investigator.wait("unchanged, armed, on both pools", "host1", after_kill, |states| {
+        states.len() == 2 && states.iter().all(|state| unchanged(state, true, false, Duration::from_secs(1)))
+    });
+    let petted = std::fs::read(&watchdog).expect("watchdog file");
+    assert!(petted.starts_with(b"k") && !petted.contains(&b'V'), "a killed agent released its watchdog");
+
+    // A restarted agent advances again; a clean stop says so on every pool.
+    cluster.start_agent("host1");
+    let after_restart = Instant::now();
+    investigator.wait("advancing again", "host1", after_restart, |states| {
+        states.iter().all(|state| *state == RecordState::Advancing)
+    });
+    let agent = cluster.agents.get_mut("host1").expect("host1");
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success(), "agent exit");
+    let after_stop = Instant::now();
+    investigator.wait("stopped cleanly on both pools", "host1", after_stop, |states| {
+        states.len() == 2 && states.iter().all(|state| unchanged(state, false, true, Duration::ZERO))
+    });
+    // The magic close came last, after "stopped cleanly" was on every pool.
+    assert!(std::fs::read(&watchdog).expect("watchdog file").ends_with(b"V"), "no magic close");
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Makes a pool unwritable for everyone, root included: its directory becomes a file.
+fn break_pool(cluster: &Cluster, pool: &str) {
+    let path = cluster.dir.path().join("pools").join(pool);
+    std::fs::rename(&path, path.with_extension("gone")).expect("rename");
+    std::fs::write(&path, "not a directory").expect("write");
+}
+
+fn host_storage(cluster: &Cluster, host: &str) -> String {
+    let Some(Value::Array(hosts)) = cluster.try_api(&["host", "list", "--json"]) else {
+        return String::new();
+    };
+    hosts.iter().find(|row| row["name"] == host).map(|row| row["storage"].to_string()).unwrap_or_default()
+}
+
+#[test]
+fn a_failing_pool_degrades_without_self_fencing_and_all_failing_self_fences_after_the_configured_time() {
+    use kvmha_core::event::RecordState;
+    let mut cluster = Cluster::init();
+    add_manager_pools(&cluster, "host1");
+    cluster.start_manager();
+    cluster.join("host1");
+    let watchdog = add_agent_pools(&cluster, "host1");
+    cluster.start_agent("host1");
+    cluster.wait_state("host1", &["Up"]);
+    let investigator = Investigator::new(&cluster.config());
+    investigator.wait("advancing on both pools", "host1", Instant::now(), |states| {
+        states.iter().all(|state| *state == RecordState::Advancing)
+    });
+
+    // Pool b fails: pool a keeps advancing, the agent reports Degraded{b}.
+    break_pool(&cluster, "b");
+    cluster.wait("host1 reports pool b failing", |cluster| {
+        let storage = host_storage(cluster, "host1");
+        storage.contains("Degraded") && storage.contains('b')
+    });
+    let after_break = Instant::now();
+    investigator.wait("a advancing, b unreadable", "host1", after_break, |states| {
+        states[0] == RecordState::Advancing && matches!(states[1], RecordState::Unreadable { .. })
+    });
+    // Longer than self_fence_after (fast: 6s) with one pool still written: no self-fence.
+    std::thread::sleep(Duration::from_secs(7));
+    let agent_log = |cluster: &Cluster| cluster.agents["host1"].log_text();
+    assert!(!agent_log(&cluster).contains("SELF-FENCE"), "self-fenced with a working pool");
+    let petted_before = std::fs::read(&watchdog).expect("watchdog").len();
+
+    // Every pool fails: the agent reports AllFailing, keeps petting for a while, then
+    // self-fences and stops petting.
+    break_pool(&cluster, "a");
+    cluster.wait("host1 reports all pools failing", |cluster| host_storage(cluster, "host1").contains("AllFailing"));
+    cluster.wait("host1 self-fences", |cluster| agent_log(cluster).contains("SELF-FENCE"));
+    let log = agent_log(&cluster);
+    let line = strip_ansi(log.lines().find(|line| line.contains("SELF-FENCE")).expect("line"));
+    let silent_ms: u64 = line
+        .split("silent_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("no silent_ms in {line}"));
+    assert!(silent_ms >= 6_000, "self-fenced after {silent_ms}ms of silence: {line}");
+    let petted_at_fence = std::fs::read(&watchdog).expect("watchdog").len();
+    assert!(petted_at_fence > petted_before, "the watchdog was not petted while the self-fence clock ran");
+    // Several keepalive intervals later, not one more keepalive (and no magic close).
+    std::thread::sleep(Duration::from_secs(2));
+    let after = std::fs::read(&watchdog).expect("watchdog");
+    assert!(after.len() <= petted_at_fence + 1, "keepalives continued after the self-fence");
+    assert!(!after.contains(&b'V'), "a self-fenced agent released its watchdog");
+}
+
+#[test]
+fn a_host_without_bmc_whose_agent_is_killed_is_fenced_by_lease_expiry() {
+    let mut cluster = Cluster::init();
+    // Pools a and b for host3 only, which has an armed watchdog and no BMC.
+    add_manager_pools(&cluster, "host3");
+    cluster.start_manager();
+    cluster.join("host1");
+    cluster.join("host2");
+    // Neighbours find nothing at host3's address, as if the machine were gone.
+    let silent = SilentAddress::new();
+    cluster.join_with("host3", &["--advertise", &silent.address.to_string()]);
+    let watchdog = add_agent_pools(&cluster, "host3");
+    for name in ["host1", "host2", "host3"] {
+        cluster.start_agent(name);
+    }
+    for name in ["host1", "host2", "host3"] {
+        cluster.wait_state(name, &["Up"]);
+    }
+    cluster.wait("host3's watchdog is petted", |_| std::fs::read(&watchdog).is_ok_and(|bytes| bytes.len() > 2));
+
+    cluster.agents.get_mut("host3").expect("host3").kill();
+    cluster.wait_state("host3", &["Fenced"]);
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    assert!(
+        lines.iter().any(|line| line.contains("host3") && line.contains("LeaseExpired")),
+        "no lease-expiry proof in the audit log: {lines:#?}"
+    );
+    assert!(!lines.iter().any(|line| line.contains("host3 FenceIntent")), "fenced through a BMC it does not have");
+}
+
+#[test]
+fn a_timing_that_breaks_the_lease_rule_is_refused_naming_the_numbers() {
+    let cluster = Cluster::init();
+    let file = cluster.config();
+    let good = std::fs::read_to_string(&file).expect("config");
+    // Core's rules accept renewals every 2.8 s; the storage rule does not: two renewals
+    // (plus an i/o timeout) do not fit before the 6 s self-fence.
+    let text = good.replace("[timing]\n", "[timing]\nlease_renew_interval_ms = 2800\n");
+    assert_ne!(text, good);
+    std::fs::write(&file, &text).expect("write");
+    let stderr = start_refused(&file);
+    assert!(stderr.contains("timing") && stderr.contains("manager.toml"), "{stderr}");
+    assert!(stderr.contains("two renewals"), "the rule is not named: {stderr}");
+    assert!(stderr.contains("2.8s") && stderr.contains("6s"), "the conflicting numbers are not named: {stderr}");
+}

@@ -28,6 +28,16 @@ pub struct RawConfig {
     pub api: RawApi,
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,
+    /// Shared pools the manager mounts: it reads hosts' heartbeat records there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, RawPool>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    /// Where the pool is mounted on the manager's machine.
+    pub path: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -55,6 +65,10 @@ pub struct RawHost {
     pub bmc: Option<RawBmc>,
     #[serde(default)]
     pub pools: Vec<String>,
+    /// The host's agent runs with an armed hardware watchdog and self-fences: lease
+    /// expiry may then prove it dead (ARCHITECTURE.md §5).
+    #[serde(default)]
+    pub watchdog: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,12 +112,28 @@ pub struct ManagerConfig {
     pub readonly_token_sha256: Vec<String>,
     pub join_token_sha256: String,
     pub hosts: BTreeMap<HostName, HostConfig>,
+    /// Pools mounted here, by name: where the heartbeat investigator reads.
+    pub pools: BTreeMap<PoolName, PathBuf>,
+    /// The profile's lease numbers, checked by [`kvmha_storage::LeaseTimings::check`].
+    pub lease: kvmha_storage::LeaseTimings,
 }
 
 #[derive(Clone, Debug)]
 pub struct HostConfig {
     pub bmc: Option<BmcConfig>,
     pub pools: Vec<PoolName>,
+    pub watchdog: bool,
+}
+
+/// The storage crate's view of the timing profile (the agent uses the same mapping).
+pub fn lease_timings(timing: &Timing) -> kvmha_storage::LeaseTimings {
+    kvmha_storage::LeaseTimings {
+        renewal_interval: timing.lease_renew_interval(),
+        io_timeout: timing.lease_renew_interval() / 2,
+        self_fence_deadline: timing.self_fence_after(),
+        watchdog_timeout: timing.watchdog_timeout(),
+        lease_expiry: timing.lease_takeover_after(),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -136,6 +166,8 @@ impl ManagerConfig {
         let api_listen = address("api_listen", &raw.api_listen)?;
         let profile: Profile = raw.profile.parse().map_err(|error| field("profile", format!("{error}")))?;
         let timing = Timing::from_profile(profile, &raw.timing).map_err(|error| field("timing", error.to_string()))?;
+        let lease = lease_timings(&timing);
+        lease.check().map_err(|error| field("timing", error.to_string()))?;
         let read_pem = |name: &str, path: &Path| {
             let path = base.join(path);
             std::fs::read_to_string(&path).map_err(|error| field(name, format!("{}: {error}", path.display())))
@@ -183,7 +215,15 @@ impl ManagerConfig {
                 }
             };
             let pools = host.pools.iter().map(|pool| PoolName::from(pool.as_str())).collect();
-            hosts.insert(HostName::from(name.as_str()), HostConfig { bmc, pools });
+            hosts.insert(HostName::from(name.as_str()), HostConfig { bmc, pools, watchdog: host.watchdog });
+        }
+        let mut pools = BTreeMap::new();
+        for (name, pool) in raw.pools {
+            kvmha_storage::Name::new(&name).map_err(|error| field(&format!("pools.{name}"), error.to_string()))?;
+            pools.insert(PoolName::from(name.as_str()), base.join(pool.path));
+        }
+        if !pools.is_empty() {
+            kvmha_storage::Name::new(&raw.cluster_id).map_err(|error| field("cluster_id", error.to_string()))?;
         }
         Ok(ManagerConfig {
             file: file.into(),
@@ -202,6 +242,8 @@ impl ManagerConfig {
             readonly_token_sha256: raw.api.readonly_token_sha256,
             join_token_sha256: raw.api.join_token_sha256,
             hosts,
+            pools,
+            lease,
         })
     }
 }

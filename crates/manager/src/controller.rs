@@ -37,6 +37,14 @@ impl Clock {
     pub fn now(&self) -> Instant {
         Instant::from_millis(self.base_ms + self.started.elapsed().as_millis() as u64)
     }
+    /// The process's monotonic instant of `at` (instants before this process started
+    /// map to its start: evidence from before then counts, which errs toward "alive").
+    pub fn to_std(&self, at: Instant) -> std::time::Instant {
+        match at.as_millis().checked_sub(self.base_ms) {
+            Some(after) => self.started + Duration::from_millis(after),
+            None => self.started,
+        }
+    }
     /// Time left until `deadline` on this clock.
     pub fn until(&self, deadline: Instant) -> Duration {
         deadline.saturating_since(self.now())

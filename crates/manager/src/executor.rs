@@ -1,16 +1,19 @@
 //! Executes the engine's commands against the world and feeds the outcomes back.
 //!
-//! Every external call is bounded by the command's deadline. Investigators kvmha cannot
-//! run yet (storage heartbeat: issue 5, VM activity: issue 6) are simply not reported:
-//! the engine counts a missing report as `Unknown` at the round's deadline.
+//! Every external call is bounded by the command's deadline. The storage heartbeat is
+//! read directly on the pools the manager mounts ([`crate::heartbeat`]); reading it
+//! through neighbours is not done yet. VM activity (issue 6) is not reported: the engine
+//! counts a missing report as `Unknown` at the round's deadline.
 
 use crate::config::{BmcConfig, BmcKind, ManagerConfig};
 use crate::controller::{Clock, Controller, SharedDirectory};
+use crate::ManagerError;
 use kvmha_bmc::ipmi::{IpmiClient, IpmiConfig};
 use kvmha_bmc::redfish::{RedfishClient, RedfishConfig, RedfishTls};
 use kvmha_bmc::{PowerControl, PowerState};
 use kvmha_core::event::{
-    FenceOutcome, FenceResult, Finding, InvestigatorKind, InvestigatorReport, VmStartOutcome, VmStartResult,
+    FenceOutcome, FenceResult, Finding, HeartbeatObservation, InvestigatorKind, InvestigatorReport, VmStartOutcome,
+    VmStartResult,
 };
 use kvmha_core::model::Resources;
 use kvmha_core::{Command, Event, HostName, HostSpec, Instant};
@@ -32,6 +35,7 @@ pub struct Executor {
     agents: reqwest::Client,
     controller: OnceLock<Controller>,
     next_request: AtomicU64,
+    heartbeats: crate::heartbeat::HeartbeatReader,
 }
 
 impl Executor {
@@ -45,7 +49,20 @@ impl Executor {
             Some((&config.cert_pem, &config.key_pem)),
             Duration::from_secs(30),
         )?;
-        Ok(Executor { config, clock, directory, agents, controller: OnceLock::new(), next_request: AtomicU64::new(1) })
+        let heartbeats = crate::heartbeat::HeartbeatReader::start(&config).map_err(|reason| ManagerError::Config {
+            file: config.file.clone(),
+            field: "pools".to_owned(),
+            problem: reason,
+        })?;
+        Ok(Executor {
+            config,
+            clock,
+            directory,
+            agents,
+            controller: OnceLock::new(),
+            next_request: AtomicU64::new(1),
+            heartbeats,
+        })
     }
 
     pub fn set_controller(&self, controller: Controller) {
@@ -60,7 +77,7 @@ impl Executor {
             networks: vec!["mgmt".to_owned()],
             capacity: Resources { cpus: 0, memory_mb: 0 },
             has_bmc: configured.is_some_and(|host| host.bmc.is_some()),
-            has_watchdog: false,
+            has_watchdog: configured.is_some_and(|host| host.watchdog),
             pools: configured.map(|host| host.pools.clone()).unwrap_or_default(),
         }
     }
@@ -79,20 +96,21 @@ impl Executor {
     pub async fn execute(self: Arc<Self>, command: Command) {
         match command {
             Command::Audit(_) => {}
-            // evidence_after matters to the heartbeat and VM-activity investigators, which come
-            // with issue 5; neighbour pings and BMC reads look at the present.
-            Command::Investigate { host, investigation, round, kinds, neighbours, deadline, evidence_after: _ } => {
+            // evidence_after matters to the heartbeat investigator; neighbour pings and BMC
+            // reads look at the present.
+            Command::Investigate { host, investigation, round, kinds, neighbours, deadline, evidence_after } => {
+                let evidence_after = self.clock.to_std(evidence_after);
                 tracing::info!(%host, %investigation, round, ?kinds, "investigating");
                 for kind in kinds {
                     let executor = self.clone();
                     let (host, neighbours) = (host.clone(), neighbours.clone());
                     tokio::spawn(async move {
-                        let Some((finding, evidence)) = executor.investigate(kind, &host, &neighbours, deadline).await
+                        let Some((finding, evidence, heartbeat)) =
+                            executor.investigate(kind, &host, &neighbours, deadline, evidence_after).await
                         else {
                             return;
                         };
-                        let report =
-                            InvestigatorReport { host, investigation, kind, finding, evidence, heartbeat: None };
+                        let report = InvestigatorReport { host, investigation, kind, finding, evidence, heartbeat };
                         executor.feed(Event::Report(report)).await;
                     });
                 }
@@ -130,25 +148,35 @@ impl Executor {
         host: &HostName,
         neighbours: &[HostName],
         deadline: Instant,
-    ) -> Option<(Finding, String)> {
+        evidence_after: std::time::Instant,
+    ) -> Option<(Finding, String, Option<HeartbeatObservation>)> {
+        let without_heartbeat = |(finding, evidence): (Finding, String)| Some((finding, evidence, None));
         match kind {
-            InvestigatorKind::NeighbourPing => Some(self.neighbour_ping(host, neighbours, deadline).await),
-            InvestigatorKind::BmcPower => {
+            InvestigatorKind::NeighbourPing => without_heartbeat(self.neighbour_ping(host, neighbours, deadline).await),
+            InvestigatorKind::StorageHeartbeat => {
+                let budget = self.budget(deadline);
+                match tokio::time::timeout(budget, self.heartbeats.investigate(host, evidence_after)).await {
+                    Ok(Some((finding, evidence, observation))) => Some((finding, evidence, Some(observation))),
+                    Ok(None) => None,
+                    Err(_) => without_heartbeat((Finding::Unknown, "heartbeat: no read before the deadline".into())),
+                }
+            }
+            InvestigatorKind::BmcPower => without_heartbeat({
                 let bmc = self.config.hosts.get(host)?.bmc.as_ref()?;
                 let budget = self.budget(deadline);
                 let status = match power_control(bmc, budget) {
                     Ok(control) => tokio::time::timeout(budget, control.status()).await,
-                    Err(error) => return Some((Finding::Unknown, error)),
+                    Err(error) => return Some((Finding::Unknown, error, None)),
                 };
-                Some(match status {
+                match status {
                     Ok(Ok(PowerState::Off)) => (Finding::Dead, "power off".to_owned()),
                     Ok(Ok(PowerState::On)) => (Finding::Unknown, "power on".to_owned()),
                     Ok(Err(error)) => (Finding::Unknown, format!("bmc status failed: {error}")),
                     Err(_) => (Finding::Unknown, "bmc status: no answer before the deadline".to_owned()),
-                })
-            }
-            // Issue 5 (heartbeat reads) and issue 6 (VM activity): not reported yet.
-            InvestigatorKind::StorageHeartbeat | InvestigatorKind::VmActivity => None,
+                }
+            }),
+            // Issue 6 (VM activity): not reported yet.
+            InvestigatorKind::VmActivity => None,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod controller;
 pub mod error;
 pub mod executor;
+pub mod heartbeat;
 pub mod server;
 pub mod store;
 
@@ -115,6 +116,7 @@ pub fn init(options: &InitOptions) -> Result<InitOutput, ManagerError> {
             join_token_sha256: pki::sha256_hex(join_secret.as_bytes()),
         },
         hosts: Default::default(),
+        pools: Default::default(),
     };
     let text = toml::to_string_pretty(&raw).map_err(|error| ManagerError::Snapshot { reason: error.to_string() })?;
     let header = "# kvmha manager configuration (docs/daemons.md).\n\
