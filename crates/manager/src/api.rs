@@ -172,68 +172,64 @@ async fn view(api: &OperatorApi) -> Result<ClusterView, Refusal> {
     api.controller.view().await.map_err(|_| refusal(StatusCode::SERVICE_UNAVAILABLE, "manager is stopping"))
 }
 
+/// What every read-only route starts with: the caller may read, and the cluster as seen now.
+async fn read_view(api: &OperatorApi, headers: &HeaderMap) -> Result<ClusterView, Response> {
+    authorize(api, headers, Role::ReadOnly).map_err(IntoResponse::into_response)?;
+    view(api).await.map_err(IntoResponse::into_response)
+}
+
 async fn list_hosts(State(api): State<Arc<OperatorApi>>, headers: HeaderMap) -> Response {
-    if let Err(refusal) = authorize(&api, &headers, Role::ReadOnly) {
-        return refusal.into_response();
-    }
-    match view(&api).await {
-        Ok(view) => Json::<Vec<HostView>>(view.hosts).into_response(),
-        Err(refusal) => refusal.into_response(),
-    }
+    let view = match read_view(&api, &headers).await {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    Json::<Vec<HostView>>(view.hosts).into_response()
 }
 
 async fn show_host(State(api): State<Arc<OperatorApi>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(refusal) = authorize(&api, &headers, Role::ReadOnly) {
-        return refusal.into_response();
-    }
-    match view(&api).await {
-        Ok(view) => match view.hosts.into_iter().find(|host| host.name == name) {
-            Some(host) => Json(host).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no host named {name:?}")),
-        },
-        Err(refusal) => refusal.into_response(),
+    let view = match read_view(&api, &headers).await {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    match view.hosts.into_iter().find(|host| host.name == name) {
+        Some(host) => Json(host).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no host named {name:?}")),
     }
 }
 
 async fn list_vms(State(api): State<Arc<OperatorApi>>, headers: HeaderMap) -> Response {
-    if let Err(refusal) = authorize(&api, &headers, Role::ReadOnly) {
-        return refusal.into_response();
-    }
-    match view(&api).await {
-        Ok(view) => Json::<Vec<VmView>>(view.vms).into_response(),
-        Err(refusal) => refusal.into_response(),
-    }
+    let view = match read_view(&api, &headers).await {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    Json::<Vec<VmView>>(view.vms).into_response()
 }
 
 async fn show_vm(State(api): State<Arc<OperatorApi>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(refusal) = authorize(&api, &headers, Role::ReadOnly) {
-        return refusal.into_response();
-    }
-    match view(&api).await {
-        Ok(view) => match view.vms.into_iter().find(|vm| vm.name == name) {
-            Some(vm) => Json(vm).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no vm named {name:?}")),
-        },
-        Err(refusal) => refusal.into_response(),
+    let view = match read_view(&api, &headers).await {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    match view.vms.into_iter().find(|vm| vm.name == name) {
+        Some(vm) => Json(vm).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no vm named {name:?}")),
     }
 }
 
 async fn cluster(State(api): State<Arc<OperatorApi>>, headers: HeaderMap) -> Response {
-    if let Err(refusal) = authorize(&api, &headers, Role::ReadOnly) {
-        return refusal.into_response();
-    }
-    match view(&api).await {
-        Ok(view) => Json(json!({
-            "cluster_ha": view.cluster_ha,
-            "disarmed": view.disarmed,
-            "storage_hold": view.storage_hold,
-            "manager_isolated": view.manager_isolated,
-            "hosts": view.hosts.len(),
-            "vms": view.vms.len(),
-        }))
-        .into_response(),
-        Err(refusal) => refusal.into_response(),
-    }
+    let view = match read_view(&api, &headers).await {
+        Ok(view) => view,
+        Err(refused) => return refused,
+    };
+    Json(json!({
+        "cluster_ha": view.cluster_ha,
+        "disarmed": view.disarmed,
+        "storage_hold": view.storage_hold,
+        "manager_isolated": view.manager_isolated,
+        "hosts": view.hosts.len(),
+        "vms": view.vms.len(),
+    }))
+    .into_response()
 }
 
 #[derive(Debug, Deserialize)]
