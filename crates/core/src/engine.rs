@@ -680,12 +680,13 @@ impl Engine {
                         fencing.in_flight = None;
                     }
                 }
+                // The lease path may still prove the host dead (storage came back).
+                if self.fence_if_proven(fx, name) {
+                    return;
+                }
                 let record = &self.hosts[name];
                 let round_over = record.investigation.as_ref().is_some_and(|round| now >= round.deadline);
-                // The lease path may still prove the host dead (storage came back).
-                if let Some(proof) = self.try_proof(name, now) {
-                    self.mark_fenced(fx, name, proof);
-                } else if round_over {
+                if round_over {
                     self.conclude_recheck(fx, name);
                 } else if record.investigation.is_none() && record.next_recheck.is_some_and(|at| now >= at) {
                     let recheck = now + self.config.timing.degraded_recheck();
@@ -909,9 +910,7 @@ impl Engine {
             HostState::FenceFailed if settled && purpose == RoundPurpose::Recheck => self.conclude_recheck(fx, &host),
             HostState::Fencing | HostState::FenceFailed if purpose == RoundPurpose::Recheck => {
                 // A fresh heartbeat look may complete the lease proof before the round ends.
-                if let Some(proof) = self.try_proof(&host, fx.now) {
-                    self.mark_fenced(fx, &host, proof);
-                }
+                self.fence_if_proven(fx, &host);
             }
             HostState::Fencing | HostState::FenceFailed if purpose == RoundPurpose::LeaseCheck => {
                 record.investigation = None;
@@ -922,9 +921,7 @@ impl Engine {
                     self.enter_degraded(fx, &host);
                     return;
                 }
-                if let Some(proof) = self.try_proof(&host, fx.now) {
-                    self.mark_fenced(fx, &host, proof);
-                }
+                self.fence_if_proven(fx, &host);
             }
             _ => {}
         }
@@ -1034,8 +1031,7 @@ impl Engine {
             self.enter_degraded(fx, name);
             return;
         }
-        if let Some(proof) = self.try_proof(name, fx.now) {
-            self.mark_fenced(fx, name, proof);
+        if self.fence_if_proven(fx, name) {
             return;
         }
         if self.hosts[name].spec.has_bmc && self.fencing_allowed(name).is_ok() {
@@ -1111,8 +1107,7 @@ impl Engine {
         if self.hosts[name].state != HostState::Fencing {
             return;
         }
-        if let Some(proof) = self.try_proof(name, now) {
-            self.mark_fenced(fx, name, proof);
+        if self.fence_if_proven(fx, name) {
             return;
         }
         let timing = self.config.timing.clone();
@@ -1249,9 +1244,7 @@ impl Engine {
                     fencing.in_flight = None;
                 }
                 fencing.confirmation = Some(FenceConfirmation { fence: result.fence, at: fx.now, evidence });
-                if let Some(proof) = self.try_proof(&host, fx.now) {
-                    self.mark_fenced(fx, &host, proof);
-                }
+                self.fence_if_proven(fx, &host);
             }
             FenceOutcome::Failed { error } => {
                 if record.state == HostState::FenceFailed {
@@ -1286,9 +1279,17 @@ impl Engine {
         }
     }
 
-    fn try_proof(&self, name: &HostName, now: Instant) -> Option<DeathProof> {
+    /// Asks the safety rule about `name` now; with a proof, the host is `Fenced` and its VMs
+    /// are released. Every path to `Fenced` but the planted test bug goes through here.
+    fn fence_if_proven(&mut self, fx: &mut Effects, name: &HostName) -> bool {
         let record = &self.hosts[name];
-        safety::prove_dead(&self.safety_inputs(record), now, &self.config.timing).ok()
+        match safety::prove_dead(&self.safety_inputs(record), fx.now, &self.config.timing) {
+            Ok(proof) => {
+                self.mark_fenced(fx, name, proof);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn no_proof_reasons(&self, name: &HostName, now: Instant) -> String {
@@ -1636,9 +1637,7 @@ impl Engine {
                 }
                 record.operator_confirmation = Some(OperatorConfirmation { by: by.clone(), at: fx.now });
                 fx.audit(Some(&host), None, AuditKind::Operator, format!("confirm-down by {by}"));
-                if let Some(proof) = self.try_proof(&host, fx.now) {
-                    self.mark_fenced(fx, &host, proof);
-                }
+                self.fence_if_proven(fx, &host);
             }
             OperatorAction::Maintenance { host, on, by } => {
                 let Some(record) = self.hosts.get(&host) else {
