@@ -63,7 +63,11 @@ pub async fn handle(command: AgentCommand, budget: Duration) -> CommandResult {
         }
         // No hypervisor driver yet: nothing runs here that kvmha knows of.
         AgentCommand::ListVms => CommandResult::Vms { vms: Vec::new() },
-        AgentCommand::StartVm { .. } | AgentCommand::StopVm { .. } => {
+        AgentCommand::StartVm { .. }
+        | AgentCommand::StopVm { .. }
+        | AgentCommand::GetVmDefinition { .. }
+        | AgentCommand::DefineVm { .. }
+        | AgentCommand::MigrateVm { .. } => {
             CommandResult::Unsupported { reason: "unsupported: needs issue 6 (hypervisor drivers)".into() }
         }
     }
@@ -98,7 +102,7 @@ mod tests {
 
     #[tokio::test]
     async fn vm_commands_answer_unsupported_with_the_issue() {
-        let result = handle(AgentCommand::StopVm { vm: "vm1".into() }, Duration::from_secs(1)).await;
+        let result = handle(AgentCommand::StopVm { vm: "vm1".into(), graceful_ms: 0 }, Duration::from_secs(1)).await;
         assert_eq!(
             result,
             CommandResult::Unsupported { reason: "unsupported: needs issue 6 (hypervisor drivers)".into() }

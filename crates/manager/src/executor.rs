@@ -122,7 +122,13 @@ impl Executor {
             }
             Command::StartVm { work, vm, target, release, deadline } => {
                 tracing::info!(%vm, %target, %work, release = %release.describe(), "starting vm");
-                let command = AgentCommand::StartVm { vm: vm.clone(), work: work.0 };
+                // Not wired yet (issue 6): no definition and no lease break for a proven death.
+                let command = AgentCommand::StartVm {
+                    vm: vm.clone(),
+                    work: work.0,
+                    xml: None,
+                    lease: kvmha_proto::LeaseGrant::IfFree,
+                };
                 let outcome = match self.send(&target, command, deadline).await {
                     Ok(CommandResult::Done) => VmStartOutcome::Started,
                     Ok(CommandResult::Unsupported { reason }) | Ok(CommandResult::Failed { reason }) => {

@@ -132,21 +132,50 @@ pub struct CommandRequest {
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum AgentCommand {
     /// Can this agent reach a neighbour? `targets` are `IP:PORT` (or `IP`) addresses.
-    PingTest {
-        host: HostName,
-        targets: Vec<String>,
-    },
+    PingTest { host: HostName, targets: Vec<String> },
     /// Read a neighbour's heartbeat record on the shared pools.
-    CheckHeartbeat {
-        host: HostName,
-    },
+    CheckHeartbeat { host: HostName },
+    /// Every domain the host's hypervisor knows, running or only defined.
     ListVms,
-    StartVm {
-        vm: VmName,
-        work: u64,
-    },
-    StopVm {
-        vm: VmName,
+    /// The domain's definition (libvirt domain XML), for the manager's registry: another
+    /// host defines the VM from it when it restarts the VM.
+    GetVmDefinition { vm: VmName },
+    /// Store a definition (libvirt domain XML) on this host. Refused (`Failed`) while a VM
+    /// of that name runs here with another definition's name or resources in use.
+    DefineVm { xml: String },
+    /// Start `vm` here: acquire its lease as `lease` allows, define it from `xml` when the
+    /// host does not know it, start it, and keep renewing the lease while it runs.
+    /// Idempotent for one `work`: a VM already running here (any instance) answers
+    /// `AlreadyRunning`. The agent remembers `work` as the VM's instance and reports it in
+    /// every ping, across agent restarts.
+    StartVm { vm: VmName, work: u64, xml: Option<String>, lease: LeaseGrant },
+    /// Stop `vm` on purpose (operator, maintenance): graceful shutdown for up to
+    /// `graceful_ms` then hard stop (0: hard stop at once), release its lease, and report
+    /// it `Stopped` from then on so nobody restarts it.
+    StopVm { vm: VmName, graceful_ms: u64 },
+    /// Live-migrate `vm` to the host whose hypervisor is `destination_uri` (maintenance
+    /// evacuation). `Unsupported` where the driver cannot migrate; the manager then stops
+    /// and starts it elsewhere. The lease moves with the VM: the destination's agent takes
+    /// it over as `work` once the VM runs there.
+    MigrateVm { vm: VmName, work: u64, destination_uri: String },
+}
+
+/// How a starting agent may take a VM's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum LeaseGrant {
+    /// Only a free lease: absent, released, held by this very host and boot, or seen
+    /// unchanged for the lease expiry on this agent's own clock. A lease that keeps
+    /// changing answers `LeaseHeld`.
+    IfFree,
+    /// The manager proved `host` dead under the safety rule (ARCHITECTURE.md §5): a lease
+    /// held by that host (by `boot_id` when given) may be taken at once, even while it
+    /// still looks fresh. A lease held by anyone else is treated as under `IfFree`.
+    BreakDeadOwner {
+        host: HostName,
+        boot_id: Option<BootId>,
+        /// The proof, for the agent's log: kind and evidence.
+        proof: String,
     },
 }
 
@@ -165,7 +194,17 @@ pub enum CommandResult {
         results: Vec<PingTestResult>,
     },
     Vms {
-        vms: Vec<VmReport>,
+        vms: Vec<VmInventory>,
+    },
+    Definition {
+        xml: String,
+    },
+    /// `StartVm`: the VM was already running here; nothing was started.
+    AlreadyRunning,
+    /// `StartVm`: the VM's lease is held by a live owner; nothing was started.
+    LeaseHeld {
+        /// `host (boot …)` of the holder, as the lease record says.
+        owner: String,
     },
     /// The handler needs a later piece of kvmha.
     Unsupported {
@@ -175,6 +214,18 @@ pub enum CommandResult {
         reason: String,
     },
     Done,
+}
+
+/// One domain of `ListVms`: what the manager's registry needs to know of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmInventory {
+    /// Name, state (Running, Crashed, SelfFenced, Stopped) and instance, as in pings.
+    pub report: VmReport,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    /// The agent holds (and renews) the VM's lease.
+    pub lease_held: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,8 +305,25 @@ mod tests {
             AgentCommand::PingTest { host: HostName::from("h2"), targets: vec!["127.0.0.1:1".to_owned()] },
             AgentCommand::CheckHeartbeat { host: HostName::from("h2") },
             AgentCommand::ListVms,
-            AgentCommand::StartVm { vm: VmName::from("vm1"), work: 3 },
-            AgentCommand::StopVm { vm: VmName::from("vm1") },
+            AgentCommand::StartVm { vm: VmName::from("vm1"), work: 3, xml: None, lease: LeaseGrant::IfFree },
+            AgentCommand::StartVm {
+                vm: VmName::from("vm1"),
+                work: 4,
+                xml: Some("<domain/>".to_owned()),
+                lease: LeaseGrant::BreakDeadOwner {
+                    host: HostName::from("h1"),
+                    boot_id: None,
+                    proof: "bmc power off".to_owned(),
+                },
+            },
+            AgentCommand::StopVm { vm: VmName::from("vm1"), graceful_ms: 0 },
+            AgentCommand::GetVmDefinition { vm: VmName::from("vm1") },
+            AgentCommand::DefineVm { xml: "<domain/>".to_owned() },
+            AgentCommand::MigrateVm {
+                vm: VmName::from("vm1"),
+                work: 5,
+                destination_uri: "qemu+ssh://h2/system".to_owned(),
+            },
         ];
         for command in commands {
             let request = CommandRequest { version: PROTOCOL_VERSION, request_id: 1, timeout_ms: 500, command };
