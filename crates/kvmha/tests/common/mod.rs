@@ -1,0 +1,396 @@
+//! Shared by the multi-process integration tests: `kvmha` processes (manager, agents) on
+//! loopback, each cluster in its own temporary directory with its own ports. Every process
+//! is killed when its guard drops, also when a test panics.
+#![allow(dead_code)] // each test binary uses a different part
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KVMHA: &str = env!("CARGO_BIN_EXE_kvmha");
+/// Generous: the machine is shared and builds run next to the tests.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+pub const POLL: Duration = Duration::from_millis(100);
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+pub struct Guard {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Guard {
+    pub fn spawn(args: &[&str], log: PathBuf) -> Guard {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(KVMHA)
+            .args(args)
+            .env("KVMHA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("spawning kvmha");
+        Guard { child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit; log:\n{}", self.log_text());
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback address where connections hang as they do to a powered-off machine: a
+/// listener with a backlog of one, whose queue is filled and never accepted from, so the
+/// kernel drops further SYNs.
+pub struct SilentAddress {
+    pub address: std::net::SocketAddr,
+    pub _listener: tokio::net::TcpListener,
+    pub _fillers: Vec<std::net::TcpStream>,
+    pub _runtime: tokio::runtime::Runtime,
+}
+
+impl SilentAddress {
+    pub fn new() -> SilentAddress {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
+        let listener = {
+            let _context = runtime.enter();
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+            socket.listen(1).expect("listen")
+        };
+        let address = listener.local_addr().expect("address");
+        let mut fillers = Vec::new();
+        while let Ok(stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
+            fillers.push(stream);
+            assert!(fillers.len() < 64, "the accept queue never filled up");
+        }
+        SilentAddress { address, _listener: listener, _fillers: fillers, _runtime: runtime }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(KVMHA);
+    command.args(args).env_remove("KVMHA_MANAGER").env_remove("KVMHA_TOKEN").env("RUST_BACKTRACE", "0");
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    command.output().expect("running kvmha")
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub manager: Option<Guard>,
+    pub agents: BTreeMap<String, Guard>,
+    pub manager_url: String,
+    pub api_url: String,
+    pub operator_token: String,
+    pub readonly_token: String,
+    pub join_token: String,
+    pub manager_runs: u32,
+}
+
+impl Cluster {
+    /// `manager init` with the fast profile; the manager is not started yet.
+    pub fn init() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (listen, api) = (free_port(), free_port());
+        let manager_dir = dir.path().join("manager");
+        let output = run(
+            &[
+                "manager",
+                "init",
+                "--dir",
+                manager_dir.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{listen}"),
+                "--api-listen",
+                &format!("127.0.0.1:{api}"),
+                "--profile",
+                "fast",
+            ],
+            &[],
+        );
+        assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+        let stdout = String::from_utf8(output.stdout).expect("utf-8");
+        let join_token = stdout.lines().last().expect("a last line").trim().to_owned();
+        assert!(join_token.starts_with("kvmha1."), "last line is not a join token: {stdout}");
+        let read = |name: &str| std::fs::read_to_string(manager_dir.join(name)).expect(name).trim().to_owned();
+        Cluster {
+            manager: None,
+            agents: BTreeMap::new(),
+            manager_url: format!("https://127.0.0.1:{listen}"),
+            api_url: format!("http://127.0.0.1:{api}"),
+            operator_token: read("operator.token"),
+            readonly_token: read("readonly.token"),
+            join_token,
+            manager_runs: 0,
+            dir,
+        }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("manager/manager.toml")
+    }
+
+    pub fn start_manager(&mut self) {
+        self.manager_runs += 1;
+        let log = self.dir.path().join(format!("manager-{}.log", self.manager_runs));
+        let config = self.config();
+        self.manager = Some(Guard::spawn(&["manager", "run", "--config", config.to_str().unwrap()], log));
+        self.wait("the operator API answers", |cluster| cluster.try_api(&["host", "list", "--json"]).is_some());
+    }
+
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.join_with(name, &[])
+    }
+
+    pub fn join_with(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let dir = self.agent_dir(name);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "agent",
+            "join",
+            "--manager",
+            &self.manager_url,
+            "--token",
+            &self.join_token,
+            "--name",
+            name,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        let output = run(&args, &[]);
+        assert!(output.status.success(), "join of {name} failed: {}", String::from_utf8_lossy(&output.stderr));
+        dir.join("agent.toml")
+    }
+
+    pub fn start_agent(&mut self, name: &str) {
+        let config = self.agent_dir(name).join("agent.toml");
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.agents.insert(name.to_owned(), Guard::spawn(&["agent", "run", "--config", config.to_str().unwrap()], log));
+    }
+
+    pub fn api_output(&self, args: &[&str], token: &str) -> Output {
+        run(args, &[("KVMHA_MANAGER", &self.api_url), ("KVMHA_TOKEN", token)])
+    }
+
+    pub fn try_api(&self, args: &[&str]) -> Option<Value> {
+        let output = self.api_output(args, &self.operator_token);
+        if !output.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    pub fn states(&self) -> BTreeMap<String, String> {
+        let Some(Value::Array(hosts)) = self.try_api(&["host", "list", "--json"]) else {
+            return BTreeMap::new();
+        };
+        hosts
+            .iter()
+            .map(|host| {
+                (host["name"].as_str().unwrap_or("").to_owned(), host["state"].as_str().unwrap_or("").to_owned())
+            })
+            .collect()
+    }
+
+    /// Every audit line so far, as `kvmha events --json` prints them.
+    pub fn events(&self) -> Vec<Value> {
+        let output = self.api_output(&["events", "--json"], &self.operator_token);
+        assert!(output.status.success(), "events failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("json line"))
+            .collect()
+    }
+
+    pub fn has_event(&self, needle: &str) -> bool {
+        self.events().iter().any(|event| event["line"].as_str().unwrap_or("").contains(needle))
+    }
+
+    pub fn wait(&self, what: &str, condition: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        while !condition(self) {
+            if Instant::now() > deadline {
+                let log = self.manager.as_ref().map(Guard::log_text).unwrap_or_default();
+                panic!("timed out waiting for {what}; states {:?}\nmanager log:\n{log}", self.states());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn wait_state(&self, host: &str, accepted: &[&str]) {
+        self.wait(&format!("{host} in {accepted:?}"), |cluster| {
+            cluster.states().get(host).is_some_and(|state| accepted.contains(&state.as_str()))
+        });
+    }
+
+    /// A manager and three agents, all `Up`.
+    pub fn three_up() -> Cluster {
+        let mut cluster = Cluster::init();
+        cluster.start_manager();
+        for name in ["host1", "host2", "host3"] {
+            cluster.join(name);
+            cluster.start_agent(name);
+        }
+        for name in ["host1", "host2", "host3"] {
+            cluster.wait_state(name, &["Up"]);
+        }
+        cluster
+    }
+}
+
+pub fn add_manager_pools(cluster: &Cluster, host: &str) {
+    let pools = cluster.dir.path().join("pools");
+    for pool in ["a", "b"] {
+        std::fs::create_dir_all(pools.join(pool)).expect("pool dir");
+    }
+    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
+    text.push_str(&format!(
+        "\n[pools.a]\npath = \"{0}/a\"\n\n[pools.b]\npath = \"{0}/b\"\n\n[hosts.{host}]\npools = [\"a\", \"b\"]\nwatchdog = true\n",
+        pools.display()
+    ));
+    std::fs::write(cluster.config(), text).expect("write");
+}
+
+/// Adds pools `a` and `b` to `host`'s agent config, with an armed watchdog whose device
+/// is a plain file (returned).
+pub fn add_agent_pools(cluster: &Cluster, host: &str) -> PathBuf {
+    let pools = cluster.dir.path().join("pools");
+    let watchdog = cluster.agent_dir(host).join("watchdog");
+    let agent_toml = cluster.agent_dir(host).join("agent.toml");
+    let mut text = std::fs::read_to_string(&agent_toml).unwrap_or_default();
+    text.push_str(&format!(
+        "\n[[pools]]\nname = \"a\"\npath = \"{0}/a\"\n\n[[pools]]\nname = \"b\"\npath = \"{0}/b\"\n\n[watchdog]\ndevice = \"{1}\"\narmed = true\n",
+        pools.display(),
+        watchdog.display()
+    ));
+    std::fs::write(&agent_toml, text).expect("write");
+    watchdog
+}
+
+/// The manager's heartbeat investigator, run in the test against the manager's config.
+pub struct Investigator {
+    pub runtime: tokio::runtime::Runtime,
+    pub reader: kvmha_manager::heartbeat::HeartbeatReader,
+}
+
+impl Investigator {
+    pub fn new(config: &Path) -> Investigator {
+        let config = kvmha_manager::config::ManagerConfig::load(config).expect("manager config");
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let reader = {
+            let _context = runtime.enter();
+            kvmha_manager::heartbeat::HeartbeatReader::start(&config).expect("reader")
+        };
+        Investigator { runtime, reader }
+    }
+
+    pub fn look(&self, host: &str, evidence_after: Instant) -> Vec<kvmha_core::event::RecordState> {
+        let host = kvmha_core::HostName::from(host);
+        let (_, _, observation) =
+            self.runtime.block_on(self.reader.investigate(&host, evidence_after)).expect("host has pools");
+        observation.pools.into_iter().map(|pool| pool.record).collect()
+    }
+
+    pub fn wait(
+        &self,
+        what: &str,
+        host: &str,
+        evidence_after: Instant,
+        ok: impl Fn(&[kvmha_core::event::RecordState]) -> bool,
+    ) {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        loop {
+            let states = self.look(host, evidence_after);
+            if ok(&states) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {states:?}");
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+pub fn unchanged(state: &kvmha_core::event::RecordState, armed: bool, clean: bool, at_least: Duration) -> bool {
+    matches!(state, kvmha_core::event::RecordState::Unchanged { watchdog_armed, stopped_cleanly, unchanged_for, .. }
+        if *watchdog_armed == armed && *stopped_cleanly == clean && *unchanged_for >= at_least)
+}
+
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Makes a pool unwritable for everyone, root included: its directory becomes a file.
+pub fn break_pool(cluster: &Cluster, pool: &str) {
+    let path = cluster.dir.path().join("pools").join(pool);
+    std::fs::rename(&path, path.with_extension("gone")).expect("rename");
+    std::fs::write(&path, "not a directory").expect("write");
+}
+
+pub fn host_storage(cluster: &Cluster, host: &str) -> String {
+    let Some(Value::Array(hosts)) = cluster.try_api(&["host", "list", "--json"]) else {
+        return String::new();
+    };
+    hosts.iter().find(|row| row["name"] == host).map(|row| row["storage"].to_string()).unwrap_or_default()
+}
