@@ -826,6 +826,27 @@ fn a_stop_seen_in_a_ping_before_its_answer_counts_and_maintenance_off_cancels_th
 }
 
 #[test]
+fn a_stop_that_outlives_its_evacuation_never_starts_the_vm_twice() {
+    // Found by the simulator: the host fails during its evacuation, its VMs restart
+    // elsewhere after the fence, then the old stop's answer arrives.
+    let mut harness = Harness::new();
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    let work = stops(&commands)[0].2;
+    let commands = harness.drive_to_fenced("host1");
+    let restarted = starts(&commands);
+    assert_eq!(restarted.len(), 2, "{restarted:?}");
+    for command in &commands {
+        if let Command::StartVm { work, vm, target, .. } = command {
+            harness.started(vm.as_str(), target, *work);
+        }
+    }
+    let commands = harness.stopped("vm-high", "host1", work);
+    assert_eq!(starts(&commands), vec![]);
+    let commands = harness.advance(60_000, &["host2", "host3"]);
+    assert_eq!((starts(&commands), stops(&commands)), (vec![], vec![]));
+}
+
+#[test]
 fn maintenance_is_refused_while_fencing() {
     let mut harness = Harness::new();
     harness.drive_to_fencing("host1");
