@@ -194,7 +194,9 @@ impl LeaseClient {
         };
         let claimable_now = match &current {
             None => true,
-            Some(Ok(record)) => record.state == LeaseState::Released || self.is_mine(record) || held_by_the_dead(record),
+            Some(Ok(record)) => {
+                record.state == LeaseState::Released || self.is_mine(record) || held_by_the_dead(record)
+            }
             // Unreadable: someone may be mid-write or the file is damaged; it becomes
             // claimable only once it has stayed exactly as it is for the expiry.
             Some(Err(_)) => false,
