@@ -615,13 +615,7 @@ impl Engine {
                 // Its last host said it stopped (or it gave up): a start elsewhere (an
                 // operator's) is news, not a double run.
                 Some(_) if matches!(record.state, VmState::Stopped | VmState::Error) => {
-                    let record = self.vms.get_mut(vm).expect("checked");
-                    record.host = Some(host.clone());
-                    record.last_host = Some(host.clone());
-                    record.release = None;
-                    record.work = None;
-                    record.instance = report.instance;
-                    self.set_vm_state(fx, vm, VmState::Running, format!("found running on {host}"));
+                    self.found_running(fx, vm, host, report.instance)
                 }
                 Some(owner) => {
                     fx.alert(
@@ -630,15 +624,20 @@ impl Engine {
                         format!("vm {vm} reported running on {host} but kvmha placed it on {owner}: possible double run, check both hosts"),
                     );
                 }
-                None => {
-                    let record = self.vms.get_mut(vm).expect("checked");
-                    record.host = Some(host.clone());
-                    record.last_host = Some(host.clone());
-                    record.release = None;
-                    record.work = None;
-                    record.instance = report.instance;
-                    self.set_vm_state(fx, vm, VmState::Running, format!("found running on {host}"));
+                // The very instance its host just said is not running: a ping built before
+                // that news and delivered after it. Believing it would bind the VM to a host
+                // where it is off, and nothing would restart it.
+                None if matches!(&record.release, Some(Release::ReportedNotRunning { host: released_by, .. })
+                    if released_by == host && record.instance == report.instance) =>
+                {
+                    fx.audit(
+                        Some(host),
+                        Some(vm),
+                        AuditKind::Dropped,
+                        format!("stale report: {vm} running on {host}, which already said it is not running"),
+                    );
                 }
+                None => self.found_running(fx, vm, host, report.instance),
             },
             VmRunState::Crashed | VmRunState::SelfFenced | VmRunState::Stopped => {
                 // Only news about the instance we believe runs there counts; while a start
@@ -659,6 +658,17 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A VM kvmha does not bind to any running host is reported running: it runs there now.
+    fn found_running(&mut self, fx: &mut Effects, vm: &VmName, host: &HostName, instance: Option<RequestId>) {
+        let record = self.vms.get_mut(vm).expect("caller checked");
+        record.host = Some(host.clone());
+        record.last_host = Some(host.clone());
+        record.release = None;
+        record.work = None;
+        record.instance = instance;
+        self.set_vm_state(fx, vm, VmState::Running, format!("found running on {host}"));
     }
 
     /// The VM's own host, alive, says the VM is not running: it may start again.

@@ -847,6 +847,27 @@ fn a_stop_that_outlives_its_evacuation_never_starts_the_vm_twice() {
 }
 
 #[test]
+fn a_ping_built_before_its_host_said_the_vm_stopped_does_not_bind_the_vm_again() {
+    let mut harness = Harness::new();
+    let crashed = VmReport { name: v("vm-high"), state: VmRunState::Crashed, instance: None };
+    let low = VmReport { name: v("vm-low"), state: VmRunState::Running, instance: None };
+    let commands = harness.ping_with("host1", vec![crashed, low.clone()], StorageHealth::Ok);
+    let (work, target, _) = start_work(&commands);
+    harness.step(Event::VmStartResult(VmStartResult {
+        work,
+        vm: v("vm-high"),
+        host: target,
+        outcome: VmStartOutcome::LeaseHeld { owner: "host1 (boot host1-boot1)".to_owned() },
+    }));
+    assert_eq!((harness.vm("vm-high").state, harness.vm("vm-high").host.clone()), (VmState::PendingCapacity, None));
+    // The ping host1 built before the crash, delivered late.
+    let stale = VmReport { name: v("vm-high"), state: VmRunState::Running, instance: None };
+    let commands = harness.ping_with("host1", vec![stale, low], StorageHealth::Ok);
+    assert_eq!(details(&commands, |kind| *kind == AuditKind::Dropped).len(), 1, "{commands:#?}");
+    assert_eq!((harness.vm("vm-high").state, harness.vm("vm-high").host.clone()), (VmState::PendingCapacity, None));
+}
+
+#[test]
 fn maintenance_is_refused_while_fencing() {
     let mut harness = Harness::new();
     harness.drive_to_fencing("host1");
