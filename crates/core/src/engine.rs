@@ -91,6 +91,11 @@ pub struct HostRecord {
     /// Maintenance was asked for and the host's VMs are being moved off it first.
     #[serde(default)]
     evacuation: Option<Evacuation>,
+    /// Its agent stopped its VMs for a planned stop (failover policy): no restart target
+    /// until then, by which time its goodbye has made it `Disconnected` (or its silence
+    /// `Suspect`), or it pings on and is a host like any other.
+    #[serde(default)]
+    leaving_until: Option<Instant>,
 }
 
 /// A maintenance evacuation in progress: the host stays `Up` (its VMs still run there)
@@ -232,6 +237,8 @@ const SELF_FENCED: &str = "stopped by self-fencing";
 /// Why an evacuated VM is not running: kvmha stopped it to move it off a host entering
 /// maintenance.
 const EVACUATED: &str = "stopped for maintenance evacuation";
+/// Why a VM of a host stopped on purpose under the `failover` policy is not running.
+const SHUTDOWN_FAILOVER: &str = "stopped by its agent before a planned host stop (failover policy)";
 
 const ACTIVE_VM_STATES: [VmState; 3] = [VmState::Running, VmState::Starting, VmState::AwaitingProof];
 
@@ -273,7 +280,11 @@ impl Engine {
         self.vms.get(vm).map(|record| record.state)
     }
     pub fn directives(&self) -> Directives {
-        Directives { disarmed: self.disarmed, storage_hold: self.storage_hold }
+        Directives {
+            disarmed: self.disarmed,
+            storage_hold: self.storage_hold,
+            shutdown_policy: self.config.shutdown_policy,
+        }
     }
     pub fn manager_isolated(&self) -> bool {
         self.manager_isolated
@@ -420,6 +431,7 @@ impl Engine {
             alerted: false,
             noted_ping_while_fencing: false,
             evacuation: None,
+            leaving_until: None,
             spec,
         };
         self.hosts.insert(record.spec.name.clone(), record);
@@ -639,7 +651,7 @@ impl Engine {
                 }
                 None => self.found_running(fx, vm, host, report.instance),
             },
-            VmRunState::Crashed | VmRunState::SelfFenced | VmRunState::Stopped => {
+            VmRunState::Crashed | VmRunState::SelfFenced | VmRunState::Stopped | VmRunState::StoppedForShutdown => {
                 // Only news about the instance we believe runs there counts; while a start
                 // is in flight its outcome decides, not a report that may predate it.
                 let current = owner.as_ref() == Some(host)
@@ -652,6 +664,11 @@ impl Engine {
                 match report.state {
                     VmRunState::Crashed => self.vm_not_running(fx, vm, host, boot_id, "crashed"),
                     VmRunState::SelfFenced => self.vm_not_running(fx, vm, host, boot_id, SELF_FENCED),
+                    VmRunState::StoppedForShutdown => {
+                        let until = fx.now + self.config.timing.ping_timeout();
+                        self.hosts.get_mut(host).expect("pinging host").leaving_until = Some(until);
+                        self.vm_not_running(fx, vm, host, boot_id, SHUTDOWN_FAILOVER)
+                    }
                     // Our own evacuation stop, seen before (or instead of) its answer.
                     _ if evacuating => self.vm_stopped_for_evacuation(fx, vm, host, boot_id.clone(), "in a ping"),
                     _ => self.set_vm_state(fx, vm, VmState::Stopped, "shut down on purpose"),
@@ -1122,7 +1139,9 @@ impl Engine {
         if self.fence_if_proven(fx, name) {
             return;
         }
-        if self.hosts[name].spec.has_bmc && self.fencing_allowed(name).is_ok() {
+        // A manager that looks cut off fences nobody on unknown verdicts, retries included:
+        // the silence may be its own.
+        if self.hosts[name].spec.has_bmc && self.fencing_allowed(name).is_ok() && !self.manager_isolated {
             self.send_fence(fx, name, "retry after fencing failed: the BMC may be reachable again");
         }
     }
@@ -1627,14 +1646,15 @@ impl Engine {
         if requests_owned.is_empty() {
             return;
         }
-        let candidates = self.candidates();
+        let candidates = self.candidates(fx.now);
         let requests: Vec<PlacementRequest<'_>> = requests_owned
             .iter()
             .map(|(name, avoid)| {
                 let record = &self.vms[name];
                 let prefer = match &record.release {
+                    // Back where it was after a crash; elsewhere when its host is going away.
                     Some(Release::ReportedNotRunning { host, state, .. })
-                        if state != SELF_FENCED && state != EVACUATED =>
+                        if ![SELF_FENCED, EVACUATED, SHUTDOWN_FAILOVER].contains(&state.as_str()) =>
                     {
                         Some(host)
                     }
@@ -1649,7 +1669,7 @@ impl Engine {
         }
     }
 
-    fn candidates(&self) -> Vec<Candidate> {
+    fn candidates(&self, now: Instant) -> Vec<Candidate> {
         let mut candidates: BTreeMap<&HostName, Candidate> = self
             .hosts
             .values()
@@ -1658,6 +1678,7 @@ impl Engine {
                     && host.ha_enabled
                     && host.storage != StorageHealth::AllFailing
                     && host.evacuation.is_none()
+                    && !host.leaving_until.is_some_and(|until| now < until)
             })
             .map(|host| {
                 (
@@ -1742,7 +1763,7 @@ impl Engine {
         let avoid: BTreeSet<HostName> = [host.clone()].into();
         let requests: Vec<PlacementRequest<'_>> =
             vms.iter().map(|vm| PlacementRequest { spec: &self.vms[vm].spec, avoid: &avoid, prefer: None }).collect();
-        let plan = planner::plan(&requests, self.candidates());
+        let plan = planner::plan(&requests, self.candidates(fx.now));
         if !plan.pending.is_empty() {
             let names: Vec<&str> = plan.pending.iter().map(VmName::as_str).collect();
             fx.audit(

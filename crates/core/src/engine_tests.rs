@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::event::{HeartbeatObservation, PoolObservation, RecordState, VmReport};
-use crate::model::{PoolName, RestartBudget};
+use crate::model::{PoolName, RestartBudget, ShutdownPolicy};
 use crate::safety::ProofKind;
 use crate::timing::{Profile, TimingSettings};
 use std::time::Duration;
@@ -557,6 +557,37 @@ fn a_ping_during_fencing_stops_it_only_when_no_fence_is_in_flight() {
 }
 
 #[test]
+fn a_manager_that_looks_cut_off_does_not_retry_fencing_a_fence_failed_host() {
+    // Found by the simulator: the retries after FenceFailed ignored the isolation rule.
+    let mut harness = Harness::with_hosts(&[("host1", true, false), ("host2", true, true), ("host3", true, true)]);
+    harness.drive_to_fencing("host1");
+    harness.fail_every_fence("host1");
+    assert_eq!(harness.state("host1"), FenceFailed);
+    // Now nobody is heard at all.
+    let commands = harness.advance(30_000, &[]);
+    assert!(harness.engine.manager_isolated());
+    let fences: Vec<&Command> = commands.iter().filter(|command| matches!(command, Command::Fence { .. })).collect();
+    assert_eq!(fences, Vec::<&Command>::new());
+}
+
+#[test]
+fn under_the_failover_policy_a_planned_stop_restarts_the_vms_elsewhere_at_once() {
+    let mut harness = Harness::new();
+    harness.engine.config.shutdown_policy = ShutdownPolicy::Failover;
+    let commands = harness.ping("host1");
+    assert_eq!(harness.engine.directives().shutdown_policy, ShutdownPolicy::Failover, "{commands:?}");
+    let stopped = |vm: &str| VmReport { name: v(vm), state: VmRunState::StoppedForShutdown, instance: None };
+    let commands = harness.ping_with("host1", vec![stopped("vm-high"), stopped("vm-low")], StorageHealth::Ok);
+    let started = starts(&commands);
+    assert_eq!(started.len(), 2, "{commands:#?}");
+    assert!(started.iter().all(|(_, target, proof)| target != "host1" && proof.is_none()), "{started:?}");
+    assert_eq!(started[0].0, "vm-high", "priority order");
+    let boot_id = harness.boot("host1");
+    let commands = harness.step(Event::AgentGoodbye { host: h("host1"), boot_id });
+    assert_eq!(transitions(&commands), vec![t("host1", Up, Disconnected)]);
+}
+
+#[test]
 fn a_late_fence_success_after_fence_failed_still_proves_death() {
     let mut harness = Harness::with_hosts(&[("host1", true, false), ("host2", true, true), ("host3", true, true)]);
     harness.drive_to_fencing("host1");
@@ -1038,13 +1069,21 @@ fn every_host_losing_storage_holds_vms_and_delays_lease_proofs() {
     for host in ["host1", "host2", "host3"] {
         commands.extend(harness.ping_with(host, vec![], StorageHealth::AllFailing));
     }
-    assert!(commands.contains(&Command::Directives(Directives { disarmed: false, storage_hold: true })));
+    assert!(commands.contains(&Command::Directives(Directives {
+        disarmed: false,
+        storage_hold: true,
+        ..Directives::default()
+    })));
     assert!(alerts(&commands).iter().any(|(severity, _)| *severity == Severity::Critical));
     let hold_until = harness.engine.hosts()[&h("host1")].storage_hold_granted_until.expect("hold granted");
     assert_eq!(hold_until, harness.now + timing().storage_hold_validity());
     // One host reporting healthy storage lifts the hold.
     let commands = harness.ping_with("host2", vec![], StorageHealth::Ok);
-    assert!(commands.contains(&Command::Directives(Directives { disarmed: false, storage_hold: false })));
+    assert!(commands.contains(&Command::Directives(Directives {
+        disarmed: false,
+        storage_hold: false,
+        ..Directives::default()
+    })));
 }
 
 #[test]
@@ -1081,7 +1120,11 @@ fn a_held_host_is_not_proven_dead_by_its_lease_until_the_hold_lapses() {
 fn a_disarmed_cluster_fences_nobody() {
     let mut harness = Harness::new();
     let commands = harness.operator(OperatorAction::Disarm { by: "ops".to_owned() });
-    assert!(commands.contains(&Command::Directives(Directives { disarmed: true, storage_hold: false })));
+    assert!(commands.contains(&Command::Directives(Directives {
+        disarmed: true,
+        storage_hold: false,
+        ..Directives::default()
+    })));
     harness.silence("host1");
     harness.all_unknown("host1", 900);
     let commands = harness.all_unknown("host1", 1_200);

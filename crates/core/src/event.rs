@@ -1,6 +1,6 @@
 //! What goes into the engine ([`Event`]) and what comes out ([`Command`]).
 
-use crate::model::{BootId, HostName, HostSpec, PoolName, VmName, VmSpec};
+use crate::model::{BootId, HostName, HostSpec, PoolName, ShutdownPolicy, VmName, VmSpec};
 use crate::safety::DeathProof;
 use crate::state::HostState;
 use crate::time::Instant;
@@ -79,6 +79,9 @@ pub enum VmRunState {
     SelfFenced,
     /// Shut down on purpose (operator, guest shutdown): not restarted.
     Stopped,
+    /// Stopped by its agent, lease released, before a planned stop of the host under the
+    /// `failover` shutdown policy: restarted elsewhere.
+    StoppedForShutdown,
 }
 
 /// How the agent's heartbeat writes to its pools go.
@@ -313,6 +316,9 @@ pub struct Directives {
     pub disarmed: bool,
     /// Every host lost the shared storage: hold VMs instead of self-fencing.
     pub storage_hold: bool,
+    /// What an agent does with its VMs when it is stopped on purpose.
+    #[serde(default)]
+    pub shutdown_policy: ShutdownPolicy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

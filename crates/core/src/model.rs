@@ -144,4 +144,7 @@ pub enum ShutdownPolicy {
     /// Leave the VMs where they are: a planned reboot brings them back on the same host.
     #[default]
     Freeze,
+    /// The agent stops its HA VMs (releasing their leases) before a planned stop, reports
+    /// them, and they restart on other hosts at once: no waiting for the host to return.
+    Failover,
 }

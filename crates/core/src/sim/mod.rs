@@ -26,7 +26,7 @@ use crate::event::{
     OperatorAction, Ping, PoolObservation, RecordState, Release, RequestId, StorageHealth, VmReport, VmRunState,
     VmStartOutcome, VmStartResult, VmStopOutcome, VmStopResult,
 };
-use crate::model::{BootId, HostName, HostSpec, PoolName, Resources, RestartBudget, VmName, VmSpec};
+use crate::model::{BootId, HostName, HostSpec, PoolName, Resources, RestartBudget, ShutdownPolicy, VmName, VmSpec};
 use crate::safety::ProofKind;
 use crate::state::{HostState, VmState};
 use crate::time::{duration_ms, Instant};
@@ -187,6 +187,8 @@ struct SimHost {
     last_renew_failed: bool,
     hold_until: Option<Instant>,
     disarmed: bool,
+    /// The cluster's shutdown policy is `failover`, as the last ping reply said.
+    shutdown_failover: bool,
     self_fenced: bool,
     watchdog_armed: bool,
     last_pet: Instant,
@@ -354,6 +356,7 @@ pub fn run(options: &SimOptions) -> SimOutcome {
             last_renew_failed: false,
             hold_until: None,
             disarmed: false,
+            shutdown_failover: false,
             self_fenced: false,
             watchdog_armed: false,
             last_pet: Instant::ZERO,
@@ -458,7 +461,11 @@ impl World {
     }
 
     fn start(&mut self, timing: Timing) {
-        let mut engine = Engine::new(EngineConfig::new(timing), self.now);
+        let mut config = EngineConfig::new(timing);
+        if self.rng.percent(50) {
+            config.shutdown_policy = ShutdownPolicy::Failover;
+        }
+        let mut engine = Engine::new(config, self.now);
         #[cfg(test)]
         {
             engine.planted_bug = self.planted_bug;
@@ -1019,6 +1026,7 @@ impl World {
             let validity = self.hosts[index].global(self.timing.storage_hold_validity());
             let host = &mut self.hosts[index];
             host.disarmed = directives.disarmed;
+            host.shutdown_failover = directives.shutdown_policy == ShutdownPolicy::Failover;
             if directives.storage_hold {
                 host.hold_until = Some(self.now + validity);
             }
@@ -1151,6 +1159,39 @@ impl World {
         }
     }
 
+    /// A planned agent stop under the `failover` policy: the agent stops its VMs, releases
+    /// their leases and reports them before it says goodbye. It does so only while it can
+    /// write the storage and reach the manager (it waits for the report to be taken);
+    /// otherwise it leaves them running, as under `freeze`.
+    fn stop_vms_for_shutdown(&mut self, index: usize) -> bool {
+        let host = &self.hosts[index];
+        if !host.shutdown_failover || !host.storage_up || !host.mgmt_up || !host.active() {
+            return false;
+        }
+        let boot = host.boot;
+        let mut stopped = Vec::new();
+        for (vm_index, vm) in self.vms.iter_mut().enumerate() {
+            if vm.running_on.contains(&(index, boot)) {
+                vm.running_on.retain(|entry| *entry != (index, boot));
+                vm.lease = None;
+                stopped.push((vm_index, vm.instance));
+            }
+        }
+        if stopped.is_empty() {
+            return false;
+        }
+        for (vm, instance) in stopped {
+            self.hosts[index].reported_down.insert(vm, (VmRunState::StoppedForShutdown, instance));
+        }
+        self.trace("world", || format!("host{} stops its VMs before a planned stop (failover policy)", index + 1));
+        let loss = self.hosts[index].mgmt_loss;
+        // Delivered for sure: the agent retries until the manager has taken it.
+        self.hosts[index].mgmt_loss = 0;
+        self.agent_ping(index);
+        self.hosts[index].mgmt_loss = loss;
+        true
+    }
+
     /// The agent's lease acquisition: the last line of defence. Returns the live owner
     /// that blocks the start, if any.
     fn lease_blocker(&self, index: usize, vm: usize, release: &Release) -> Option<String> {
@@ -1269,10 +1310,13 @@ impl World {
                 host.agent_epoch += 1;
             }
             Fault::AgentStop(index) => {
-                let host = &mut self.hosts[index];
-                if !host.agent_alive() {
+                if !self.hosts[index].agent_alive() {
                     return;
                 }
+                // The report of the stopped VMs is taken before the goodbye is sent.
+                let reported = self.stop_vms_for_shutdown(index);
+                let after_report = Duration::from_millis(if reported { 40 } else { 0 });
+                let host = &mut self.hosts[index];
                 // "Stopped cleanly, watchdog disarmed" is written first; if it cannot be
                 // written, the watchdog stays armed and will reset the host.
                 if host.storage_up {
@@ -1285,7 +1329,7 @@ impl World {
                 host.agent_epoch += 1;
                 if host.mgmt_up {
                     let event = Event::AgentGoodbye { host: host.spec.name.clone(), boot_id: host.boot_id() };
-                    let delay = self.latency();
+                    let delay = self.latency() + after_report;
                     self.send_to_manager(delay, event);
                 }
             }
