@@ -1678,7 +1678,7 @@ impl Engine {
                     && host.ha_enabled
                     && host.storage != StorageHealth::AllFailing
                     && host.evacuation.is_none()
-                    && !host.leaving_until.is_some_and(|until| now < until)
+                    && host.leaving_until.is_none_or(|until| now >= until)
             })
             .map(|host| {
                 (
