@@ -264,6 +264,10 @@ impl Engine {
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
+    /// Agents learn it from the directives of their next ping reply.
+    pub fn set_shutdown_policy(&mut self, policy: ShutdownPolicy) {
+        self.config.shutdown_policy = policy;
+    }
     pub fn timing(&self) -> &Timing {
         &self.config.timing
     }

@@ -4,6 +4,7 @@
 
 use crate::error::ManagerError;
 use kvmha_bmc::Secret;
+use kvmha_core::model::ShutdownPolicy;
 use kvmha_core::{HostName, PoolName, Profile, Timing, TimingSettings};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -24,6 +25,11 @@ pub struct RawConfig {
     pub profile: String,
     #[serde(default)]
     pub timing: TimingSettings,
+    /// What a planned agent stop does to the host's VMs: `freeze` (default: they stay, a
+    /// reboot brings them back on the same host) or `failover` (the agent stops them and
+    /// they restart on other hosts at once).
+    #[serde(default)]
+    pub shutdown_policy: ShutdownPolicy,
     pub tls: RawTls,
     pub api: RawApi,
     #[serde(default)]
@@ -104,6 +110,7 @@ pub struct ManagerConfig {
     pub profile: Profile,
     pub timing_overrides: TimingSettings,
     pub timing: Timing,
+    pub shutdown_policy: ShutdownPolicy,
     pub ca_cert_pem: String,
     pub ca_key_pem: String,
     pub cert_pem: String,
@@ -233,6 +240,7 @@ impl ManagerConfig {
             db_path: base.join(raw.data_dir).join("manager.db"),
             profile,
             timing_overrides: raw.timing,
+            shutdown_policy: raw.shutdown_policy,
             timing,
             ca_cert_pem,
             ca_key_pem,

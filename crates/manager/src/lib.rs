@@ -106,6 +106,7 @@ pub fn init(options: &InitOptions) -> Result<InitOutput, ManagerError> {
         data_dir: PathBuf::from("."),
         profile: options.profile.name().to_owned(),
         timing: TimingSettings::default(),
+        shutdown_policy: Default::default(),
         tls: config::RawTls {
             ca_cert: "ca.pem".into(),
             ca_key: "ca.key".into(),
@@ -138,7 +139,7 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     let config = ManagerConfig::load(config_file)?;
     let ca = ClusterCa::load(&config.ca_cert_pem, &config.ca_key_pem)?;
     let store = Store::open(&config.db_path)?;
-    let (engine, clock) = match store.load_engine()? {
+    let (mut engine, clock) = match store.load_engine()? {
         Some((engine, clock_ms)) => {
             tracing::info!(clock_ms, hosts = engine.hosts().len(), "engine state restored");
             if engine.timing() != &config.timing {
@@ -153,6 +154,8 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
             (Engine::new(EngineConfig::new(config.timing.clone()), Instant::ZERO), Clock::starting_at(0))
         }
     };
+    // Policy, unlike timing, follows the config file at every start.
+    engine.set_shutdown_policy(config.shutdown_policy);
     let tick_every = config.timing.ping_interval() / 4;
     let directory = controller::SharedDirectory::default();
     let registry = registry::SharedRegistry::default();
