@@ -123,6 +123,10 @@ async fn check_heartbeat(state: &CommandState, host: &HostName, budget: Duration
             let first_at = Instant::now();
             tokio::time::sleep(gap).await;
             let second = read_heartbeat(&pool, &cluster, &watched, io_timeout).await;
+            let boot_id = match &second {
+                Ok(Some(after)) => Some(kvmha_core::BootId(after.boot_id.to_string())),
+                _ => None,
+            };
             let record = match (first, second) {
                 (_, Err(error)) | (Err(error), _) => RecordState::Unreadable { reason: error.to_string() },
                 (_, Ok(None)) | (Ok(None), _) => RecordState::Unreadable { reason: "no record written".into() },
@@ -134,7 +138,7 @@ async fn check_heartbeat(state: &CommandState, host: &HostName, budget: Duration
                     stopped_cleanly: after.agent_state == AgentState::StoppedCleanly,
                 },
             };
-            PoolObservation { pool: name, record }
+            PoolObservation { pool: name, record, boot_id }
         });
     }
     let mut pools = reads.join_all().await;

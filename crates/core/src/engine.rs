@@ -1009,10 +1009,22 @@ impl Engine {
         if let Some(observation) = &report.heartbeat {
             record.heartbeat = Some(HeartbeatSeen { received_at: fx.now, observation: observation.clone() });
         }
+        let rebooted_to = report.heartbeat.as_ref().and_then(|observation| {
+            observation
+                .pools
+                .iter()
+                .filter(|pool| pool.record == crate::event::RecordState::Advancing)
+                .filter_map(|pool| pool.boot_id.clone())
+                .find(|boot| record.boot_id.as_ref().is_some_and(|last| last != boot))
+        });
         let purpose = investigation.purpose;
         let alive = report.finding == Finding::Alive;
         investigation.reports.push(report.clone());
         let settled = verdict::is_settled(&investigation.reports, &investigation.expected);
+        if let Some(new_boot) = rebooted_to {
+            self.rebooted_unheard(fx, &report.host, new_boot);
+        }
+        let record = self.hosts.get_mut(&report.host).expect("checked");
         let host = report.host.clone();
         match record.state {
             HostState::Investigating if settled && purpose == RoundPurpose::Verdict => self.conclude(fx, &host),
@@ -1034,6 +1046,32 @@ impl Engine {
             }
             _ => {}
         }
+    }
+
+    /// The seed's hard case: a host we cannot hear (management cut, agent dead) was reset
+    /// by its watchdog and writes its heartbeat again from a new boot. A reboot takes every
+    /// VM with it, so the VMs of the boot it last pinged from are not running: they may
+    /// start elsewhere (their leases still guard the start), though the host is alive.
+    fn rebooted_unheard(&mut self, fx: &mut Effects, host: &HostName, new_boot: BootId) {
+        let record = self.hosts.get_mut(host).expect("caller checked");
+        let old_boot = record.boot_id.replace(new_boot.clone());
+        // Its pings, when they come back, count from the new boot.
+        record.last_ping_seq = None;
+        fx.audit(
+            Some(host),
+            None,
+            AuditKind::Verdict,
+            format!(
+                "heartbeat advancing from boot {new_boot}, not boot {} it last pinged from: the host rebooted, \
+                 the VMs of the old boot are gone",
+                old_boot.map_or("?".to_owned(), |boot| boot.to_string())
+            ),
+        );
+        let taken = self.vms_on(host, &ACTIVE_VM_STATES);
+        for vm in taken {
+            self.vm_not_running(fx, &vm, host, &new_boot, "host rebooted (seen in its heartbeat)");
+        }
+        self.place_pending(fx);
     }
 
     fn fencing_allowed(&self, name: &HostName) -> Result<(), String> {

@@ -186,6 +186,7 @@ impl Harness {
                     watchdog_armed: armed,
                     stopped_cleanly,
                 },
+                boot_id: Some(self.boot(host)),
             }],
         }
     }
@@ -453,6 +454,7 @@ fn an_unreadable_heartbeat_never_lets_unknown_escalate() {
         pools: vec![PoolObservation {
             pool: PoolName::from("pool-a"),
             record: RecordState::Unreadable { reason: "pool unreachable".to_owned() },
+            boot_id: None,
         }],
     };
     let mut commands = Vec::new();
@@ -646,7 +648,7 @@ fn advancing_heartbeat_while_waiting_for_the_lease_abandons_the_fence() {
     harness.fail_every_fence("host1");
     harness.advance(300, &["host2", "host3"]);
     let advancing = HeartbeatObservation {
-        pools: vec![PoolObservation { pool: PoolName::from("pool-a"), record: RecordState::Advancing }],
+        pools: vec![PoolObservation { pool: PoolName::from("pool-a"), record: RecordState::Advancing, boot_id: None }],
     };
     let commands = harness.report("host1", InvestigatorKind::StorageHeartbeat, Finding::Alive, Some(advancing));
     assert_eq!(transitions(&commands), vec![t("host1", Fencing, Degraded)]);
@@ -899,6 +901,49 @@ fn a_ping_built_before_its_host_said_the_vm_stopped_does_not_bind_the_vm_again()
 }
 
 #[test]
+fn the_seeds_hard_case_a_host_cut_off_and_reset_by_its_watchdog_gets_its_vms_restarted_elsewhere() {
+    // host1: management cut and agent dead. Its neighbours still reach it over the storage
+    // network, so it is alive: Degraded, nothing touched.
+    let mut harness = Harness::new();
+    harness.silence("host1");
+    let commands = harness.report("host1", InvestigatorKind::NeighbourPing, Finding::Alive, None);
+    assert_eq!(harness.state("host1"), Degraded, "{commands:#?}");
+    assert_eq!(starts(&commands), vec![]);
+    // Its watchdog resets it; the new boot writes its heartbeat, still unheard.
+    let mut commands = Vec::new();
+    for _ in 0..200 {
+        if harness.engine.hosts()[&h("host1")].investigation.is_some() {
+            break;
+        }
+        commands.extend(harness.advance(100, &["host2", "host3"]));
+    }
+    assert_eq!(starts(&commands), vec![]);
+    let rebooted = HeartbeatObservation {
+        pools: vec![PoolObservation {
+            pool: PoolName::from("pool-a"),
+            record: RecordState::Advancing,
+            boot_id: Some(BootId("host1-boot9".to_owned())),
+        }],
+    };
+    let commands = harness.report("host1", InvestigatorKind::StorageHeartbeat, Finding::Alive, Some(rebooted));
+    let started = starts(&commands);
+    assert_eq!(started.len(), 2, "{commands:#?}");
+    assert!(started.iter().all(|(_, target, proof)| target != "host1" && proof.is_none()), "{started:?}");
+    // The same boot advancing says nothing of the kind.
+    let mut harness = Harness::new();
+    harness.silence("host1");
+    let same = HeartbeatObservation {
+        pools: vec![PoolObservation {
+            pool: PoolName::from("pool-a"),
+            record: RecordState::Advancing,
+            boot_id: Some(harness.boot("host1")),
+        }],
+    };
+    let commands = harness.report("host1", InvestigatorKind::StorageHeartbeat, Finding::Alive, Some(same));
+    assert_eq!(starts(&commands), vec![]);
+}
+
+#[test]
 fn maintenance_is_refused_while_fencing() {
     let mut harness = Harness::new();
     harness.drive_to_fencing("host1");
@@ -972,7 +1017,7 @@ fn every_transition_of_the_table_is_exercised() {
     record(&harness.fail_every_fence("host1"));
     record(&harness.advance(300, &["host2", "host3"]));
     let advancing = HeartbeatObservation {
-        pools: vec![PoolObservation { pool: PoolName::from("pool-a"), record: RecordState::Advancing }],
+        pools: vec![PoolObservation { pool: PoolName::from("pool-a"), record: RecordState::Advancing, boot_id: None }],
     };
     record(&harness.report("host1", InvestigatorKind::StorageHeartbeat, Finding::Alive, Some(advancing)));
     for ending in 0..4 {

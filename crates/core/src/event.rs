@@ -147,6 +147,10 @@ pub struct HeartbeatObservation {
 pub struct PoolObservation {
     pub pool: PoolName,
     pub record: RecordState,
+    /// The boot that wrote the record, when it could be read. A record seen advancing in a
+    /// boot other than the one the host last pinged from says the host rebooted since.
+    #[serde(default)]
+    pub boot_id: Option<BootId>,
 }
 
 /// One heartbeat record, judged on the reader's own monotonic clock.

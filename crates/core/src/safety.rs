@@ -266,6 +266,7 @@ mod tests {
                 watchdog_armed: armed,
                 stopped_cleanly,
             },
+            boot_id: Some(boot()),
         }
     }
 
@@ -350,7 +351,7 @@ mod tests {
                 spec(false, true, &["a", "b"]),
                 vec![
                     unchanged("a", 60_000, true, false),
-                    PoolObservation { pool: PoolName::from("b"), record: RecordState::Advancing },
+                    PoolObservation { pool: PoolName::from("b"), record: RecordState::Advancing, boot_id: None },
                 ],
                 false,
                 "advancing",
@@ -362,6 +363,7 @@ mod tests {
                     PoolObservation {
                         pool: PoolName::from("b"),
                         record: RecordState::Unreadable { reason: "EIO".into() },
+                        boot_id: None,
                     },
                 ],
                 false,

@@ -60,6 +60,14 @@ impl Watch {
         });
     }
 
+    /// The boot that wrote the latest record read.
+    fn boot_id(&self) -> Option<BootId> {
+        match &self.latest {
+            Some(RecordState::Unchanged { boot_id, .. }) => Some(boot_id.clone()),
+            _ => None,
+        }
+    }
+
     /// The record's state for an investigation that counts only evidence newer than
     /// `evidence_after`.
     fn state(&self, evidence_after: Instant) -> RecordState {
@@ -154,7 +162,7 @@ impl HeartbeatReader {
             reads.spawn(async move {
                 let mut watch = watch.lock().await;
                 watch.poll().await;
-                PoolObservation { pool, record: watch.state(evidence_after) }
+                PoolObservation { pool, record: watch.state(evidence_after), boot_id: watch.boot_id() }
             });
         }
         let mut pools = reads.join_all().await;
@@ -162,6 +170,7 @@ impl HeartbeatReader {
             pools.push(PoolObservation {
                 pool,
                 record: RecordState::Unreadable { reason: "pool not mounted on the manager".to_owned() },
+                boot_id: None,
             });
         }
         pools.sort_by(|a, b| a.pool.cmp(&b.pool));

@@ -790,6 +790,10 @@ impl World {
     fn heartbeat_observation(&mut self, target: usize, evidence_after: Instant) -> HeartbeatObservation {
         let lag = Duration::from_millis(self.rng.below(duration_ms(self.timing.lease_renew_interval()).max(1)));
         let host = &self.hosts[target];
+        let boot_id = match host.record {
+            Some((boot, ..)) if self.manager_storage_up => Some(BootId(format!("{}-b{boot}", host.spec.name))),
+            _ => None,
+        };
         let record = match host.record {
             _ if !self.manager_storage_up => {
                 RecordState::Unreadable { reason: "pool unreachable from the manager".to_owned() }
@@ -816,7 +820,7 @@ impl World {
                 .spec
                 .pools
                 .iter()
-                .map(|pool| PoolObservation { pool: pool.clone(), record: record.clone() })
+                .map(|pool| PoolObservation { pool: pool.clone(), record: record.clone(), boot_id: boot_id.clone() })
                 .collect(),
         }
     }
