@@ -154,8 +154,12 @@ fn wait_disk_lines(cluster: &Cluster, vm: &str, host: &str, at_least: usize) {
 
 /// SIGKILLs every lab VM process group recorded in `host`'s state directory.
 fn kill_lab_vms(cluster: &Cluster, host: &str, only: Option<&str>) {
-    let run = lab_state(cluster, host).join("run");
-    for entry in std::fs::read_dir(&run).expect("lab run dir").flatten() {
+    kill_lab_vms_in(&lab_state(cluster, host), only);
+}
+
+fn kill_lab_vms_in(state: &Path, only: Option<&str>) {
+    let Ok(entries) = std::fs::read_dir(state.join("run")) else { return };
+    for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().and_then(|extension| extension.to_str()) != Some("pid") {
             continue;
@@ -167,7 +171,8 @@ fn kill_lab_vms(cluster: &Cluster, host: &str, only: Option<&str>) {
         else {
             continue;
         };
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+        let _ =
+            Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).stderr(std::process::Stdio::null()).status();
     }
 }
 
@@ -197,14 +202,18 @@ fn confirm_down(cluster: &Cluster, host: &str) {
 }
 
 /// Kills every lab VM left behind by the test's hosts (the agents die with their guards).
-struct LabVms<'a>(&'a Cluster, &'a [&'a str]);
+struct LabVms(Vec<PathBuf>);
 
-impl Drop for LabVms<'_> {
+impl LabVms {
+    fn new(cluster: &Cluster, hosts: &[&str]) -> LabVms {
+        LabVms(hosts.iter().map(|host| lab_state(cluster, host)).collect())
+    }
+}
+
+impl Drop for LabVms {
     fn drop(&mut self) {
-        for host in self.1 {
-            if lab_state(self.0, host).join("run").is_dir() {
-                kill_lab_vms(self.0, host, None);
-            }
+        for state in &self.0 {
+            kill_lab_vms_in(state, None);
         }
     }
 }
@@ -223,7 +232,7 @@ fn assert_restarted_once(cluster: &Cluster, vm: &str, dead: &str) -> String {
 #[test]
 fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
     let mut cluster = lab_cluster(&["host1", "host2", "host3"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVms::new(&cluster, &["host1", "host2", "host3"]);
     let defined = define(&cluster, "db1", "host1", 1);
     assert_eq!(defined["definition"], true, "{defined}");
     define(&cluster, "db2", "host1", 1);
@@ -287,7 +296,7 @@ fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
 #[test]
 fn vms_that_fit_nowhere_wait_in_pending_capacity_and_start_when_a_host_joins() {
     let mut cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVms::new(&cluster, &["host1", "host2", "host3"]);
     let cpus = cli(&cluster, &["host", "show", "host2"])["cpus"].as_u64().expect("cpus") as u32;
     assert!(cpus >= 1);
     // Each VM needs a whole host: host2 takes one, the other waits.
@@ -319,7 +328,7 @@ fn vms_that_fit_nowhere_wait_in_pending_capacity_and_start_when_a_host_joins() {
 #[test]
 fn a_vm_that_keeps_crashing_is_restarted_on_its_host_until_its_budget_is_spent_then_error() {
     let cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2"]);
+    let _cleanup = LabVms::new(&cluster, &["host1", "host2"]);
     define(&cluster, "flaky", "host1", 1);
     cli(&cluster, &["vm", "ha", "flaky", "enable", "--max-restarts", "1", "--max-relocations", "0"]);
     wait_vm(&cluster, "flaky", |state, host| state == "Running" && host == "host1");
@@ -347,7 +356,7 @@ fn a_vm_that_keeps_crashing_is_restarted_on_its_host_until_its_budget_is_spent_t
 #[test]
 fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_live_lease_is_held() {
     let mut cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2"]);
+    let _cleanup = LabVms::new(&cluster, &["host1", "host2"]);
     define(&cluster, "app", "host1", 1);
     cli(&cluster, &["vm", "ha", "app", "enable"]);
     wait_vm(&cluster, "app", |state, host| state == "Running" && host == "host1");
@@ -367,12 +376,29 @@ fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_liv
     wait_vm(&cluster, "app", |state, host| state == "Running" && host == "host2");
     wait_disk_lines(&cluster, "app", "host2", 3);
 
-    // A second VM, not HA, keeps running on host1 after its agent dies: its lease is not
-    // renewed any more, but it is still fresh. An operator who confirms host1 down too
-    // early and starts the VM on host2 is refused by the lease.
+    // A second VM, not HA, runs on host1. Then host1 loses the manager but keeps running:
+    // its agent (restarted pointing at a dead manager address) still renews the VM's
+    // lease. An operator who wrongly confirms host1 down and starts the VM on host2 is
+    // refused by the lease.
     define(&cluster, "legacy", "host1", 1);
     wait_vm(&cluster, "legacy", |state, host| state == "Running" && host == "host1");
+    wait_disk_lines(&cluster, "legacy", "host1", 3);
     cluster.agents.get_mut("host1").expect("agent").kill();
+    let agent_toml = cluster.agent_dir("host1").join("agent.toml");
+    let text = std::fs::read_to_string(&agent_toml).expect("agent.toml");
+    let cut_off = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("manager_url") {
+                format!("manager_url = \"https://127.0.0.1:{}\"", free_port())
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&agent_toml, cut_off).expect("agent.toml");
+    cluster.start_agent("host1");
     confirm_down(&cluster, "host1");
     wait_vm(&cluster, "legacy", |state, _| state == "Stopped");
     let refused = cli_refused(&cluster, &["vm", "start", "legacy", "--host", "host2"]);
@@ -387,7 +413,7 @@ fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_liv
 #[test]
 fn a_manager_killed_mid_recovery_resumes_and_starts_no_vm_twice() {
     let mut cluster = lab_cluster(&["host1", "host2", "host3"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVms::new(&cluster, &["host1", "host2", "host3"]);
     let names = ["r1", "r2", "r3", "r4"];
     for (index, vm) in names.iter().enumerate() {
         define(&cluster, vm, "host1", 1);
