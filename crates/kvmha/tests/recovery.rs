@@ -444,3 +444,37 @@ fn a_manager_killed_mid_recovery_resumes_and_starts_no_vm_twice() {
     let resent = audit(&cluster, "sent again: manager restarted");
     eprintln!("starts resent after the manager restart: {}", resent.len());
 }
+
+#[test]
+fn disarming_and_arming_the_cluster_leaves_running_vms_alone() {
+    let cluster = lab_cluster(&["host1", "host2"]);
+    let _cleanup = LabVms::new(&cluster, &["host1", "host2"]);
+    define(&cluster, "steady1", "host1", 1);
+    define(&cluster, "steady2", "host2", 1);
+    for vm in ["steady1", "steady2"] {
+        cli(&cluster, &["vm", "ha", vm, "enable"]);
+    }
+    wait_vm(&cluster, "steady1", |state, host| state == "Running" && host == "host1");
+    wait_vm(&cluster, "steady2", |state, host| state == "Running" && host == "host2");
+    let instance = |vm: &str| cli(&cluster, &["vm", "show", vm])["instance"].clone();
+    let before = (instance("steady1"), instance("steady2"));
+    assert!(before.0.is_u64() && before.1.is_u64(), "{before:?}");
+
+    cli(&cluster, &["cluster", "disarm"]);
+    cluster.wait("the agents hear of the disarm", |cluster| {
+        cluster.try_api(&["vm", "list", "--json"]).is_some()
+            && !audit(cluster, "cluster disarmed by operator-token").is_empty()
+    });
+    wait_disk_lines(&cluster, "steady1", "host1", disk(&cluster, "steady1").len() + 10);
+    cli(&cluster, &["cluster", "arm"]);
+    wait_disk_lines(&cluster, "steady2", "host2", disk(&cluster, "steady2").len() + 10);
+
+    assert_eq!((instance("steady1"), instance("steady2")), before);
+    for (vm, host) in [("steady1", "host1"), ("steady2", "host2")] {
+        assert_eq!(vms(&cluster)[vm], ("Running".to_owned(), host.to_owned()));
+        let (order, overlapped) = instances(&disk(&cluster, vm));
+        assert!(order.len() == 1 && !overlapped, "vm {vm} restarted: {order:?}");
+    }
+    assert!(audit(&cluster, "VmStartIntent").is_empty(), "{:?}", audit(&cluster, "VmStartIntent"));
+    assert!(!audit(&cluster, "cluster armed by operator-token: protection restored").is_empty());
+}
