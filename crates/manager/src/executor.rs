@@ -539,3 +539,33 @@ fn power_control(bmc: &BmcConfig, budget: Duration) -> Result<Box<dyn PowerContr
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_start_answer_maps_to_what_the_engine_counts() {
+        assert_eq!(start_outcome(CommandResult::Done), VmStartOutcome::Started);
+        assert_eq!(start_outcome(CommandResult::AlreadyRunning), VmStartOutcome::AlreadyRunning);
+        assert_eq!(
+            start_outcome(CommandResult::LeaseHeld { owner: "host1 (boot b)".into() }),
+            VmStartOutcome::LeaseHeld { owner: "host1 (boot b)".into() }
+        );
+        assert_eq!(
+            start_outcome(CommandResult::Failed { reason: "no disk".into() }),
+            VmStartOutcome::Failed { reason: "no disk".into() }
+        );
+        assert!(matches!(start_outcome(CommandResult::Vms { vms: vec![] }), VmStartOutcome::Failed { .. }));
+    }
+
+    #[test]
+    fn a_vm_its_own_live_host_reported_stopped_may_take_only_a_free_lease() {
+        let release = Release::ReportedNotRunning {
+            host: HostName::from("host1"),
+            boot_id: kvmha_core::model::BootId("b1".into()),
+            state: "crashed".into(),
+        };
+        assert_eq!(lease_grant(&release), LeaseGrant::IfFree);
+    }
+}
