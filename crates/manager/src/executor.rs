@@ -15,7 +15,7 @@ use kvmha_bmc::{PowerControl, PowerState};
 use kvmha_core::event::{AuditKind, Ping, Release, VmRunState};
 use kvmha_core::event::{
     FenceOutcome, FenceResult, Finding, HeartbeatObservation, InvestigatorKind, InvestigatorReport, VmStartOutcome,
-    VmStartResult,
+    VmStartResult, VmStopOutcome, VmStopResult,
 };
 use kvmha_core::model::Resources;
 use kvmha_core::{Command, Event, HostName, HostSpec, Instant, VmName};
@@ -38,6 +38,8 @@ const SYNC_EVERY: Duration = Duration::from_secs(15);
 /// Smallest budget given to any external call, so that a deadline already passed still
 /// gets one quick try rather than none.
 const MIN_CALL_BUDGET: Duration = Duration::from_millis(50);
+/// Longest graceful shutdown a maintenance move waits for before the hard stop.
+const MAX_GRACEFUL_STOP: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Executor {
@@ -187,6 +189,22 @@ impl Executor {
             }
             Command::StartVm { work, vm, target, release, deadline } => {
                 self.start_vm(work, vm, target, release, deadline).await;
+            }
+            Command::StopVm { work, vm, host, deadline } => {
+                tracing::info!(%vm, %host, %work, "stopping vm to move it off for maintenance");
+                // Half the budget for the guest to shut down by itself; the agent then stops
+                // it hard, so it is off either way before the deadline.
+                let graceful = (self.budget(deadline) / 2).min(MAX_GRACEFUL_STOP);
+                let command = AgentCommand::StopVm { vm: vm.clone(), graceful_ms: graceful.as_millis() as u64 };
+                let outcome = match self.send(&host, command, deadline).await {
+                    Ok(CommandResult::Done) => VmStopOutcome::Stopped,
+                    Ok(CommandResult::Unsupported { reason }) | Ok(CommandResult::Failed { reason }) => {
+                        VmStopOutcome::Failed { reason }
+                    }
+                    Ok(other) => VmStopOutcome::Failed { reason: format!("unexpected answer {other:?}") },
+                    Err(reason) => VmStopOutcome::Failed { reason },
+                };
+                self.feed(Event::VmStopResult(VmStopResult { work, vm, host, outcome })).await;
             }
             // Agents receive directives with every ping reply.
             Command::Directives(directives) => tracing::info!(?directives, "cluster directives changed"),
