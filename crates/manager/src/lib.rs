@@ -11,8 +11,10 @@ pub mod controller;
 pub mod error;
 pub mod executor;
 pub mod heartbeat;
+pub mod neighbour_heartbeat;
 pub mod server;
 pub mod store;
+pub mod vm_activity;
 
 pub use config::ManagerConfig;
 pub use error::ManagerError;

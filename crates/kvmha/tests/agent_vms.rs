@@ -1,0 +1,212 @@
+//! Agents running VMs with the lab process driver: real `kvmha` processes, real
+//! `kvmha-lab-vm` writers, leases on real shared directories (issues 5 and 6).
+
+mod common;
+
+use common::*;
+use kvmha_core::event::{RequestId, VmRunState};
+use kvmha_proto::{AgentCommand, CommandResult, LeaseGrant, VmInventory};
+use std::time::{Duration, Instant};
+
+/// The fast profile's lease takeover time: nobody may take a lease over sooner.
+const LEASE_TAKEOVER: Duration = Duration::from_millis(14_000);
+
+/// A manager and `hosts`, each with the lab driver and pools `a` (its lease pool) and
+/// `b`, with an armed watchdog (a plain file); all `Up`.
+fn cluster_with_vm_hosts(hosts: &[&str]) -> Cluster {
+    let mut cluster = Cluster::init();
+    for pool in ["a", "b"] {
+        std::fs::create_dir_all(cluster.dir.path().join("pools").join(pool)).expect("pool dir");
+    }
+    cluster.start_manager();
+    for host in hosts {
+        join_lab_agent(&cluster, host);
+        add_agent_pools(&cluster, host);
+        cluster.start_agent(host);
+    }
+    for host in hosts {
+        cluster.wait_state(host, &["Up"]);
+    }
+    cluster
+}
+
+fn inventory(commander: &Commander, cluster: &Cluster, host: &str, vm: &str) -> Option<VmInventory> {
+    commander.vms(cluster, host).into_iter().find(|inventory| inventory.report.name.as_str() == vm)
+}
+
+/// Kills a lab VM's process group, as a host's death would.
+fn kill_lab_vm(cluster: &Cluster, host: &str, vm: &str) {
+    let pid_file = cluster.agent_dir(host).join("lab/run").join(format!("{vm}.pid"));
+    let text = std::fs::read_to_string(&pid_file).expect("pid file");
+    let pid = text.split_whitespace().next().expect("pid");
+    let status = std::process::Command::new("kill").args(["-KILL", &format!("-{pid}")]).status().expect("kill");
+    assert!(status.success(), "kill of {vm}'s group failed");
+}
+
+fn stop_vm(commander: &Commander, cluster: &Cluster, host: &str, vm: &str) -> CommandResult {
+    commander.send(cluster, host, AgentCommand::StopVm { vm: vm.into(), graceful_ms: 0 }, Duration::from_secs(20))
+}
+
+#[test]
+fn a_second_start_elsewhere_meets_the_held_lease_and_the_vm_runs_once() {
+    let cluster = cluster_with_vm_hosts(&["host1", "host2"]);
+    let _vms = LabVmsGuard::new(&cluster);
+    let commander = Commander::new(&cluster);
+
+    assert_eq!(commander.start_vm(&cluster, "host1", "vm1", 1, LeaseGrant::IfFree), CommandResult::Done);
+    wait_disk_grows(&cluster, "vm1");
+    let refused = commander.start_vm(&cluster, "host2", "vm1", 2, LeaseGrant::IfFree);
+    assert!(
+        matches!(&refused, CommandResult::LeaseHeld { owner } if owner.starts_with("host1")),
+        "second start answered {refused:?}"
+    );
+    // Idempotent on the holder.
+    assert_eq!(commander.start_vm(&cluster, "host1", "vm1", 1, LeaseGrant::IfFree), CommandResult::AlreadyRunning);
+    wait_disk_grows(&cluster, "vm1");
+    let writers = disk_writers(&cluster, "vm1");
+    assert_eq!(writers.len(), 1, "more than one writer on vm1's disk: {writers:?}");
+    assert_eq!(writers[0].0, "host1");
+    // host2 defined it from the definition sent, but never started it.
+    let on_host2 = inventory(&commander, &cluster, "host2", "vm1").expect("vm1 defined on host2");
+    assert_eq!(on_host2.report.state, VmRunState::Stopped);
+    assert!(!on_host2.lease_held);
+    let on_host1 = inventory(&commander, &cluster, "host1", "vm1").expect("vm1 on host1");
+    assert_eq!(on_host1.report.state, VmRunState::Running);
+    assert_eq!(on_host1.report.instance, Some(RequestId(1)));
+    assert!(on_host1.lease_held);
+
+    // An operator stop releases the lease: host2 may start it at once, and host1 reports
+    // it Stopped (not crashed).
+    assert_eq!(stop_vm(&commander, &cluster, "host1", "vm1"), CommandResult::Done);
+    let stopped = inventory(&commander, &cluster, "host1", "vm1").expect("vm1 on host1");
+    assert_eq!(stopped.report.state, VmRunState::Stopped);
+    assert!(!stopped.lease_held);
+    let started = Instant::now();
+    assert_eq!(commander.start_vm(&cluster, "host2", "vm1", 3, LeaseGrant::IfFree), CommandResult::Done);
+    assert!(started.elapsed() < LEASE_TAKEOVER, "a released lease was waited for");
+    wait_disk_grows(&cluster, "vm1");
+    let writers = disk_writers(&cluster, "vm1");
+    assert_eq!(writers.iter().map(|(host, _)| host.as_str()).collect::<Vec<_>>(), ["host1", "host2"]);
+    let lines = disk_lines(&cluster, "vm1");
+    let last_host1 = lines.iter().filter(|line| line.1 == "host1").map(|line| line.0).max().expect("host1 lines");
+    let first_host2 = lines.iter().filter(|line| line.1 == "host2").map(|line| line.0).min().expect("host2 lines");
+    assert!(last_host1 < first_host2, "host1 still wrote after host2 started");
+}
+
+#[test]
+fn a_dead_owners_fresh_lease_is_broken_at_once_and_waited_for_without_the_break() {
+    let mut cluster = cluster_with_vm_hosts(&["host1", "host2"]);
+    let _vms = LabVmsGuard::new(&cluster);
+    let commander = Commander::new(&cluster);
+    for (work, vm) in [(1, "vm1"), (2, "vm2")] {
+        assert_eq!(commander.start_vm(&cluster, "host1", vm, work, LeaseGrant::IfFree), CommandResult::Done);
+        wait_disk_grows(&cluster, vm);
+    }
+    // host1 dies: its agent and its VMs, all at once. Its leases are as fresh as they get.
+    cluster.agents.get_mut("host1").expect("host1").kill();
+    kill_lab_vm(&cluster, "host1", "vm1");
+    kill_lab_vm(&cluster, "host1", "vm2");
+    let died = Instant::now();
+
+    let grant = LeaseGrant::BreakDeadOwner { host: "host1".into(), boot_id: None, proof: "test: killed".into() };
+    assert_eq!(commander.start_vm(&cluster, "host2", "vm1", 3, grant), CommandResult::Done);
+    let broken_after = died.elapsed();
+    // Under the lease expiry: the break did not wait for it.
+    assert!(broken_after < LEASE_TAKEOVER, "the break took {broken_after:?}");
+    wait_disk_grows(&cluster, "vm1");
+
+    assert_eq!(commander.start_vm(&cluster, "host2", "vm2", 4, LeaseGrant::IfFree), CommandResult::Done);
+    let taken_after = died.elapsed();
+    assert!(taken_after >= LEASE_TAKEOVER, "an unproven takeover after {taken_after:?}");
+    wait_disk_grows(&cluster, "vm2");
+    for vm in ["vm1", "vm2"] {
+        let writers = disk_writers(&cluster, vm);
+        assert_eq!(writers.iter().map(|(host, _)| host.as_str()).collect::<Vec<_>>(), ["host1", "host2"], "{vm}");
+    }
+    eprintln!("measured: break after {broken_after:?}, IfFree takeover after {taken_after:?}");
+}
+
+#[test]
+fn an_agent_killed_and_restarted_within_the_grace_keeps_its_vm_and_its_lease() {
+    let mut cluster = cluster_with_vm_hosts(&["host1", "host2"]);
+    let _vms = LabVmsGuard::new(&cluster);
+    let commander = Commander::new(&cluster);
+    assert_eq!(commander.start_vm(&cluster, "host1", "vm1", 7, LeaseGrant::IfFree), CommandResult::Done);
+    wait_disk_grows(&cluster, "vm1");
+    let agent = cluster.agents.get_mut("host1").expect("host1");
+    agent.kill();
+    cluster.start_agent("host1");
+    cluster.wait("host1's restarted agent holds vm1's lease again", |cluster| {
+        inventory(&commander, cluster, "host1", "vm1").is_some_and(|vm| vm.lease_held)
+    });
+    // Well past the self-fence time of the killed run: still running, still leased.
+    std::thread::sleep(Duration::from_secs(8));
+    let vm = inventory(&commander, &cluster, "host1", "vm1").expect("vm1");
+    assert_eq!(vm.report.state, VmRunState::Running);
+    assert_eq!(vm.report.instance, Some(RequestId(7)), "the instance was forgotten across the restart");
+    assert!(vm.lease_held);
+    wait_disk_grows(&cluster, "vm1");
+    assert_eq!(disk_writers(&cluster, "vm1").len(), 1, "the vm was restarted");
+    let log = cluster.agents["host1"].log_text();
+    assert!(!log.contains("SELF-FENCE") && !log.contains("LEASE LOST"), "{log}");
+    let refused = commander.start_vm(&cluster, "host2", "vm1", 8, LeaseGrant::IfFree);
+    assert!(matches!(refused, CommandResult::LeaseHeld { .. }), "{refused:?}");
+}
+
+#[test]
+fn an_unwritable_lease_pool_stops_the_vms_and_the_watchdog_before_any_takeover() {
+    use kvmha_core::event::RecordState;
+    let mut cluster = Cluster::init();
+    let _vms = LabVmsGuard::new(&cluster);
+    add_manager_pools(&cluster, "host1");
+    cluster.start_manager();
+    join_lab_agent(&cluster, "host1");
+    let watchdog = add_agent_pools(&cluster, "host1");
+    cluster.start_agent("host1");
+    cluster.wait_state("host1", &["Up"]);
+    let commander = Commander::new(&cluster);
+    assert_eq!(commander.start_vm(&cluster, "host1", "vm1", 1, LeaseGrant::IfFree), CommandResult::Done);
+    wait_disk_grows(&cluster, "vm1");
+    let investigator = Investigator::new(&cluster.config());
+    investigator.wait("advancing on both pools", "host1", Instant::now(), |states| {
+        states.len() == 2 && states.iter().all(|state| *state == RecordState::Advancing)
+    });
+
+    // The lease pool `a` becomes unwritable; pool `b` stays fine.
+    let broken_ms = unix_ms();
+    break_pool(&cluster, "a");
+    let agent_log = |cluster: &Cluster| cluster.agents["host1"].log_text();
+    cluster.wait("host1 self-fences", |cluster| agent_log(cluster).contains("SELF-FENCED"));
+    cluster.wait("vm1 reported self-fenced", |cluster| {
+        inventory(&commander, cluster, "host1", "vm1").is_some_and(|vm| vm.report.state == VmRunState::SelfFenced)
+    });
+    let pid_file = cluster.agent_dir("host1").join("lab/run/vm1.pid");
+    assert!(!pid_file.exists(), "the vm process is still tracked as running");
+    let last_line_ms = disk_lines(&cluster, "vm1").last().expect("lines").0;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(disk_lines(&cluster, "vm1").last().expect("lines").0, last_line_ms, "vm1 still writes");
+    let stopped_after = Duration::from_millis(last_line_ms.saturating_sub(broken_ms));
+    assert!(stopped_after < LEASE_TAKEOVER, "vm1 wrote {stopped_after:?} after the break");
+    // The watchdog is let go: no keepalive after the self-fence, and no magic close.
+    let petted_at_fence = std::fs::read(&watchdog).expect("watchdog").len();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = std::fs::read(&watchdog).expect("watchdog");
+    assert!(after.len() <= petted_at_fence + 1, "keepalives continued after the self-fence");
+    assert!(!after.contains(&b'V'), "a self-fenced agent released its watchdog");
+    // The other pool's heartbeat never stopped advancing.
+    investigator.wait("b advancing, a unreadable", "host1", Instant::now(), |states| {
+        matches!(states[0], RecordState::Unreadable { .. }) && states[1] == RecordState::Advancing
+    });
+    let log = agent_log(&cluster);
+    let line = strip_ansi(log.lines().find(|line| line.contains("SELF-FENCE:")).expect("line"));
+    assert!(line.contains("lease of vm1"), "{line}");
+    eprintln!("measured: vm1's last write {stopped_after:?} after the lease pool broke");
+    // A self-fenced agent starts nothing.
+    let refused = commander.start_vm(&cluster, "host1", "vm2", 2, LeaseGrant::IfFree);
+    assert!(matches!(&refused, CommandResult::Failed { reason } if reason.contains("self-fenced")), "{refused:?}");
+    cluster.agents.get_mut("host1").expect("host1").kill();
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
