@@ -15,6 +15,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod heartbeat;
+pub mod neighbour_watch;
 pub mod self_fence;
 pub mod vms;
 pub mod watchdog;

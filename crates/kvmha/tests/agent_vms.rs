@@ -210,3 +210,103 @@ fn an_unwritable_lease_pool_stops_the_vms_and_the_watchdog_before_any_takeover()
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
 }
+
+/// host3's pools are not mounted on the manager, so its heartbeat is read through the
+/// neighbours. Its pings stop reaching the manager and nobody reaches its address, but
+/// its agent keeps writing heartbeats: the neighbours see them advance, and the verdict
+/// in the audit log says so.
+#[test]
+fn a_heartbeat_only_neighbours_can_read_makes_the_verdict_alive_in_the_audit_log() {
+    let mut cluster = Cluster::init();
+    for pool in ["a", "b"] {
+        std::fs::create_dir_all(cluster.dir.path().join("pools").join(pool)).expect("pool dir");
+    }
+    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
+    text.push_str("\n[hosts.host3]\npools = [\"a\", \"b\"]\nwatchdog = true\n");
+    std::fs::write(cluster.config(), text).expect("write");
+    cluster.start_manager();
+    cluster.join("host1");
+    cluster.join("host2");
+    let silent = SilentAddress::new();
+    cluster.join_with("host3", &["--advertise", &silent.address.to_string()]);
+    for host in ["host1", "host2", "host3"] {
+        add_agent_pools(&cluster, host);
+        cluster.start_agent(host);
+    }
+    for host in ["host1", "host2", "host3"] {
+        cluster.wait_state(host, &["Up"]);
+    }
+    // host3's agent restarts pointing at a manager address where nobody listens: it goes
+    // on writing heartbeats, the manager hears nothing.
+    cluster.agents.get_mut("host3").expect("host3").kill();
+    let agent_toml = cluster.agent_dir("host3").join("agent.toml");
+    let text = std::fs::read_to_string(&agent_toml).expect("agent.toml");
+    let text = text.replace(&cluster.manager_url, &format!("https://127.0.0.1:{}", free_port()));
+    std::fs::write(&agent_toml, text).expect("write");
+    cluster.start_agent("host3");
+    cluster.wait("a verdict on host3 with its heartbeat alive through neighbours", |cluster| {
+        cluster.events().iter().any(|event| {
+            let line = event["line"].as_str().unwrap_or("");
+            line.contains("host3") && line.contains("heartbeat=alive") && line.contains("via neighbours")
+        })
+    });
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    let verdict = lines.iter().find(|line| line.contains("heartbeat=alive")).expect("verdict");
+    assert!(verdict.contains("Alive"), "{verdict}");
+    assert!(verdict.contains("read a: advancing") || verdict.contains("read b: advancing"), "{verdict}");
+    assert!(!lines.iter().any(|line| line.contains("host3") && line.contains("Fenced")), "{lines:#?}");
+    eprintln!("verdict: {verdict}");
+}
+
+/// The VM-activity investigator against a real agent and lab VM: the host's lease
+/// advances while its agent runs; once agent and VM are killed, it stays unchanged, and
+/// after the lease expiry on the manager's clock the finding is Dead (evidence only).
+#[test]
+fn vm_activity_sees_a_hosts_leases_advance_and_then_stay_unchanged_for_the_expiry() {
+    use kvmha_core::event::Finding;
+    let mut cluster = Cluster::init();
+    let _vms = LabVmsGuard::new(&cluster);
+    add_manager_pools(&cluster, "host1");
+    cluster.start_manager();
+    join_lab_agent(&cluster, "host1");
+    add_agent_pools(&cluster, "host1");
+    cluster.start_agent("host1");
+    cluster.wait_state("host1", &["Up"]);
+    let commander = Commander::new(&cluster);
+    assert_eq!(commander.start_vm(&cluster, "host1", "vm1", 1, LeaseGrant::IfFree), CommandResult::Done);
+
+    let config = kvmha_manager::config::ManagerConfig::load(&cluster.config()).expect("manager config");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let reader = {
+        let _context = runtime.enter();
+        kvmha_manager::vm_activity::VmActivityReader::start(&config).expect("reader")
+    };
+    let look = |after: Instant| runtime.block_on(reader.investigate(&"host1".into(), after));
+    let wait_for = |what: &str, after: Instant, finding: Finding| {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        loop {
+            let (found, evidence) = look(after);
+            if found == finding {
+                return evidence;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {found:?} {evidence}");
+            std::thread::sleep(POLL);
+        }
+    };
+    let evidence = wait_for("vm1's lease advancing", Instant::now(), Finding::Alive);
+    assert!(evidence.contains("vm1 (a)"), "{evidence}");
+    // Another host's question about host2 finds no lease of it.
+    let (finding, evidence) = runtime.block_on(reader.investigate(&"host2".into(), Instant::now()));
+    assert_eq!(finding, Finding::Unknown, "{evidence}");
+
+    cluster.agents.get_mut("host1").expect("host1").kill();
+    kill_lab_vm(&cluster, "host1", "vm1");
+    let killed = Instant::now();
+    let (finding, evidence) = look(killed + Duration::from_secs(2));
+    assert_ne!(finding, Finding::Dead, "dead at once: {evidence}");
+    let evidence = wait_for("vm1's lease unchanged for the expiry", killed, Finding::Dead);
+    assert!(killed.elapsed() >= LEASE_TAKEOVER, "dead after {:?}: {evidence}", killed.elapsed());
+    assert!(evidence.contains("vm1 (a) unchanged for"), "{evidence}");
+    eprintln!("dead after {:?}: {evidence}", killed.elapsed());
+}
