@@ -2,6 +2,7 @@
 //! from the manager's certificate. Each is bounded by its own `timeout_ms`.
 
 use crate::config::AgentConfig;
+use crate::neighbour_watch::NeighbourWatch;
 use crate::vms::Vms;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -9,7 +10,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use crate::neighbour_watch::NeighbourWatch;
 use kvmha_core::{HostName, PoolName};
 use kvmha_proto::transport::Peer;
 use kvmha_proto::{
@@ -38,12 +38,11 @@ impl CommandState {
     pub fn new(config: Arc<AgentConfig>, vms: Arc<Vms>) -> Result<CommandState, crate::AgentError> {
         let mut pools = Vec::new();
         for pool in &config.pools {
-            let opened = Pool::open(&format!("{}-checks", pool.name), &pool.path).map_err(|error| {
-                crate::AgentError::Io {
+            let opened =
+                Pool::open(&format!("{}-checks", pool.name), &pool.path).map_err(|error| crate::AgentError::Io {
                     what: format!("opening pool {} for heartbeat checks", pool.name),
                     source: std::io::Error::other(error.to_string()),
-                }
-            })?;
+                })?;
             pools.push((PoolName::from(pool.name.as_str()), opened));
         }
         let neighbours =

@@ -62,7 +62,9 @@ impl Watch {
         }
         match &self.record {
             Some(record) => RecordState::Unchanged {
-                unchanged_for: self.unchanged_since.map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
+                unchanged_for: self
+                    .unchanged_since
+                    .map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
                 boot_id: kvmha_core::BootId(record.boot_id.to_string()),
                 watchdog_armed: record.watchdog_armed,
                 stopped_cleanly: record.agent_state == AgentState::StoppedCleanly,

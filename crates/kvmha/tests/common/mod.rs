@@ -499,7 +499,7 @@ impl Commander {
                     .await;
                 match sent {
                     Ok(response) => break response,
-                    Err(error) if error.is_connect() && Instant::now() < give_up => tokio::time::sleep(POLL).await,
+                    Err(error) if !error.is_timeout() && Instant::now() < give_up => tokio::time::sleep(POLL).await,
                     Err(error) => panic!("{host} does not answer: {error}"),
                 }
             };
