@@ -316,3 +316,29 @@ fn vm_activity_sees_a_hosts_leases_advance_and_then_stay_unchanged_for_the_expir
     assert!(unchanged_ms >= LEASE_TAKEOVER.as_millis(), "{evidence}");
     eprintln!("dead after {:?}: {evidence}", killed.elapsed());
 }
+
+/// A lease pool that is not a configured pool, or a hypervisor URI the agent cannot
+/// use, refuses to start naming the field and the value.
+#[test]
+fn a_bad_lease_pool_or_hypervisor_is_refused_naming_the_field() {
+    let cluster = Cluster::init();
+    std::fs::create_dir_all(cluster.dir.path().join("pools/a")).expect("pool a");
+    std::fs::create_dir_all(cluster.dir.path().join("pools/b")).expect("pool b");
+    let file = cluster.join("host1");
+    add_agent_pools(&cluster, "host1");
+    let good = std::fs::read_to_string(&file).expect("agent.toml");
+    let cases = [
+        (good.replacen("name = ", "lease_pool = \"zzz\"\nname = ", 1), "lease_pool", "zzz"),
+        (good.replacen("name = ", "hypervisor = \"lab:/x?state=/y&colour=red\"\nname = ", 1), "hypervisor", "colour"),
+        (good.replacen("name = ", "hypervisor = \"not a uri\"\nname = ", 1), "hypervisor", "not a uri"),
+    ];
+    for (text, field, value) in cases {
+        assert_ne!(text, good, "the case for {field} changed nothing");
+        std::fs::write(&file, &text).expect("write");
+        let output = run(&["agent", "run", "--config", file.to_str().unwrap()], &[]);
+        assert!(!output.status.success(), "a bad {field} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(field) && stderr.contains(value), "{field} {value:?} not named: {stderr}");
+        assert!(stderr.contains("agent.toml"), "file not named: {stderr}");
+    }
+}
