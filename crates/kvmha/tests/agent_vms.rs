@@ -321,7 +321,8 @@ fn vm_activity_sees_a_hosts_leases_advance_and_then_stay_unchanged_for_the_expir
 /// use, refuses to start naming the field and the value.
 #[test]
 fn a_bad_lease_pool_or_hypervisor_is_refused_naming_the_field() {
-    let cluster = Cluster::init();
+    let mut cluster = Cluster::init();
+    cluster.start_manager();
     std::fs::create_dir_all(cluster.dir.path().join("pools/a")).expect("pool a");
     std::fs::create_dir_all(cluster.dir.path().join("pools/b")).expect("pool b");
     let file = cluster.join("host1");
