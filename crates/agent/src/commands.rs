@@ -31,7 +31,7 @@ pub struct CommandState {
     pub vms: Arc<Vms>,
     /// Neighbours' heartbeats on this agent's pools (their own workers: a check never
     /// queues behind this host's own heartbeat or lease i/o).
-    pub neighbours: NeighbourWatch,
+    pub neighbours: Arc<NeighbourWatch>,
 }
 
 impl CommandState {
@@ -45,8 +45,13 @@ impl CommandState {
                 })?;
             pools.push((PoolName::from(pool.name.as_str()), opened));
         }
-        let neighbours =
-            NeighbourWatch::new(&config.cluster_id, pools, config.lease.renewal_interval, config.lease.io_timeout);
+        let neighbours = Arc::new(NeighbourWatch::new(
+            &config.cluster_id,
+            pools,
+            config.lease.renewal_interval,
+            config.lease.io_timeout,
+        ));
+        neighbours.discover(config.name.as_str());
         Ok(CommandState { config, vms, neighbours })
     }
 }

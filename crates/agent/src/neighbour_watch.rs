@@ -1,7 +1,8 @@
 //! `CheckHeartbeat`: this agent reads a neighbour's heartbeat record on its own pools for
-//! the manager (which may not mount them). A host asked about once is watched for a
-//! while (twice per renewal interval, each pool on its own worker), so that the next
-//! question, a round later, is answered at once from reads spread over time.
+//! the manager (which may not mount them). Every host with a record on a pool is watched
+//! (twice per renewal interval, each pool on its own worker; the pools are listed for new
+//! hosts every few seconds), and so is a host asked about, so that a question is answered
+//! at once from reads spread over time; a host not watched yet is read twice.
 //!
 //! `Advancing` means this agent saw the record change and the read before that change
 //! started at most two renewal intervals (plus the watch gap) ago: the host wrote it
@@ -15,8 +16,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// How long a host is watched after the last question about it.
+/// How long a host is watched after the last question about it (or the last listing
+/// that found its record).
 const WATCH_FOR: Duration = Duration::from_secs(60);
+/// How often the pools are listed for hosts to watch.
+const DISCOVER_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Watch {
@@ -93,6 +97,52 @@ impl NeighbourWatch {
             renewal_interval,
             io_timeout,
             watches: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Lists every pool's host records every few seconds and watches each host found
+    /// except `me`. Must be called inside the runtime; ends when the watch is dropped.
+    pub fn discover(self: &Arc<Self>, me: &str) {
+        let (watch, me) = (Arc::downgrade(self), me.to_owned());
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(DISCOVER_EVERY);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let Some(watch) = watch.upgrade() else { return };
+                watch.discover_once(&me).await;
+            }
+        });
+    }
+
+    async fn discover_once(&self, me: &str) {
+        let Ok(cluster) = Name::new(&self.cluster) else { return };
+        for (index, (_, pool)) in self.pools.iter().enumerate() {
+            let listing_cluster = cluster.clone();
+            let listed = pool
+                .run("list hosts", self.io_timeout, move |root| {
+                    let directory = kvmha_storage::layout::hosts_directory(root, &listing_cluster);
+                    let names = match std::fs::read_dir(&directory) {
+                        Ok(entries) => entries
+                            .flatten()
+                            .filter_map(|entry| {
+                                let name = entry.file_name().to_str()?.strip_suffix(".hb")?.to_owned();
+                                (!name.starts_with('.')).then_some(name)
+                            })
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    Ok(names)
+                })
+                .await;
+            for host in listed.unwrap_or_default() {
+                let Ok(watched) = Name::new(&host) else { continue };
+                if host == me {
+                    continue;
+                }
+                let (shared, _) = self.watch(&HostName::from(host.as_str()), index, pool, &cluster, &watched);
+                shared.lock().await.last_asked = Instant::now();
+            }
         }
     }
 
