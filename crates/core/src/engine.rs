@@ -8,7 +8,7 @@
 use crate::event::{
     Alert, AuditEvent, AuditKind, Command, Directives, Event, FenceOutcome, FenceResult, Finding, InvestigatorKind,
     InvestigatorReport, OperatorAction, Ping, Release, RequestId, Severity, StorageHealth, VmReport, VmRunState,
-    VmStartOutcome, VmStartResult,
+    VmStartOutcome, VmStartResult, VmStopOutcome, VmStopResult,
 };
 use crate::model::{BootId, HostName, HostSpec, Resources, ShutdownPolicy, VmName, VmSpec};
 use crate::planner::{self, Candidate, PlacementRequest};
@@ -88,6 +88,22 @@ pub struct HostRecord {
     /// An alert was raised for the current episode (cleared when the host is Up again).
     pub alerted: bool,
     noted_ping_while_fencing: bool,
+    /// Maintenance was asked for and the host's VMs are being moved off it first.
+    #[serde(default)]
+    evacuation: Option<Evacuation>,
+}
+
+/// A maintenance evacuation in progress: the host stays `Up` (its VMs still run there)
+/// until the last one has moved, then it becomes `Maintenance`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Evacuation {
+    by: String,
+    started: Instant,
+    /// The VM being moved now. One at a time, highest priority first: each VM is down only
+    /// between its stop here and its start elsewhere, and a failure stops the evacuation
+    /// with everything not yet touched still running.
+    moving: Option<VmName>,
+    moved: Vec<VmName>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -141,7 +157,37 @@ pub struct VmRecord {
     starts: Vec<(Instant, HostName)>,
     relocations: Vec<Instant>,
     not_before: Option<Instant>,
+    /// A stop for maintenance evacuation in flight.
+    #[serde(default)]
+    stop: Option<StopWork>,
 }
+
+impl VmRecord {
+    /// Starts (per host, summed) and relocations within the restart budget's window: what
+    /// the budget has spent so far.
+    pub fn budget_spent(&self, now: Instant) -> (u32, u32) {
+        let window_start = now - self.spec.budget.window;
+        let starts = self.starts.iter().filter(|(at, _)| *at >= window_start).count() as u32;
+        let relocations = self.relocations.iter().filter(|at| **at >= window_start).count() as u32;
+        (starts, relocations)
+    }
+
+    /// The host and id of the start in flight, if any.
+    pub fn work_in_flight(&self) -> Option<(RequestId, &HostName)> {
+        self.work.as_ref().map(|work| (work.id, &work.target))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StopWork {
+    id: RequestId,
+    host: HostName,
+    deadline: Instant,
+    attempts: u32,
+}
+
+/// Attempts at one evacuation stop before the evacuation is given up.
+const STOP_ATTEMPTS: u32 = 3;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct WorkItem {
@@ -152,6 +198,9 @@ struct WorkItem {
     /// be taken back out of it.
     counted_relocation: bool,
     previous_last_host: Option<HostName>,
+    /// A move for maintenance: not a failure, so not counted in the restart budget.
+    #[serde(default)]
+    budget_exempt: bool,
 }
 
 /// Collects what one step decides.
@@ -180,6 +229,9 @@ impl Effects {
 
 /// Why a self-fenced VM is not running: its host lost its storage, so it restarts elsewhere.
 const SELF_FENCED: &str = "stopped by self-fencing";
+/// Why an evacuated VM is not running: kvmha stopped it to move it off a host entering
+/// maintenance.
+const EVACUATED: &str = "stopped for maintenance evacuation";
 
 const ACTIVE_VM_STATES: [VmState; 3] = [VmState::Running, VmState::Starting, VmState::AwaitingProof];
 
@@ -243,6 +295,7 @@ impl Engine {
             Event::Report(report) => self.on_report(&mut fx, report),
             Event::FenceResult(result) => self.on_fence_result(&mut fx, result),
             Event::VmStartResult(result) => self.on_vm_start_result(&mut fx, result),
+            Event::VmStopResult(result) => self.on_vm_stop_result(&mut fx, result),
             Event::Operator(action) => self.on_operator(&mut fx, action),
         }
         fx.commands
@@ -366,6 +419,7 @@ impl Engine {
             proof: None,
             alerted: false,
             noted_ping_while_fencing: false,
+            evacuation: None,
             spec,
         };
         self.hosts.insert(record.spec.name.clone(), record);
@@ -373,7 +427,14 @@ impl Engine {
 
     fn on_vm_added(&mut self, fx: &mut Effects, spec: VmSpec, host: Option<HostName>) {
         if let Some(record) = self.vms.get_mut(&spec.name) {
+            let ha_turned_off = record.spec.ha && !spec.ha;
             record.spec = spec;
+            // A VM waiting for a restart whose HA was just turned off is not restarted.
+            if ha_turned_off && record.state == VmState::PendingCapacity {
+                let name = record.spec.name.clone();
+                record.release = None;
+                self.set_vm_state(fx, &name, VmState::Stopped, "HA turned off while waiting for a restart");
+            }
             return;
         }
         let state = if host.is_some() { VmState::Running } else { VmState::Stopped };
@@ -394,6 +455,7 @@ impl Engine {
             starts: Vec::new(),
             relocations: Vec::new(),
             not_before: None,
+            stop: None,
             spec,
         };
         self.vms.insert(record.spec.name.clone(), record);
@@ -550,6 +612,11 @@ impl Engine {
                     }
                     self.vms.get_mut(vm).expect("checked").instance = report.instance;
                 }
+                // Its last host said it stopped (or it gave up): a start elsewhere (an
+                // operator's) is news, not a double run.
+                Some(_) if matches!(record.state, VmState::Stopped | VmState::Error) => {
+                    self.found_running(fx, vm, host, report.instance)
+                }
                 Some(owner) => {
                     fx.alert(
                         Severity::Critical,
@@ -557,15 +624,20 @@ impl Engine {
                         format!("vm {vm} reported running on {host} but kvmha placed it on {owner}: possible double run, check both hosts"),
                     );
                 }
-                None => {
-                    let record = self.vms.get_mut(vm).expect("checked");
-                    record.host = Some(host.clone());
-                    record.last_host = Some(host.clone());
-                    record.release = None;
-                    record.work = None;
-                    record.instance = report.instance;
-                    self.set_vm_state(fx, vm, VmState::Running, format!("found running on {host}"));
+                // The very instance its host just said is not running: a ping built before
+                // that news and delivered after it. Believing it would bind the VM to a host
+                // where it is off, and nothing would restart it.
+                None if matches!(&record.release, Some(Release::ReportedNotRunning { host: released_by, .. })
+                    if released_by == host && record.instance == report.instance) =>
+                {
+                    fx.audit(
+                        Some(host),
+                        Some(vm),
+                        AuditKind::Dropped,
+                        format!("stale report: {vm} running on {host}, which already said it is not running"),
+                    );
                 }
+                None => self.found_running(fx, vm, host, report.instance),
             },
             VmRunState::Crashed | VmRunState::SelfFenced | VmRunState::Stopped => {
                 // Only news about the instance we believe runs there counts; while a start
@@ -576,13 +648,27 @@ impl Engine {
                 if !current {
                     return;
                 }
+                let evacuating = record.stop.as_ref().is_some_and(|stop| stop.host == *host);
                 match report.state {
                     VmRunState::Crashed => self.vm_not_running(fx, vm, host, boot_id, "crashed"),
                     VmRunState::SelfFenced => self.vm_not_running(fx, vm, host, boot_id, SELF_FENCED),
+                    // Our own evacuation stop, seen before (or instead of) its answer.
+                    _ if evacuating => self.vm_stopped_for_evacuation(fx, vm, host, boot_id.clone(), "in a ping"),
                     _ => self.set_vm_state(fx, vm, VmState::Stopped, "shut down on purpose"),
                 }
             }
         }
+    }
+
+    /// A VM kvmha does not bind to any running host is reported running: it runs there now.
+    fn found_running(&mut self, fx: &mut Effects, vm: &VmName, host: &HostName, instance: Option<RequestId>) {
+        let record = self.vms.get_mut(vm).expect("caller checked");
+        record.host = Some(host.clone());
+        record.last_host = Some(host.clone());
+        record.release = None;
+        record.work = None;
+        record.instance = instance;
+        self.set_vm_state(fx, vm, VmState::Running, format!("found running on {host}"));
     }
 
     /// The VM's own host, alive, says the VM is not running: it may start again.
@@ -591,6 +677,7 @@ impl Engine {
         let record = self.vms.get_mut(vm).expect("caller checked");
         record.work = None;
         record.host = None;
+        record.stop = None;
         if !record.spec.ha || !cluster_ha {
             self.set_vm_state(fx, vm, VmState::Stopped, format!("{why} on {host}; not restarted (HA off)"));
             return;
@@ -631,6 +718,7 @@ impl Engine {
         self.tick_vms(fx);
         self.update_storage_hold(fx);
         self.place_pending(fx);
+        self.advance_evacuations(fx);
     }
 
     fn is_silent(&self, record: &HostRecord, now: Instant) -> bool {
@@ -1351,6 +1439,15 @@ impl Engine {
         for vm in overdue {
             self.resend_start(fx, &vm, "no outcome before the deadline");
         }
+        let overdue_stops: Vec<VmName> = self
+            .vms
+            .iter()
+            .filter(|(_, vm)| vm.stop.as_ref().is_some_and(|stop| fx.now >= stop.deadline))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for vm in overdue_stops {
+            self.stop_overdue(fx, &vm);
+        }
     }
 
     /// Sends the same work item again to the same host. The VM stays bound to that host
@@ -1401,7 +1498,9 @@ impl Engine {
                 // target's clock, or its owner has not released it). It does not spend the
                 // restart budget; the start is retried after two renewal intervals.
                 if let Some(work) = record.work.take() {
-                    record.starts.pop();
+                    if !work.budget_exempt {
+                        record.starts.pop();
+                    }
                     if work.counted_relocation {
                         record.relocations.pop();
                     }
@@ -1483,9 +1582,6 @@ impl Engine {
     }
 
     fn place_pending(&mut self, fx: &mut Effects) {
-        if !self.cluster_ha {
-            return;
-        }
         let now = fx.now;
         let mut requests_owned: Vec<(VmName, BTreeSet<HostName>)> = Vec::new();
         let mut spent: Vec<VmName> = Vec::new();
@@ -1495,6 +1591,16 @@ impl Engine {
         for name in &self.pending {
             let record = &self.vms[name];
             if record.host.is_some() || record.not_before.is_some_and(|at| now < at) {
+                continue;
+            }
+            // With HA switched off nothing is restarted, but a VM kvmha itself stopped to
+            // move it for maintenance is still started again: the operator asked for a move.
+            if !self.cluster_ha && !Self::evacuated(record) {
+                continue;
+            }
+            if Self::evacuated(record) {
+                // A move the operator asked for is not a failure: no budget applies.
+                requests_owned.push((name.clone(), BTreeSet::new()));
                 continue;
             }
             match self.budget_avoid(record, now) {
@@ -1527,7 +1633,11 @@ impl Engine {
             .map(|(name, avoid)| {
                 let record = &self.vms[name];
                 let prefer = match &record.release {
-                    Some(Release::ReportedNotRunning { host, state, .. }) if state != SELF_FENCED => Some(host),
+                    Some(Release::ReportedNotRunning { host, state, .. })
+                        if state != SELF_FENCED && state != EVACUATED =>
+                    {
+                        Some(host)
+                    }
                     _ => None,
                 };
                 PlacementRequest { spec: &record.spec, avoid, prefer }
@@ -1543,7 +1653,12 @@ impl Engine {
         let mut candidates: BTreeMap<&HostName, Candidate> = self
             .hosts
             .values()
-            .filter(|host| host.state == HostState::Up && host.ha_enabled && host.storage != StorageHealth::AllFailing)
+            .filter(|host| {
+                host.state == HostState::Up
+                    && host.ha_enabled
+                    && host.storage != StorageHealth::AllFailing
+                    && host.evacuation.is_none()
+            })
             .map(|host| {
                 (
                     &host.spec.name,
@@ -1585,15 +1700,25 @@ impl Engine {
         let window_start = fx.now - window;
         record.starts.retain(|(at, _)| *at >= window_start);
         record.relocations.retain(|at| *at >= window_start);
-        let counted_relocation = record.last_host.as_ref() != Some(target);
+        let budget_exempt = matches!(&release, Release::ReportedNotRunning { state, .. } if state == EVACUATED);
+        let counted_relocation = !budget_exempt && record.last_host.as_ref() != Some(target);
         if counted_relocation {
             record.relocations.push(fx.now);
         }
-        record.starts.push((fx.now, target.clone()));
+        if !budget_exempt {
+            record.starts.push((fx.now, target.clone()));
+        }
         let previous_last_host = record.last_host.replace(target.clone());
         record.host = Some(target.clone());
         record.not_before = None;
-        record.work = Some(WorkItem { id, target: target.clone(), deadline, counted_relocation, previous_last_host });
+        record.work = Some(WorkItem {
+            id,
+            target: target.clone(),
+            deadline,
+            counted_relocation,
+            previous_last_host,
+            budget_exempt,
+        });
         fx.audit(
             Some(target),
             Some(vm),
@@ -1602,6 +1727,257 @@ impl Engine {
         );
         self.set_vm_state(fx, vm, VmState::Starting, format!("starting on {target}"));
         fx.commands.push(Command::StartVm { work: id, vm: vm.clone(), target: target.clone(), release, deadline });
+    }
+
+    // ----- maintenance evacuation ---------------------------------------------------------
+
+    fn evacuated(record: &VmRecord) -> bool {
+        matches!(&record.release, Some(Release::ReportedNotRunning { state, .. }) if state == EVACUATED)
+    }
+
+    /// Maintenance on a host that runs VMs: move them off first, or refuse if they cannot
+    /// all be placed elsewhere (an operator expects "maintenance" to leave every VM running).
+    fn begin_evacuation(&mut self, fx: &mut Effects, host: &HostName, by: String) {
+        let mut vms = self.vms_on(host, &ACTIVE_VM_STATES);
+        let avoid: BTreeSet<HostName> = [host.clone()].into();
+        let requests: Vec<PlacementRequest<'_>> =
+            vms.iter().map(|vm| PlacementRequest { spec: &self.vms[vm].spec, avoid: &avoid, prefer: None }).collect();
+        let plan = planner::plan(&requests, self.candidates());
+        if !plan.pending.is_empty() {
+            let names: Vec<&str> = plan.pending.iter().map(VmName::as_str).collect();
+            fx.audit(
+                Some(host),
+                None,
+                AuditKind::OperatorRefused,
+                format!(
+                    "maintenance on by {by} refused: no other host has room for {} (free capacity or move them first)",
+                    names.join(", ")
+                ),
+            );
+            return;
+        }
+        self.sort_by_priority(&mut vms);
+        let order: Vec<&str> = vms.iter().map(VmName::as_str).collect();
+        fx.audit(
+            Some(host),
+            None,
+            AuditKind::Evacuation,
+            format!(
+                "maintenance on by {by}: moving {} VMs off first, highest priority first: {}",
+                vms.len(),
+                order.join(", ")
+            ),
+        );
+        let record = self.hosts.get_mut(host).expect("caller checked");
+        record.evacuation = Some(Evacuation { by, started: fx.now, moving: None, moved: Vec::new() });
+        self.advance_evacuation(fx, host);
+    }
+
+    fn sort_by_priority(&self, vms: &mut [VmName]) {
+        vms.sort_by(|a, b| self.vms[b].spec.priority.cmp(&self.vms[a].spec.priority).then_with(|| a.cmp(b)));
+    }
+
+    fn advance_evacuations(&mut self, fx: &mut Effects) {
+        let evacuating: Vec<HostName> =
+            self.hosts.iter().filter(|(_, host)| host.evacuation.is_some()).map(|(name, _)| name.clone()).collect();
+        for host in evacuating {
+            self.advance_evacuation(fx, &host);
+        }
+    }
+
+    /// Next step of one evacuation: wait for the VM in flight, stop the next one, or
+    /// finish when no VM is left on the host.
+    fn advance_evacuation(&mut self, fx: &mut Effects, host: &HostName) {
+        let Some(record) = self.hosts.get(host) else {
+            return;
+        };
+        let Some(evacuation) = &record.evacuation else {
+            return;
+        };
+        if record.state != HostState::Up {
+            // Its failure handling owns its VMs now: a stop still in flight means nothing.
+            for vm in self.vms.values_mut() {
+                if vm.stop.as_ref().is_some_and(|stop| stop.host == *host) {
+                    vm.stop = None;
+                }
+            }
+            let why = format!("the host became {}", record.state);
+            self.cancel_evacuation(fx, host, &why);
+            return;
+        }
+        if let Some(moving) = evacuation.moving.clone() {
+            let in_flight = self
+                .vms
+                .get(&moving)
+                .is_some_and(|vm| vm.stop.is_some() || vm.host.as_ref() == Some(host) || vm.state == VmState::Starting);
+            if in_flight {
+                return;
+            }
+            let target = self.vms.get(&moving).and_then(|vm| vm.host.clone());
+            let state = self.vms.get(&moving).map(|vm| vm.state);
+            let evacuation = self.hosts.get_mut(host).and_then(|record| record.evacuation.as_mut()).expect("checked");
+            evacuation.moving = None;
+            evacuation.moved.push(moving.clone());
+            let detail = match (state, target) {
+                (Some(VmState::Running), Some(target)) => format!("{moving} moved to {target}"),
+                (state, _) => format!(
+                    "{moving} left the host but is not running elsewhere ({}); it waits like any HA restart",
+                    state.map_or("removed".to_owned(), |state| state.to_string())
+                ),
+            };
+            fx.audit(Some(host), Some(&moving), AuditKind::Evacuation, detail);
+        }
+        let mut left = self.vms_on(host, &ACTIVE_VM_STATES);
+        if left.is_empty() {
+            let evacuation = self.hosts.get_mut(host).and_then(|record| record.evacuation.take()).expect("checked");
+            let took = fx.now.saturating_since(evacuation.started);
+            self.set_host_state(
+                fx,
+                host,
+                HostState::Maintenance,
+                format!(
+                    "maintenance on by {}: {} VMs moved off in {}; HA suspended for this host",
+                    evacuation.by,
+                    evacuation.moved.len(),
+                    format_duration(took)
+                ),
+            );
+            return;
+        }
+        // A start or a fence decision about a VM here is in flight: let it settle first.
+        if left.iter().any(|vm| self.vms[vm].state != VmState::Running) {
+            return;
+        }
+        self.sort_by_priority(&mut left);
+        let next = left.remove(0);
+        self.issue_stop(fx, &next, host);
+    }
+
+    fn issue_stop(&mut self, fx: &mut Effects, vm: &VmName, host: &HostName) {
+        let id = self.next_id();
+        let deadline = fx.now + self.config.timing.vm_start_timeout();
+        let record = self.hosts.get_mut(host).expect("caller checked");
+        let evacuation = record.evacuation.as_mut().expect("caller checked");
+        evacuation.moving = Some(vm.clone());
+        let by = evacuation.by.clone();
+        self.vms.get_mut(vm).expect("listed").stop = Some(StopWork { id, host: host.clone(), deadline, attempts: 1 });
+        fx.audit(
+            Some(host),
+            Some(vm),
+            AuditKind::VmStopIntent,
+            format!("work {id}: stop on {host} to move it off for maintenance (asked by {by})"),
+        );
+        fx.commands.push(Command::StopVm { work: id, vm: vm.clone(), host: host.clone(), deadline });
+    }
+
+    fn stop_overdue(&mut self, fx: &mut Effects, vm: &VmName) {
+        let deadline = fx.now + self.config.timing.vm_start_timeout();
+        if self.current_stop(vm).is_none() {
+            self.vms.get_mut(vm).expect("caller checked").stop = None;
+            return;
+        }
+        let record = self.vms.get_mut(vm).expect("caller checked");
+        let Some(stop) = record.stop.as_mut() else {
+            return;
+        };
+        let host = stop.host.clone();
+        if stop.attempts >= STOP_ATTEMPTS {
+            // The VM may well still run there: it stays bound to its host, nothing starts
+            // it elsewhere.
+            let attempts = stop.attempts;
+            record.stop = None;
+            fx.audit(
+                Some(&host),
+                Some(vm),
+                AuditKind::VmStopOutcome,
+                format!("no answer to {attempts} stops; the VM is still taken as running on {host}"),
+            );
+            self.cancel_evacuation(fx, &host, &format!("{vm} did not stop"));
+            return;
+        }
+        stop.attempts += 1;
+        stop.deadline = deadline;
+        let id = stop.id;
+        fx.audit(Some(&host), Some(vm), AuditKind::VmStopIntent, format!("work {id} sent again: no outcome in time"));
+        fx.commands.push(Command::StopVm { work: id, vm: vm.clone(), host, deadline });
+    }
+
+    /// The VM's evacuation stop, if it still means something: the VM is running, bound to
+    /// the host the stop was sent to.
+    fn current_stop(&self, vm: &VmName) -> Option<&StopWork> {
+        let record = self.vms.get(vm)?;
+        let stop = record.stop.as_ref()?;
+        (record.state == VmState::Running && record.host.as_ref() == Some(&stop.host)).then_some(stop)
+    }
+
+    fn on_vm_stop_result(&mut self, fx: &mut Effects, result: VmStopResult) {
+        let current =
+            self.current_stop(&result.vm).is_some_and(|stop| stop.id == result.work && stop.host == result.host);
+        if !current {
+            fx.audit(
+                Some(&result.host),
+                Some(&result.vm),
+                AuditKind::Dropped,
+                format!("stop result {} for no current stop: {:?}", result.work, result.outcome),
+            );
+            return;
+        }
+        match result.outcome {
+            VmStopOutcome::Stopped => {
+                let boot_id = self.hosts.get(&result.host).and_then(|host| host.boot_id.clone());
+                let boot_id = boot_id.unwrap_or_else(|| BootId("unknown".to_owned()));
+                self.vm_stopped_for_evacuation(fx, &result.vm, &result.host, boot_id, "answered");
+            }
+            VmStopOutcome::Failed { reason } => {
+                self.vms.get_mut(&result.vm).expect("checked").stop = None;
+                fx.audit(
+                    Some(&result.host),
+                    Some(&result.vm),
+                    AuditKind::VmStopOutcome,
+                    format!("work {} failed: {reason}; the VM is still taken as running there", result.work),
+                );
+                let why = format!("{} could not be stopped: {reason}", result.vm);
+                self.cancel_evacuation(fx, &result.host, &why);
+            }
+        }
+    }
+
+    /// Our evacuation stop is done: the VM is off on `host` and its lease released, so it
+    /// may start elsewhere (the agent's lease check still guards that start).
+    fn vm_stopped_for_evacuation(
+        &mut self,
+        fx: &mut Effects,
+        vm: &VmName,
+        host: &HostName,
+        boot_id: BootId,
+        how: &str,
+    ) {
+        let record = self.vms.get_mut(vm).expect("caller checked");
+        let Some(stop) = record.stop.take() else {
+            return;
+        };
+        record.host = None;
+        record.work = None;
+        record.release = Some(Release::ReportedNotRunning { host: host.clone(), boot_id, state: EVACUATED.to_owned() });
+        fx.audit(Some(host), Some(vm), AuditKind::VmStopOutcome, format!("work {} stopped on {host} ({how})", stop.id));
+        self.set_vm_state(fx, vm, VmState::PendingCapacity, format!("{EVACUATED} on {host}; starting elsewhere"));
+        self.place_pending(fx);
+    }
+
+    fn cancel_evacuation(&mut self, fx: &mut Effects, host: &HostName, why: &str) {
+        let Some(evacuation) = self.hosts.get_mut(host).and_then(|record| record.evacuation.take()) else {
+            return;
+        };
+        fx.alert(
+            Severity::Warning,
+            Some(host),
+            format!(
+                "maintenance evacuation of {host} (asked by {}) stopped: {why}; the host does not enter maintenance, \
+                 the {} VMs already moved stay where they are",
+                evacuation.by,
+                evacuation.moved.len()
+            ),
+        );
     }
 
     // ----- operators ----------------------------------------------------------------------
@@ -1651,6 +2027,15 @@ impl Engine {
                 };
                 let state = record.state;
                 if on {
+                    if record.evacuation.is_some() {
+                        fx.audit(
+                            Some(&host),
+                            None,
+                            AuditKind::OperatorRefused,
+                            format!("maintenance on by {by} refused: the host is already being evacuated"),
+                        );
+                        return;
+                    }
                     if !state.may_become(HostState::Maintenance) {
                         fx.audit(
                             Some(&host),
@@ -1660,12 +2045,18 @@ impl Engine {
                         );
                         return;
                     }
+                    if state == HostState::Up && !self.vms_on(&host, &ACTIVE_VM_STATES).is_empty() {
+                        self.begin_evacuation(fx, &host, by);
+                        return;
+                    }
                     self.set_host_state(
                         fx,
                         &host,
                         HostState::Maintenance,
                         format!("maintenance on by {by}: HA suspended for this host"),
                     );
+                } else if record.evacuation.is_some() {
+                    self.cancel_evacuation(fx, &host, &format!("maintenance off by {by}"));
                 } else if state == HostState::Maintenance {
                     let silent = self.is_silent(record, fx.now);
                     let to = if silent { HostState::Suspect } else { HostState::Up };

@@ -271,6 +271,16 @@ fn transitions(commands: &[Command]) -> Vec<(String, HostState, HostState)> {
         .collect()
 }
 
+fn details(commands: &[Command], kind: impl Fn(&AuditKind) -> bool) -> Vec<String> {
+    commands
+        .iter()
+        .filter_map(|command| match command {
+            Command::Audit(audit) if kind(&audit.kind) => Some(audit.detail.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn actions(commands: &[Command]) -> Vec<Command> {
     commands.iter().filter(|command| !matches!(command, Command::Audit(_))).cloned().collect()
 }
@@ -656,21 +666,205 @@ fn connecting_host_rows() {
 
 #[test]
 fn maintenance_suspends_ha_and_returns_by_the_pings() {
+    // host2 runs nothing: it enters maintenance at once.
     let mut harness = Harness::new();
-    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
-    assert_eq!(transitions(&commands), vec![t("host1", Up, Maintenance)]);
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host2"), on: true, by: "ops".to_owned() });
+    assert_eq!(transitions(&commands), vec![t("host2", Up, Maintenance)]);
     // Silent in maintenance: nobody investigates, nobody fences.
-    let commands = harness.advance(3_000, &["host2", "host3"]);
+    let commands = harness.advance(3_000, &["host1", "host3"]);
     assert_eq!(transitions(&commands), vec![]);
     assert_eq!(actions(&commands), vec![]);
-    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: false, by: "ops".to_owned() });
-    assert_eq!(transitions(&commands), vec![t("host1", Maintenance, Suspect), t("host1", Suspect, Investigating)]);
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host2"), on: false, by: "ops".to_owned() });
+    assert_eq!(transitions(&commands), vec![t("host2", Maintenance, Suspect), t("host2", Suspect, Investigating)]);
 
     let mut harness = Harness::new();
-    harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    harness.operator(OperatorAction::Maintenance { host: h("host2"), on: true, by: "ops".to_owned() });
     harness.advance(400, &["host1", "host2", "host3"]);
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host2"), on: false, by: "ops".to_owned() });
+    assert_eq!(transitions(&commands), vec![t("host2", Maintenance, Up)]);
+}
+
+fn stops(commands: &[Command]) -> Vec<(String, String, RequestId)> {
+    commands
+        .iter()
+        .filter_map(|command| match command {
+            Command::StopVm { vm, host, work, .. } => Some((vm.to_string(), host.to_string(), *work)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn start_work(commands: &[Command]) -> (RequestId, HostName, Release) {
+    match commands.iter().find(|command| matches!(command, Command::StartVm { .. })) {
+        Some(Command::StartVm { work, target, release, .. }) => (*work, target.clone(), release.clone()),
+        _ => panic!("no start in {commands:?}"),
+    }
+}
+
+impl Harness {
+    fn stopped(&mut self, vm: &str, host: &str, work: RequestId) -> Vec<Command> {
+        self.step(Event::VmStopResult(VmStopResult { work, vm: v(vm), host: h(host), outcome: VmStopOutcome::Stopped }))
+    }
+
+    fn started(&mut self, vm: &str, host: &HostName, work: RequestId) -> Vec<Command> {
+        self.step(Event::VmStartResult(VmStartResult {
+            work,
+            vm: v(vm),
+            host: host.clone(),
+            outcome: VmStartOutcome::Started,
+        }))
+    }
+}
+
+#[test]
+fn maintenance_moves_the_vms_off_one_at_a_time_highest_priority_first_then_enters_maintenance() {
+    let mut harness = Harness::new();
+    // A spent budget does not keep a VM from being moved: a move is not a failure.
+    let mut spec = vm_spec("vm-low", 1);
+    spec.budget.max_relocations = 0;
+    harness.step(Event::VmAdded { spec, host: Some(h("host1")) });
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    assert_eq!(transitions(&commands), vec![], "the host stays Up while its VMs run there");
+    let first = stops(&commands);
+    assert_eq!(
+        first.iter().map(|(vm, host, _)| (vm.as_str(), host.as_str())).collect::<Vec<_>>(),
+        [("vm-high", "host1")]
+    );
+
+    let commands = harness.stopped("vm-high", "host1", first[0].2);
+    let (work, target, release) = start_work(&commands);
+    assert_ne!(target, h("host1"), "never back onto the host being emptied");
+    assert!(matches!(&release, Release::ReportedNotRunning { host, .. } if *host == h("host1")), "{release:?}");
+    assert_eq!(harness.vm("vm-low").state, VmState::Running, "the next VM waits for the first to run elsewhere");
+    assert_eq!(stops(&commands), vec![]);
+
+    let commands = harness.started("vm-high", &target, work);
+    assert_eq!(stops(&commands), vec![]);
+    let commands = harness.advance(100, &["host1", "host2", "host3"]);
+    let second = stops(&commands);
+    assert_eq!(second.iter().map(|(vm, _, _)| vm.as_str()).collect::<Vec<_>>(), ["vm-low"]);
+
+    let commands = harness.stopped("vm-low", "host1", second[0].2);
+    let (work, low_target, _) = start_work(&commands);
+    harness.started("vm-low", &low_target, work);
+    let commands = harness.advance(100, &["host1", "host2", "host3"]);
+    assert_eq!(transitions(&commands), vec![t("host1", Up, Maintenance)]);
+    assert_eq!(harness.vm("vm-high").host, Some(target));
+    assert_eq!(harness.vm("vm-low").state, VmState::Running);
+    assert!(harness.vm("vm-low").starts.is_empty(), "moves are not restarts: {:?}", harness.vm("vm-low").starts);
+}
+
+#[test]
+fn maintenance_is_refused_when_the_vms_would_have_nowhere_to_go() {
+    let mut harness = Harness::with_hosts(&[("host1", true, true), ("host2", true, true)]);
+    let mut big = vm_spec("vm-big", 0);
+    big.demand = Resources { cpus: 8, memory_mb: 8192 };
+    harness.step(Event::VmAdded { spec: big, host: Some(h("host2")) });
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    assert_eq!(stops(&commands), vec![]);
+    assert_eq!(transitions(&commands), vec![]);
+    let refused = details(&commands, |kind| *kind == AuditKind::OperatorRefused);
+    assert!(refused.len() == 1 && refused[0].contains("vm-high") && refused[0].contains("vm-low"), "{refused:?}");
+}
+
+#[test]
+fn a_failed_stop_ends_the_evacuation_and_the_host_stays_up_with_its_vm() {
+    let mut harness = Harness::new();
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    let work = stops(&commands)[0].2;
+    let commands = harness.step(Event::VmStopResult(VmStopResult {
+        work,
+        vm: v("vm-high"),
+        host: h("host1"),
+        outcome: VmStopOutcome::Failed { reason: "libvirt: timed out".to_owned() },
+    }));
+    assert_eq!(starts(&commands), vec![]);
+    assert!(alerts(&commands).iter().any(|(_, message)| message.contains("could not be stopped")), "{commands:?}");
+    assert_eq!(harness.vm("vm-high").host, Some(h("host1")));
+    let commands = harness.advance(2_000, &["host1", "host2", "host3"]);
+    assert_eq!((transitions(&commands), stops(&commands)), (vec![], vec![]));
+    assert_eq!(harness.state("host1"), Up);
+}
+
+#[test]
+fn an_unanswered_stop_is_sent_again_then_given_up_without_starting_the_vm_elsewhere() {
+    let mut harness = Harness::new();
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    let work = stops(&commands)[0].2;
+    let commands = harness.advance(60_000, &["host1", "host2", "host3"]);
+    let again = stops(&commands);
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again.iter().all(|(_, _, id)| *id == work), "the same work is repeated: {again:?}");
+    assert_eq!(starts(&commands), vec![]);
+    assert_eq!(harness.vm("vm-high").host, Some(h("host1")));
+    assert_eq!(harness.state("host1"), Up);
+    // An answer that comes after giving up changes nothing.
+    let commands = harness.stopped("vm-high", "host1", work);
+    assert_eq!(starts(&commands), vec![]);
+}
+
+#[test]
+fn a_stop_seen_in_a_ping_before_its_answer_counts_and_maintenance_off_cancels_the_rest() {
+    let mut harness = Harness::new();
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    let work = stops(&commands)[0].2;
+    let instance = harness.vm("vm-high").instance;
+    let low = VmReport { name: v("vm-low"), state: VmRunState::Running, instance: None };
+    let high = VmReport { name: v("vm-high"), state: VmRunState::Stopped, instance };
+    let commands = harness.ping_with("host1", vec![low, high], StorageHealth::Ok);
+    let (start, target, _) = start_work(&commands);
+    // The late answer is dropped, nothing is started twice.
+    let commands = harness.stopped("vm-high", "host1", work);
+    assert_eq!(starts(&commands), vec![]);
     let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: false, by: "ops".to_owned() });
-    assert_eq!(transitions(&commands), vec![t("host1", Maintenance, Up)]);
+    assert!(alerts(&commands).iter().any(|(_, message)| message.contains("maintenance off by ops")), "{commands:?}");
+    harness.started("vm-high", &target, start);
+    let commands = harness.advance(2_000, &["host1", "host2", "host3"]);
+    assert_eq!((transitions(&commands), stops(&commands)), (vec![], vec![]));
+    assert_eq!(harness.vm("vm-low").host, Some(h("host1")));
+    assert_eq!(harness.vm("vm-high").state, VmState::Running);
+}
+
+#[test]
+fn a_stop_that_outlives_its_evacuation_never_starts_the_vm_twice() {
+    // Found by the simulator: the host fails during its evacuation, its VMs restart
+    // elsewhere after the fence, then the old stop's answer arrives.
+    let mut harness = Harness::new();
+    let commands = harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() });
+    let work = stops(&commands)[0].2;
+    let commands = harness.drive_to_fenced("host1");
+    let restarted = starts(&commands);
+    assert_eq!(restarted.len(), 2, "{restarted:?}");
+    for command in &commands {
+        if let Command::StartVm { work, vm, target, .. } = command {
+            harness.started(vm.as_str(), target, *work);
+        }
+    }
+    let commands = harness.stopped("vm-high", "host1", work);
+    assert_eq!(starts(&commands), vec![]);
+    let commands = harness.advance(60_000, &["host2", "host3"]);
+    assert_eq!((starts(&commands), stops(&commands)), (vec![], vec![]));
+}
+
+#[test]
+fn a_ping_built_before_its_host_said_the_vm_stopped_does_not_bind_the_vm_again() {
+    let mut harness = Harness::new();
+    let crashed = VmReport { name: v("vm-high"), state: VmRunState::Crashed, instance: None };
+    let low = VmReport { name: v("vm-low"), state: VmRunState::Running, instance: None };
+    let commands = harness.ping_with("host1", vec![crashed, low.clone()], StorageHealth::Ok);
+    let (work, target, _) = start_work(&commands);
+    harness.step(Event::VmStartResult(VmStartResult {
+        work,
+        vm: v("vm-high"),
+        host: target,
+        outcome: VmStartOutcome::LeaseHeld { owner: "host1 (boot host1-boot1)".to_owned() },
+    }));
+    assert_eq!((harness.vm("vm-high").state, harness.vm("vm-high").host.clone()), (VmState::PendingCapacity, None));
+    // The ping host1 built before the crash, delivered late.
+    let stale = VmReport { name: v("vm-high"), state: VmRunState::Running, instance: None };
+    let commands = harness.ping_with("host1", vec![stale, low], StorageHealth::Ok);
+    assert_eq!(details(&commands, |kind| *kind == AuditKind::Dropped).len(), 1, "{commands:#?}");
+    assert_eq!((harness.vm("vm-high").state, harness.vm("vm-high").host.clone()), (VmState::PendingCapacity, None));
 }
 
 #[test]
@@ -771,6 +965,10 @@ fn every_transition_of_the_table_is_exercised() {
     let mut harness = Harness::new();
     record(&harness.drive_to_fenced("host1"));
     record(&harness.operator(OperatorAction::Maintenance { host: h("host1"), on: true, by: "ops".to_owned() }));
+    let mut harness = Harness::new();
+    record(&harness.operator(OperatorAction::Maintenance { host: h("host2"), on: true, by: "ops".to_owned() }));
+    harness.advance(3_000, &["host1", "host3"]);
+    record(&harness.operator(OperatorAction::Maintenance { host: h("host2"), on: false, by: "ops".to_owned() }));
     let mut harness = Harness::new();
     harness.step(Event::HostAdded(host_spec("host4", true, true)));
     record(&harness.ping("host4"));
@@ -1005,4 +1203,41 @@ fn every_decision_is_audited_before_the_command_that_carries_it_out() {
         audit_text.iter().any(|line| line.contains("Fencing -> Fenced") && line.contains("BmcPowerOff")),
         "{audit_text:#?}"
     );
+}
+
+#[test]
+fn a_vm_stopped_on_purpose_and_started_elsewhere_moves_without_a_double_run_alert() {
+    let mut harness = Harness::new();
+    let stopped = VmReport { name: v("vm-low"), state: VmRunState::Stopped, instance: None };
+    harness.ping_with("host1", vec![stopped], StorageHealth::Ok);
+    assert_eq!(harness.vm("vm-low").state, VmState::Stopped);
+    let running = VmReport { name: v("vm-low"), state: VmRunState::Running, instance: Some(RequestId(1 << 62)) };
+    let commands = harness.ping_with("host2", vec![running], StorageHealth::Ok);
+    assert!(alerts(&commands).is_empty(), "{commands:?}");
+    assert_eq!(harness.vm("vm-low").state, VmState::Running);
+    assert_eq!(harness.vm("vm-low").host, Some(h("host2")));
+    assert_eq!(harness.vm("vm-low").instance, Some(RequestId(1 << 62)));
+    // A VM kvmha believes running on host1 still raises the alarm when seen elsewhere.
+    let elsewhere = VmReport { name: v("vm-high"), state: VmRunState::Running, instance: None };
+    let commands = harness.ping_with("host3", vec![elsewhere], StorageHealth::Ok);
+    assert_eq!(alerts(&commands).len(), 1, "{commands:?}");
+    assert_eq!(harness.vm("vm-high").host, Some(h("host1")));
+}
+
+#[test]
+fn turning_ha_off_while_a_vm_waits_for_capacity_stops_it_for_good() {
+    let mut harness = Harness::new();
+    let mut spec = vm_spec("vm-low", 1);
+    spec.demand = Resources { cpus: 100, memory_mb: 1024 };
+    harness.step(Event::VmAdded { spec: spec.clone(), host: None });
+    let crashed = VmReport { name: v("vm-low"), state: VmRunState::Crashed, instance: None };
+    let commands = harness.ping_with("host1", vec![crashed], StorageHealth::Ok);
+    assert!(starts(&commands).is_empty(), "{commands:?}");
+    assert_eq!(harness.vm("vm-low").state, VmState::PendingCapacity);
+    spec.ha = false;
+    spec.demand = Resources { cpus: 1, memory_mb: 1024 };
+    harness.step(Event::VmAdded { spec, host: None });
+    assert_eq!(harness.vm("vm-low").state, VmState::Stopped);
+    let commands = harness.advance(2_000, &["host1", "host2", "host3"]);
+    assert!(starts(&commands).iter().all(|(vm, _, _)| vm != "vm-low"), "{commands:?}");
 }

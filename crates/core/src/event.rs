@@ -42,6 +42,8 @@ pub enum Event {
     FenceResult(FenceResult),
     /// The outcome of a `Command::StartVm`.
     VmStartResult(VmStartResult),
+    /// The outcome of a `Command::StopVm`.
+    VmStopResult(VmStopResult),
     /// An operator's decision.
     Operator(OperatorAction),
 }
@@ -189,6 +191,22 @@ pub struct VmStartResult {
     pub outcome: VmStartOutcome,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmStopResult {
+    pub work: RequestId,
+    pub vm: VmName,
+    pub host: HostName,
+    pub outcome: VmStopOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStopOutcome {
+    /// The VM is off on that host and its lease released (also: it was already off).
+    Stopped,
+    /// The VM may still run there.
+    Failed { reason: String },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmStartOutcome {
     Started,
@@ -258,6 +276,9 @@ pub enum Command {
     Fence { host: HostName, fence: RequestId, attempt: u32, deadline: Instant },
     /// Start `vm` on `target`. `release` says why no other host can be running it.
     StartVm { work: RequestId, vm: VmName, target: HostName, release: Release, deadline: Instant },
+    /// Stop `vm` on `host` on purpose (maintenance evacuation): a graceful shutdown, then a
+    /// hard stop, and its lease released. The engine starts it elsewhere once this is done.
+    StopVm { work: RequestId, vm: VmName, host: HostName, deadline: Instant },
     /// Tell every agent the cluster-wide directives (sent with each ping reply too).
     Directives(Directives),
     /// Page a human.
@@ -319,13 +340,20 @@ pub struct AuditEvent {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuditKind {
-    HostState { from: HostState, to: HostState },
+    HostState {
+        from: HostState,
+        to: HostState,
+    },
     InvestigationStarted,
     Verdict,
     FenceIntent,
     FenceOutcome,
     VmStartIntent,
     VmStartOutcome,
+    VmStopIntent,
+    VmStopOutcome,
+    /// Maintenance evacuation of a host: started, advanced, finished, cancelled.
+    Evacuation,
     VmState,
     Operator,
     OperatorRefused,

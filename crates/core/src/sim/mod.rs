@@ -24,7 +24,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::event::{
     Command, Event, FenceOutcome, FenceResult, Finding, HeartbeatObservation, InvestigatorKind, InvestigatorReport,
     OperatorAction, Ping, PoolObservation, RecordState, Release, RequestId, StorageHealth, VmReport, VmRunState,
-    VmStartOutcome, VmStartResult,
+    VmStartOutcome, VmStartResult, VmStopOutcome, VmStopResult,
 };
 use crate::model::{BootId, HostName, HostSpec, PoolName, Resources, RestartBudget, VmName, VmSpec};
 use crate::safety::ProofKind;
@@ -100,6 +100,8 @@ pub struct SimOutcome {
     pub violations: Vec<Violation>,
     /// Events fed to the engine.
     pub steps: u64,
+    /// Maintenance evacuations that ended with the host in maintenance, its VMs moved.
+    pub evacuations_finished: u32,
     pub final_hosts: BTreeMap<String, String>,
     pub final_vms: BTreeMap<String, String>,
     pub trace: Vec<TraceLine>,
@@ -256,6 +258,11 @@ enum Action {
         vm: usize,
         release: Release,
     },
+    StopLands {
+        host: usize,
+        work: RequestId,
+        vm: usize,
+    },
     Fault(Fault),
     ManagerUp,
 }
@@ -295,6 +302,7 @@ struct World {
     queue: BinaryHeap<Scheduled>,
     seq: u64,
     steps: u64,
+    evacuations_finished: u32,
     record_trace: bool,
     trace: Vec<TraceLine>,
     faults: Vec<TraceLine>,
@@ -403,6 +411,7 @@ pub fn run(options: &SimOptions) -> SimOutcome {
         queue: BinaryHeap::new(),
         seq: 0,
         steps: 0,
+        evacuations_finished: 0,
         record_trace: options.record_trace,
         trace: Vec::new(),
         faults: Vec::new(),
@@ -591,6 +600,11 @@ impl World {
         for command in commands {
             match command {
                 Command::Audit(audit) => {
+                    if matches!(audit.kind, crate::event::AuditKind::HostState { to: HostState::Maintenance, .. })
+                        && audit.detail.contains("moved off")
+                    {
+                        self.evacuations_finished += 1;
+                    }
                     if self.record_trace {
                         self.trace.push(TraceLine {
                             at_ms: self.now.as_millis(),
@@ -639,6 +653,16 @@ impl World {
                     if self.hosts[target_index].agent_alive() && self.hosts[target_index].commands_up {
                         let at = self.now + self.latency() + Duration::from_millis(self.rng.between(20, 200));
                         self.schedule(at, Action::StartLands { host: target_index, work, vm: vm_index, release });
+                    }
+                }
+                Command::StopVm { work, vm, host, .. } => {
+                    self.trace("command", || format!("stop {vm} on {host} {work}"));
+                    let (Some(vm_index), Some(host_index)) = (self.vm_index(&vm), self.host_index(&host)) else {
+                        continue;
+                    };
+                    if self.hosts[host_index].agent_alive() && self.hosts[host_index].commands_up {
+                        let at = self.now + self.latency() + Duration::from_millis(self.rng.between(20, 500));
+                        self.schedule(at, Action::StopLands { host: host_index, work, vm: vm_index });
                     }
                 }
             }
@@ -856,6 +880,7 @@ impl World {
             faults: self.faults,
             violations: self.violations,
             steps: self.steps,
+            evacuations_finished: self.evacuations_finished,
             final_hosts,
             final_vms,
             trace: self.trace,
@@ -895,6 +920,7 @@ impl World {
                 }
             }
             Action::StartLands { host, work, vm, release } => self.start_lands(host, work, vm, release),
+            Action::StopLands { host, work, vm } => self.stop_lands(host, work, vm),
             Action::Fault(fault) => self.apply_fault(fault),
             Action::ManagerUp => {
                 let Some(snapshot) = self.persisted.take() else {
@@ -1093,6 +1119,35 @@ impl World {
         };
         if self.hosts[index].commands_up {
             self.send_to_manager(delay, reply(outcome));
+        }
+    }
+
+    /// The agent stops a VM on purpose: the VM is off at once; its lease is released when
+    /// the storage can be written, otherwise it expires like any lease nobody renews.
+    fn stop_lands(&mut self, index: usize, work: RequestId, vm: usize) {
+        let host = &self.hosts[index];
+        if !host.agent_alive() {
+            return;
+        }
+        let (boot, storage_up, name) = (host.boot, host.storage_up, host.spec.name.clone());
+        let vm_record = &mut self.vms[vm];
+        if vm_record.running_on.contains(&(index, boot)) {
+            vm_record.running_on.retain(|entry| *entry != (index, boot));
+            if storage_up && vm_record.lease.is_some_and(|(owner, owner_boot, _)| (owner, owner_boot) == (index, boot))
+            {
+                vm_record.lease = None;
+            }
+            let instance = vm_record.instance;
+            let vm_name = vm_record.spec.name.clone();
+            self.hosts[index].reported_down.insert(vm, (VmRunState::Stopped, instance));
+            self.trace("world", || format!("{vm_name} stopped on {name}"));
+        }
+        let vm_name = self.vms[vm].spec.name.clone();
+        let event =
+            Event::VmStopResult(VmStopResult { work, vm: vm_name, host: name, outcome: VmStopOutcome::Stopped });
+        if self.hosts[index].commands_up {
+            let delay = self.latency();
+            self.send_to_manager(delay, event);
         }
     }
 
