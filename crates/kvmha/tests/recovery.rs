@@ -201,23 +201,6 @@ fn confirm_down(cluster: &Cluster, host: &str) {
     cluster.wait_state(host, &["Fenced"]);
 }
 
-/// Kills every lab VM left behind by the test's hosts (the agents die with their guards).
-struct LabVms(Vec<PathBuf>);
-
-impl LabVms {
-    fn new(cluster: &Cluster, hosts: &[&str]) -> LabVms {
-        LabVms(hosts.iter().map(|host| lab_state(cluster, host)).collect())
-    }
-}
-
-impl Drop for LabVms {
-    fn drop(&mut self) {
-        for state in &self.0 {
-            kill_lab_vms_in(state, None);
-        }
-    }
-}
-
 /// Every instance after the first is the one recovery started: exactly one, on
 /// `expected_host` if given, never overlapping the old one.
 fn assert_restarted_once(cluster: &Cluster, vm: &str, dead: &str) -> String {
@@ -232,7 +215,7 @@ fn assert_restarted_once(cluster: &Cluster, vm: &str, dead: &str) -> String {
 #[test]
 fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
     let mut cluster = lab_cluster(&["host1", "host2", "host3"]);
-    let _cleanup = LabVms::new(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     let defined = define(&cluster, "db1", "host1", 1);
     assert_eq!(defined["definition"], true, "{defined}");
     define(&cluster, "db2", "host1", 1);
@@ -296,7 +279,7 @@ fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
 #[test]
 fn vms_that_fit_nowhere_wait_in_pending_capacity_and_start_when_a_host_joins() {
     let mut cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms::new(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     let cpus = cli(&cluster, &["host", "show", "host2"])["cpus"].as_u64().expect("cpus") as u32;
     assert!(cpus >= 1);
     // Each VM needs a whole host: host2 takes one, the other waits.
@@ -328,7 +311,7 @@ fn vms_that_fit_nowhere_wait_in_pending_capacity_and_start_when_a_host_joins() {
 #[test]
 fn a_vm_that_keeps_crashing_is_restarted_on_its_host_until_its_budget_is_spent_then_error() {
     let cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms::new(&cluster, &["host1", "host2"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     define(&cluster, "flaky", "host1", 1);
     cli(&cluster, &["vm", "ha", "flaky", "enable", "--max-restarts", "1", "--max-relocations", "0"]);
     wait_vm(&cluster, "flaky", |state, host| state == "Running" && host == "host1");
@@ -356,7 +339,7 @@ fn a_vm_that_keeps_crashing_is_restarted_on_its_host_until_its_budget_is_spent_t
 #[test]
 fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_live_lease_is_held() {
     let mut cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms::new(&cluster, &["host1", "host2"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     define(&cluster, "app", "host1", 1);
     cli(&cluster, &["vm", "ha", "app", "enable"]);
     wait_vm(&cluster, "app", |state, host| state == "Running" && host == "host1");
@@ -413,7 +396,7 @@ fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_liv
 #[test]
 fn a_manager_killed_mid_recovery_resumes_and_starts_no_vm_twice() {
     let mut cluster = lab_cluster(&["host1", "host2", "host3"]);
-    let _cleanup = LabVms::new(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     let names = ["r1", "r2", "r3", "r4"];
     for (index, vm) in names.iter().enumerate() {
         define(&cluster, vm, "host1", 1);
@@ -448,7 +431,7 @@ fn a_manager_killed_mid_recovery_resumes_and_starts_no_vm_twice() {
 #[test]
 fn disarming_and_arming_the_cluster_leaves_running_vms_alone() {
     let cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms::new(&cluster, &["host1", "host2"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     define(&cluster, "steady1", "host1", 1);
     define(&cluster, "steady2", "host2", 1);
     for vm in ["steady1", "steady2"] {
