@@ -461,3 +461,46 @@ fn disarming_and_arming_the_cluster_leaves_running_vms_alone() {
     assert!(audit(&cluster, "VmStartIntent").is_empty(), "{:?}", audit(&cluster, "VmStartIntent"));
     assert!(!audit(&cluster, "cluster armed by operator-token: protection restored").is_empty());
 }
+
+#[test]
+fn maintenance_moves_every_vm_off_the_host_by_priority_each_exactly_once() {
+    let cluster = lab_cluster(&["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
+    for (vm, priority) in [("m1", "10"), ("m2", "5")] {
+        define(&cluster, vm, "host1", 1);
+        cli(&cluster, &["vm", "ha", vm, "enable", "--priority", priority]);
+    }
+    define(&cluster, "m3", "host1", 1);
+    for vm in ["m1", "m2", "m3"] {
+        wait_vm(&cluster, vm, |state, host| state == "Running" && host == "host1");
+        wait_disk_lines(&cluster, vm, "host1", 3);
+    }
+
+    cli(&cluster, &["host", "maintenance", "host1", "on"]);
+    for vm in ["m1", "m2", "m3"] {
+        wait_vm(&cluster, vm, |state, host| state == "Running" && host != "host1");
+    }
+    cluster.wait_state("host1", &["Maintenance"]);
+    for vm in ["m1", "m2", "m3"] {
+        let host = vms(&cluster)[vm].1.clone();
+        wait_disk_lines(&cluster, vm, &host, 10);
+        assert_restarted_once(&cluster, vm, "host1");
+    }
+    let stops = audit(&cluster, "VmStopIntent");
+    let position = |vm: &str| {
+        stops
+            .iter()
+            .position(|(_, line)| line.contains(&format!("vm {vm} ")))
+            .unwrap_or_else(|| panic!("no stop intent for {vm}: {stops:?}"))
+    };
+    assert!(position("m1") < position("m2"), "{stops:?}");
+    assert!(!audit(&cluster, "maintenance on by operator-token: moving 3 VMs off first").is_empty());
+
+    // Back from maintenance: nothing moves back, nothing restarts.
+    cli(&cluster, &["host", "maintenance", "host1", "off"]);
+    cluster.wait_state("host1", &["Up"]);
+    let placed: Vec<String> = ["m1", "m2", "m3"].iter().map(|vm| vms(&cluster)[*vm].1.clone()).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let still: Vec<String> = ["m1", "m2", "m3"].iter().map(|vm| vms(&cluster)[*vm].1.clone()).collect();
+    assert_eq!(placed, still);
+}
