@@ -272,6 +272,18 @@ fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
         assert!(started[0].1.contains("started") || started[0].1.contains("seen running"), "{started:?}");
     }
     assert!(!audit(&cluster, "confirm-down by operator-token").is_empty());
+    // Measured, not asserted: engine time from the confirmation to the last start.
+    let events = cluster.events();
+    let at = |needle: &str| {
+        events
+            .iter()
+            .filter(|event| event["line"].as_str().unwrap_or("").contains(needle))
+            .filter_map(|event| event["at_ms"].as_u64())
+            .collect::<Vec<_>>()
+    };
+    let confirmed = at("confirm-down by operator-token")[0];
+    let last_start = at("VmStartOutcome").into_iter().max().unwrap_or(confirmed);
+    eprintln!("recovery: last of 3 VMs started {} ms after confirm-down", last_start - confirmed);
     assert!(!audit(&cluster, "vm db1 Operator: HA enabled by operator-token: priority 10, group db-tier").is_empty());
     assert!(!audit(&cluster, "vm scratch VmState: Stopped: host1 proven dead; not HA").is_empty());
 }
