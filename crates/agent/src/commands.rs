@@ -2,6 +2,7 @@
 //! from the manager's certificate. Each is bounded by its own `timeout_ms`.
 
 use crate::config::AgentConfig;
+use crate::neighbour_watch::NeighbourWatch;
 use crate::vms::Vms;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -9,15 +10,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use kvmha_core::event::{PoolObservation, RecordState};
 use kvmha_core::{HostName, PoolName};
 use kvmha_proto::transport::Peer;
 use kvmha_proto::{
     AgentCommand, CommandRequest, CommandResponse, CommandResult, ErrorBody, PingTestResult, PROTOCOL_VERSION,
 };
-use kvmha_storage::{read_heartbeat, AgentState, Name, Pool};
+use kvmha_storage::Pool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Bound on one TCP connect of a ping test, whatever the command's budget.
 const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(2);
@@ -29,23 +29,30 @@ const TARGETS_MAX: usize = 16;
 pub struct CommandState {
     pub config: Arc<AgentConfig>,
     pub vms: Arc<Vms>,
-    /// This agent's pools, for reading neighbours' heartbeats (their own workers: a
-    /// check never queues behind this host's own heartbeat or lease i/o).
-    pub pools: Vec<Pool>,
+    /// Neighbours' heartbeats on this agent's pools (their own workers: a check never
+    /// queues behind this host's own heartbeat or lease i/o).
+    pub neighbours: Arc<NeighbourWatch>,
 }
 
 impl CommandState {
     pub fn new(config: Arc<AgentConfig>, vms: Arc<Vms>) -> Result<CommandState, crate::AgentError> {
         let mut pools = Vec::new();
         for pool in &config.pools {
-            pools.push(Pool::open(&format!("{}-checks", pool.name), &pool.path).map_err(|error| {
-                crate::AgentError::Io {
+            let opened =
+                Pool::open(&format!("{}-checks", pool.name), &pool.path).map_err(|error| crate::AgentError::Io {
                     what: format!("opening pool {} for heartbeat checks", pool.name),
                     source: std::io::Error::other(error.to_string()),
-                }
-            })?);
+                })?;
+            pools.push((PoolName::from(pool.name.as_str()), opened));
         }
-        Ok(CommandState { config, vms, pools })
+        let neighbours = Arc::new(NeighbourWatch::new(
+            &config.cluster_id,
+            pools,
+            config.lease.renewal_interval,
+            config.lease.io_timeout,
+        ));
+        neighbours.discover(config.name.as_str());
+        Ok(CommandState { config, vms, neighbours })
     }
 }
 
@@ -102,49 +109,17 @@ pub async fn handle(state: Arc<CommandState>, command: AgentCommand, budget: Dur
     }
 }
 
-/// Reads `host`'s heartbeat record on every pool of this agent twice, about one and a
-/// half renewal intervals apart (within half the budget), all pools at once.
 async fn check_heartbeat(state: &CommandState, host: &HostName, budget: Duration) -> CommandResult {
-    if state.pools.is_empty() {
+    if state.neighbours.is_empty() {
         return CommandResult::Unsupported { reason: "this agent mounts no pool".into() };
     }
-    let (cluster, watched) = match (Name::new(&state.config.cluster_id), Name::new(host.as_str())) {
-        (Ok(cluster), Ok(watched)) => (cluster, watched),
-        (Err(error), _) | (_, Err(error)) => return CommandResult::Failed { reason: error.to_string() },
-    };
-    let io_timeout = state.config.lease.io_timeout.min(budget / 4);
-    let gap = (state.config.lease.renewal_interval * 3 / 2).min(budget / 2);
-    let mut reads = tokio::task::JoinSet::new();
-    for pool in &state.pools {
-        let (pool, cluster, watched) = (pool.clone(), cluster.clone(), watched.clone());
-        let name = PoolName::from(pool.name().trim_end_matches("-checks"));
-        reads.spawn(async move {
-            let first = read_heartbeat(&pool, &cluster, &watched, io_timeout).await;
-            let first_at = Instant::now();
-            tokio::time::sleep(gap).await;
-            let second = read_heartbeat(&pool, &cluster, &watched, io_timeout).await;
-            let boot_id = match &second {
-                Ok(Some(after)) => Some(kvmha_core::BootId(after.boot_id.to_string())),
-                _ => None,
-            };
-            let record = match (first, second) {
-                (_, Err(error)) | (Err(error), _) => RecordState::Unreadable { reason: error.to_string() },
-                (_, Ok(None)) | (Ok(None), _) => RecordState::Unreadable { reason: "no record written".into() },
-                (Ok(Some(before)), Ok(Some(after))) if before.progress() != after.progress() => RecordState::Advancing,
-                (Ok(Some(_)), Ok(Some(after))) => RecordState::Unchanged {
-                    unchanged_for: first_at.elapsed(),
-                    boot_id: kvmha_core::BootId(after.boot_id.to_string()),
-                    watchdog_armed: after.watchdog_armed,
-                    stopped_cleanly: after.agent_state == AgentState::StoppedCleanly,
-                },
-            };
-            PoolObservation { pool: name, record, boot_id }
-        });
+    match state.neighbours.check(host, budget).await {
+        Ok(pools) => {
+            tracing::debug!(%host, ?pools, "heartbeat check");
+            CommandResult::Heartbeat { pools }
+        }
+        Err(reason) => CommandResult::Failed { reason },
     }
-    let mut pools = reads.join_all().await;
-    pools.sort_by(|a, b| a.pool.cmp(&b.pool));
-    tracing::debug!(%host, ?pools, "heartbeat check");
-    CommandResult::Heartbeat { pools }
 }
 
 /// TCP connect to `target` (`IP:PORT`). ICMP needs a raw socket or a ping group the agent

@@ -15,6 +15,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod heartbeat;
+pub mod neighbour_watch;
 pub mod self_fence;
 pub mod vms;
 pub mod watchdog;
@@ -239,13 +240,22 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             _ = interval.tick() => {}
         }
         seq += 1;
+        // A slow hypervisor must not delay the ping: past half its deadline the ping goes
+        // without VMs (a missing report tells the manager nothing; a late ping would).
+        let vm_reports = match tokio::time::timeout(ping_deadline / 2, vms.reports()).await {
+            Ok(reports) => reports,
+            Err(_) => {
+                tracing::warn!("the hypervisor did not list the domains in time: ping sent without VMs");
+                Vec::new()
+            }
+        };
         let message = PingMessage {
             version: PROTOCOL_VERSION,
             ping: Ping {
                 host: config.name.clone(),
                 boot_id: boot_id.clone(),
                 seq,
-                vms: vms.reports().await,
+                vms: vm_reports,
                 storage: if heartbeats.is_empty() {
                     StorageHealth::Ok
                 } else {

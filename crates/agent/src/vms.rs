@@ -118,6 +118,20 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
+/// What a ping says about a domain: the hypervisor's state, and for one that is off,
+/// what the agent expected of it.
+pub fn run_state(state: DomainState, mark: Option<Mark>) -> VmRunState {
+    match state {
+        DomainState::Crashed(_) => VmRunState::Crashed,
+        state if state.may_be_running() => VmRunState::Running,
+        _ => match mark.map(|mark| mark.expect) {
+            Some(Expect::SelfFenced) => VmRunState::SelfFenced,
+            Some(Expect::Running) => VmRunState::Crashed,
+            Some(Expect::OperatorStopped) | None => VmRunState::Stopped,
+        },
+    }
+}
+
 fn storage_name(vm: &str) -> Result<Name, String> {
     Name::new(vm).map_err(|error| format!("vm name {vm:?}: {error}"))
 }
@@ -246,23 +260,11 @@ impl Vms {
 
     // ----- reports ---------------------------------------------------------------------
 
-    fn run_state(&self, domain: &DomainInfo, mark: Option<Mark>) -> VmRunState {
-        match domain.state {
-            DomainState::Crashed(_) => VmRunState::Crashed,
-            state if state.may_be_running() => VmRunState::Running,
-            _ => match mark.map(|mark| mark.expect) {
-                Some(Expect::SelfFenced) => VmRunState::SelfFenced,
-                Some(Expect::Running) => VmRunState::Crashed,
-                Some(Expect::OperatorStopped) | None => VmRunState::Stopped,
-            },
-        }
-    }
-
     fn report(&self, domain: &DomainInfo) -> VmReport {
         let mark = self.mark(&domain.name);
         VmReport {
             name: VmName::from(domain.name.as_str()),
-            state: self.run_state(domain, mark),
+            state: run_state(domain.state, mark),
             instance: mark.and_then(|mark| mark.instance).map(RequestId),
         }
     }
@@ -739,5 +741,40 @@ impl Vms {
         self.held.lock().unwrap_or_else(PoisonError::into_inner).clear();
         tracing::error!(?vms, all_stopped, "self-fence: every vm holding a lease was stopped hard");
         all_stopped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvmha_hypervisor::{CrashReason, ShutOffReason};
+
+    #[test]
+    fn an_off_vm_is_reported_by_what_the_agent_expected_of_it() {
+        let mark = |expect| Some(Mark { instance: Some(3), expect });
+        let off = DomainState::ShutOff(ShutOffReason::Destroyed);
+        assert_eq!(run_state(off, mark(Expect::Running)), VmRunState::Crashed, "off without being asked");
+        assert_eq!(run_state(off, mark(Expect::OperatorStopped)), VmRunState::Stopped);
+        assert_eq!(run_state(off, mark(Expect::SelfFenced)), VmRunState::SelfFenced);
+        assert_eq!(run_state(off, None), VmRunState::Stopped, "never started by kvmha");
+        assert_eq!(run_state(DomainState::Running, mark(Expect::OperatorStopped)), VmRunState::Running);
+        assert_eq!(run_state(DomainState::Paused, None), VmRunState::Running, "a paused guest holds its disks");
+        let crashed = DomainState::Crashed(CrashReason::ProcessExited);
+        assert_eq!(run_state(crashed, mark(Expect::OperatorStopped)), VmRunState::Crashed);
+    }
+
+    #[test]
+    fn marks_survive_a_reload_and_a_damaged_file_is_not_fatal() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("vm-marks.json");
+        let mut marks = Marks::load(path.clone());
+        marks.set("vm1", Some(Mark { instance: Some(7), expect: Expect::Running })).unwrap();
+        marks.set("vm2", Some(Mark { instance: None, expect: Expect::OperatorStopped })).unwrap();
+        marks.set("vm2", None).unwrap();
+        let reloaded = Marks::load(path.clone());
+        assert_eq!(reloaded.marks.len(), 1);
+        assert_eq!(reloaded.marks["vm1"], Mark { instance: Some(7), expect: Expect::Running });
+        std::fs::write(&path, "{ torn").unwrap();
+        assert!(Marks::load(path).marks.is_empty());
     }
 }

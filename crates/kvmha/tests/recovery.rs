@@ -154,8 +154,12 @@ fn wait_disk_lines(cluster: &Cluster, vm: &str, host: &str, at_least: usize) {
 
 /// SIGKILLs every lab VM process group recorded in `host`'s state directory.
 fn kill_lab_vms(cluster: &Cluster, host: &str, only: Option<&str>) {
-    let run = lab_state(cluster, host).join("run");
-    for entry in std::fs::read_dir(&run).expect("lab run dir").flatten() {
+    kill_lab_vms_in(&lab_state(cluster, host), only);
+}
+
+fn kill_lab_vms_in(state: &Path, only: Option<&str>) {
+    let Ok(entries) = std::fs::read_dir(state.join("run")) else { return };
+    for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().and_then(|extension| extension.to_str()) != Some("pid") {
             continue;
@@ -167,7 +171,8 @@ fn kill_lab_vms(cluster: &Cluster, host: &str, only: Option<&str>) {
         else {
             continue;
         };
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+        let _ =
+            Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).stderr(std::process::Stdio::null()).status();
     }
 }
 
@@ -196,19 +201,6 @@ fn confirm_down(cluster: &Cluster, host: &str) {
     cluster.wait_state(host, &["Fenced"]);
 }
 
-/// Kills every lab VM left behind by the test's hosts (the agents die with their guards).
-struct LabVms<'a>(&'a Cluster, &'a [&'a str]);
-
-impl Drop for LabVms<'_> {
-    fn drop(&mut self) {
-        for host in self.1 {
-            if lab_state(self.0, host).join("run").is_dir() {
-                kill_lab_vms(self.0, host, None);
-            }
-        }
-    }
-}
-
 /// Every instance after the first is the one recovery started: exactly one, on
 /// `expected_host` if given, never overlapping the old one.
 fn assert_restarted_once(cluster: &Cluster, vm: &str, dead: &str) -> String {
@@ -223,7 +215,7 @@ fn assert_restarted_once(cluster: &Cluster, vm: &str, dead: &str) -> String {
 #[test]
 fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
     let mut cluster = lab_cluster(&["host1", "host2", "host3"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     let defined = define(&cluster, "db1", "host1", 1);
     assert_eq!(defined["definition"], true, "{defined}");
     define(&cluster, "db2", "host1", 1);
@@ -280,6 +272,18 @@ fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
         assert!(started[0].1.contains("started") || started[0].1.contains("seen running"), "{started:?}");
     }
     assert!(!audit(&cluster, "confirm-down by operator-token").is_empty());
+    // Measured, not asserted: engine time from the confirmation to the last start.
+    let events = cluster.events();
+    let at = |needle: &str| {
+        events
+            .iter()
+            .filter(|event| event["line"].as_str().unwrap_or("").contains(needle))
+            .filter_map(|event| event["at_ms"].as_u64())
+            .collect::<Vec<_>>()
+    };
+    let confirmed = at("confirm-down by operator-token")[0];
+    let last_start = at("VmStartOutcome").into_iter().max().unwrap_or(confirmed);
+    eprintln!("recovery: last of 3 VMs started {} ms after confirm-down", last_start - confirmed);
     assert!(!audit(&cluster, "vm db1 Operator: HA enabled by operator-token: priority 10, group db-tier").is_empty());
     assert!(!audit(&cluster, "vm scratch VmState: Stopped: host1 proven dead; not HA").is_empty());
 }
@@ -287,7 +291,7 @@ fn a_dead_hosts_ha_vms_restart_elsewhere_in_priority_order_each_exactly_once() {
 #[test]
 fn vms_that_fit_nowhere_wait_in_pending_capacity_and_start_when_a_host_joins() {
     let mut cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     let cpus = cli(&cluster, &["host", "show", "host2"])["cpus"].as_u64().expect("cpus") as u32;
     assert!(cpus >= 1);
     // Each VM needs a whole host: host2 takes one, the other waits.
@@ -319,7 +323,7 @@ fn vms_that_fit_nowhere_wait_in_pending_capacity_and_start_when_a_host_joins() {
 #[test]
 fn a_vm_that_keeps_crashing_is_restarted_on_its_host_until_its_budget_is_spent_then_error() {
     let cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     define(&cluster, "flaky", "host1", 1);
     cli(&cluster, &["vm", "ha", "flaky", "enable", "--max-restarts", "1", "--max-relocations", "0"]);
     wait_vm(&cluster, "flaky", |state, host| state == "Running" && host == "host1");
@@ -347,7 +351,7 @@ fn a_vm_that_keeps_crashing_is_restarted_on_its_host_until_its_budget_is_spent_t
 #[test]
 fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_live_lease_is_held() {
     let mut cluster = lab_cluster(&["host1", "host2"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     define(&cluster, "app", "host1", 1);
     cli(&cluster, &["vm", "ha", "app", "enable"]);
     wait_vm(&cluster, "app", |state, host| state == "Running" && host == "host1");
@@ -367,12 +371,29 @@ fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_liv
     wait_vm(&cluster, "app", |state, host| state == "Running" && host == "host2");
     wait_disk_lines(&cluster, "app", "host2", 3);
 
-    // A second VM, not HA, keeps running on host1 after its agent dies: its lease is not
-    // renewed any more, but it is still fresh. An operator who confirms host1 down too
-    // early and starts the VM on host2 is refused by the lease.
+    // A second VM, not HA, runs on host1. Then host1 loses the manager but keeps running:
+    // its agent (restarted pointing at a dead manager address) still renews the VM's
+    // lease. An operator who wrongly confirms host1 down and starts the VM on host2 is
+    // refused by the lease.
     define(&cluster, "legacy", "host1", 1);
     wait_vm(&cluster, "legacy", |state, host| state == "Running" && host == "host1");
+    wait_disk_lines(&cluster, "legacy", "host1", 3);
     cluster.agents.get_mut("host1").expect("agent").kill();
+    let agent_toml = cluster.agent_dir("host1").join("agent.toml");
+    let text = std::fs::read_to_string(&agent_toml).expect("agent.toml");
+    let cut_off = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("manager_url") {
+                format!("manager_url = \"https://127.0.0.1:{}\"", free_port())
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&agent_toml, cut_off).expect("agent.toml");
+    cluster.start_agent("host1");
     confirm_down(&cluster, "host1");
     wait_vm(&cluster, "legacy", |state, _| state == "Stopped");
     let refused = cli_refused(&cluster, &["vm", "start", "legacy", "--host", "host2"]);
@@ -387,7 +408,7 @@ fn an_operator_stop_is_never_undone_and_a_start_elsewhere_is_refused_while_a_liv
 #[test]
 fn a_manager_killed_mid_recovery_resumes_and_starts_no_vm_twice() {
     let mut cluster = lab_cluster(&["host1", "host2", "host3"]);
-    let _cleanup = LabVms(&cluster, &["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
     let names = ["r1", "r2", "r3", "r4"];
     for (index, vm) in names.iter().enumerate() {
         define(&cluster, vm, "host1", 1);
@@ -417,4 +438,81 @@ fn a_manager_killed_mid_recovery_resumes_and_starts_no_vm_twice() {
     }
     let resent = audit(&cluster, "sent again: manager restarted");
     eprintln!("starts resent after the manager restart: {}", resent.len());
+}
+
+#[test]
+fn disarming_and_arming_the_cluster_leaves_running_vms_alone() {
+    let cluster = lab_cluster(&["host1", "host2"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
+    define(&cluster, "steady1", "host1", 1);
+    define(&cluster, "steady2", "host2", 1);
+    for vm in ["steady1", "steady2"] {
+        cli(&cluster, &["vm", "ha", vm, "enable"]);
+    }
+    wait_vm(&cluster, "steady1", |state, host| state == "Running" && host == "host1");
+    wait_vm(&cluster, "steady2", |state, host| state == "Running" && host == "host2");
+    let instance = |vm: &str| cli(&cluster, &["vm", "show", vm])["instance"].clone();
+    let before = (instance("steady1"), instance("steady2"));
+    assert!(before.0.is_u64() && before.1.is_u64(), "{before:?}");
+
+    cli(&cluster, &["cluster", "disarm"]);
+    cluster.wait("the agents hear of the disarm", |cluster| {
+        cluster.try_api(&["vm", "list", "--json"]).is_some()
+            && !audit(cluster, "cluster disarmed by operator-token").is_empty()
+    });
+    wait_disk_lines(&cluster, "steady1", "host1", disk(&cluster, "steady1").len() + 10);
+    cli(&cluster, &["cluster", "arm"]);
+    wait_disk_lines(&cluster, "steady2", "host2", disk(&cluster, "steady2").len() + 10);
+
+    assert_eq!((instance("steady1"), instance("steady2")), before);
+    for (vm, host) in [("steady1", "host1"), ("steady2", "host2")] {
+        assert_eq!(vms(&cluster)[vm], ("Running".to_owned(), host.to_owned()));
+        let (order, overlapped) = instances(&disk(&cluster, vm));
+        assert!(order.len() == 1 && !overlapped, "vm {vm} restarted: {order:?}");
+    }
+    assert!(audit(&cluster, "VmStartIntent").is_empty(), "{:?}", audit(&cluster, "VmStartIntent"));
+    assert!(!audit(&cluster, "cluster armed by operator-token: protection restored").is_empty());
+}
+
+#[test]
+fn maintenance_moves_every_vm_off_the_host_by_priority_each_exactly_once() {
+    let cluster = lab_cluster(&["host1", "host2", "host3"]);
+    let _cleanup = LabVmsGuard::new(&cluster);
+    for (vm, priority) in [("m1", "10"), ("m2", "5")] {
+        define(&cluster, vm, "host1", 1);
+        cli(&cluster, &["vm", "ha", vm, "enable", "--priority", priority]);
+    }
+    define(&cluster, "m3", "host1", 1);
+    for vm in ["m1", "m2", "m3"] {
+        wait_vm(&cluster, vm, |state, host| state == "Running" && host == "host1");
+        wait_disk_lines(&cluster, vm, "host1", 3);
+    }
+
+    cli(&cluster, &["host", "maintenance", "host1", "on"]);
+    for vm in ["m1", "m2", "m3"] {
+        wait_vm(&cluster, vm, |state, host| state == "Running" && host != "host1");
+    }
+    cluster.wait_state("host1", &["Maintenance"]);
+    for vm in ["m1", "m2", "m3"] {
+        let host = vms(&cluster)[vm].1.clone();
+        wait_disk_lines(&cluster, vm, &host, 10);
+        assert_restarted_once(&cluster, vm, "host1");
+    }
+    let stops = audit(&cluster, "VmStopIntent");
+    let position = |vm: &str| {
+        stops
+            .iter()
+            .position(|(_, line)| line.contains(&format!("vm {vm} ")))
+            .unwrap_or_else(|| panic!("no stop intent for {vm}: {stops:?}"))
+    };
+    assert!(position("m1") < position("m2"), "{stops:?}");
+    assert!(!audit(&cluster, "maintenance on by operator-token: moving 3 VMs off first").is_empty());
+
+    // Back from maintenance: nothing moves back, nothing restarts.
+    cli(&cluster, &["host", "maintenance", "host1", "off"]);
+    cluster.wait_state("host1", &["Up"]);
+    let placed: Vec<String> = ["m1", "m2", "m3"].iter().map(|vm| vms(&cluster)[*vm].1.clone()).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let still: Vec<String> = ["m1", "m2", "m3"].iter().map(|vm| vms(&cluster)[*vm].1.clone()).collect();
+    assert_eq!(placed, still);
 }

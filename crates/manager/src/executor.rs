@@ -1,9 +1,9 @@
 //! Executes the engine's commands against the world and feeds the outcomes back.
 //!
 //! Every external call is bounded by the command's deadline. The storage heartbeat is
-//! read directly on the pools the manager mounts ([`crate::heartbeat`]); reading it
-//! through neighbours is not done yet. VM activity (issue 6) is not reported: the engine
-//! counts a missing report as `Unknown` at the round's deadline.
+//! read directly on the pools the manager mounts ([`crate::heartbeat`]) and through
+//! neighbours for pools it does not ([`crate::neighbour_heartbeat`]); VM activity reads
+//! the hosts' VM leases on the mounted pools ([`crate::vm_activity`]).
 
 use crate::config::{BmcConfig, BmcKind, ManagerConfig};
 use crate::controller::{Clock, Controller, Note, SharedDirectory};
@@ -51,6 +51,7 @@ pub struct Executor {
     controller: OnceLock<Controller>,
     next_request: AtomicU64,
     heartbeats: crate::heartbeat::HeartbeatReader,
+    vm_activity: crate::vm_activity::VmActivityReader,
     registry: SharedRegistry,
     /// The recovery worker's queue: `StartVm` commands in the engine's order.
     starts: mpsc::UnboundedSender<Command>,
@@ -77,7 +78,11 @@ impl Executor {
             field: "pools".to_owned(),
             problem: reason,
         })?;
+        let vm_activity = crate::vm_activity::VmActivityReader::start(&config).map_err(|reason| {
+            ManagerError::Config { file: config.file.clone(), field: "pools".to_owned(), problem: reason }
+        })?;
         Ok(Executor {
+            vm_activity,
             config,
             clock,
             directory,
@@ -358,11 +363,9 @@ impl Executor {
             InvestigatorKind::NeighbourPing => without_heartbeat(self.neighbour_ping(host, neighbours, deadline).await),
             InvestigatorKind::StorageHeartbeat => {
                 let budget = self.budget(deadline);
-                match tokio::time::timeout(budget, self.heartbeats.investigate(host, evidence_after)).await {
-                    Ok(Some((finding, evidence, observation))) => Some((finding, evidence, Some(observation))),
-                    Ok(None) => None,
-                    Err(_) => without_heartbeat((Finding::Unknown, "heartbeat: no read before the deadline".into())),
-                }
+                let question =
+                    crate::neighbour_heartbeat::Question { host, neighbours, deadline, budget, evidence_after };
+                crate::neighbour_heartbeat::investigate(self, &self.config, &self.heartbeats, question).await
             }
             InvestigatorKind::BmcPower => without_heartbeat({
                 let bmc = self.config.hosts.get(host)?.bmc.as_ref()?;
@@ -378,8 +381,11 @@ impl Executor {
                     Err(_) => (Finding::Unknown, "bmc status: no answer before the deadline".to_owned()),
                 }
             }),
-            // Issue 6 (VM activity): not reported yet.
-            InvestigatorKind::VmActivity => None,
+            InvestigatorKind::VmActivity => {
+                let budget = self.budget(deadline);
+                let read = tokio::time::timeout(budget, self.vm_activity.investigate(host, evidence_after)).await;
+                without_heartbeat(read.unwrap_or((Finding::Unknown, "vm activity: no read before the deadline".into())))
+            }
         }
     }
 
@@ -555,5 +561,35 @@ fn power_control(bmc: &BmcConfig, budget: Duration) -> Result<Box<dyn PowerContr
                 .map(|client| Box::new(client) as Box<dyn PowerControl>)
                 .map_err(|error| error.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_start_answer_maps_to_what_the_engine_counts() {
+        assert_eq!(start_outcome(CommandResult::Done), VmStartOutcome::Started);
+        assert_eq!(start_outcome(CommandResult::AlreadyRunning), VmStartOutcome::AlreadyRunning);
+        assert_eq!(
+            start_outcome(CommandResult::LeaseHeld { owner: "host1 (boot b)".into() }),
+            VmStartOutcome::LeaseHeld { owner: "host1 (boot b)".into() }
+        );
+        assert_eq!(
+            start_outcome(CommandResult::Failed { reason: "no disk".into() }),
+            VmStartOutcome::Failed { reason: "no disk".into() }
+        );
+        assert!(matches!(start_outcome(CommandResult::Vms { vms: vec![] }), VmStartOutcome::Failed { .. }));
+    }
+
+    #[test]
+    fn a_vm_its_own_live_host_reported_stopped_may_take_only_a_free_lease() {
+        let release = Release::ReportedNotRunning {
+            host: HostName::from("host1"),
+            boot_id: kvmha_core::model::BootId("b1".into()),
+            state: "crashed".into(),
+        };
+        assert_eq!(lease_grant(&release), LeaseGrant::IfFree);
     }
 }

@@ -11,9 +11,11 @@ pub mod controller;
 pub mod error;
 pub mod executor;
 pub mod heartbeat;
+pub mod neighbour_heartbeat;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod vm_activity;
 pub mod vm_api;
 
 pub use config::ManagerConfig;

@@ -304,6 +304,39 @@ mod tests {
     }
 
     #[test]
+    fn registry_rows_and_their_audit_lines_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manager.db");
+        let mut row = VmRow::new(kvmha_core::VmName::from("db1"));
+        row.xml = Some("<domain><name>db1</name></domain>".into());
+        row.vcpus = 2;
+        row.ha.enabled = true;
+        row.ha.group = Some("db-tier".into());
+        row.last_host = Some(HostName::from("host1"));
+        let audit = AuditEvent {
+            at: Instant::from_millis(7),
+            host: Some(HostName::from("host1")),
+            vm: Some(kvmha_core::VmName::from("db1")),
+            kind: AuditKind::Operator,
+            detail: "HA enabled by operator-token".into(),
+        };
+        {
+            let mut store = Store::open(&path).unwrap();
+            store.upsert_vm(&row, &[&audit]).unwrap();
+            row.ha.priority = 10;
+            let last = store.upsert_vm(&row, &[]).unwrap();
+            assert_eq!(last, 1);
+            store.append_audits(&[&audit]).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.vms().unwrap(), vec![row]);
+        let lines = store.events_after(0, 10).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].line, "host1 vm db1 Operator: HA enabled by operator-token");
+        assert_eq!(lines[0].vm.as_deref(), Some("db1"));
+    }
+
+    #[test]
     fn a_corrupt_snapshot_is_an_error_not_a_fresh_cluster() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("manager.db");

@@ -206,11 +206,13 @@ pub enum CommandResult {
         /// `host (boot …)` of the holder, as the lease record says.
         owner: String,
     },
-    /// `CheckHeartbeat`: the host's heartbeat record on every pool this agent mounts,
-    /// each read twice about one and a half renewal intervals apart on the agent's own
-    /// clock: `Advancing` if it moved between the reads; `Unchanged` says how long this
-    /// agent watched it (not how long it has been unchanged), so it is never proof of a
-    /// death. Added after the first VM commands (additive).
+    /// `CheckHeartbeat`: the host's heartbeat record on every pool this agent mounts, as
+    /// this agent has been reading it (a host asked about is watched for a while; the
+    /// first question reads twice, up to one and a half renewal intervals apart):
+    /// `Advancing` if it changed within the last two renewal intervals on the agent's
+    /// clock; `Unchanged` says for how long this agent has seen it unchanged, which may
+    /// be a short watch, so it is never proof of a death. Added after the first VM
+    /// commands (additive).
     Heartbeat {
         pools: Vec<PoolObservation>,
     },

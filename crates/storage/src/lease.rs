@@ -88,6 +88,20 @@ fn decode_lease(bytes: &[u8], cluster: &Name, vm: &Name) -> Result<LeaseRecord> 
     Ok(record)
 }
 
+/// Whether a lease record may be claimed without watching it for the expiry: released,
+/// held by this very host and boot (an agent restarted within the expiry), or held by
+/// the named dead owner (by that boot, when one is named).
+fn claimable_at_once(record: &LeaseRecord, me: &HostIdentity, dead: Option<(&Name, Option<BootId>)>) -> bool {
+    let held_by = |host: &Name, boot: Option<BootId>| {
+        record.state == LeaseState::Held
+            && &record.owner_host == host
+            && boot.is_none_or(|boot| boot == record.owner_boot_id)
+    };
+    record.state == LeaseState::Released
+        || held_by(&me.host, Some(me.boot_id))
+        || dead.is_some_and(|(host, boot)| held_by(host, boot))
+}
+
 /// A lease this host holds: what it last wrote and when its self-fence clock started.
 #[derive(Clone, Debug)]
 pub struct HeldLease {
@@ -185,18 +199,9 @@ impl LeaseClient {
     async fn acquire_breaking(&self, vm: &Name, dead: Option<(&Name, Option<BootId>)>) -> Result<HeldLease> {
         let mut observation = self.observe(vm).await?;
         let current = observation.bytes.as_deref().map(|bytes| self.decode(vm, bytes));
-        let held_by_the_dead = |record: &LeaseRecord| {
-            dead.is_some_and(|(host, boot)| {
-                record.state == LeaseState::Held
-                    && &record.owner_host == host
-                    && boot.is_none_or(|boot| boot == record.owner_boot_id)
-            })
-        };
         let claimable_now = match &current {
             None => true,
-            Some(Ok(record)) => {
-                record.state == LeaseState::Released || self.is_mine(record) || held_by_the_dead(record)
-            }
+            Some(Ok(record)) => claimable_at_once(record, &self.identity, dead),
             // Unreadable: someone may be mid-write or the file is damaged; it becomes
             // claimable only once it has stayed exactly as it is for the expiry.
             Some(Err(_)) => false,
@@ -226,12 +231,6 @@ impl LeaseClient {
             ..current
         };
         self.write_own(&mut held, record).await
-    }
-
-    fn is_mine(&self, record: &LeaseRecord) -> bool {
-        record.state == LeaseState::Held
-            && record.owner_host == self.identity.host
-            && record.owner_boot_id == self.identity.boot_id
     }
 
     fn decode(&self, vm: &Name, bytes: &[u8]) -> Result<LeaseRecord> {
@@ -382,6 +381,43 @@ impl LeaseClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A break skips the expiry wait for the named owner's lease only: never for a
+        /// third host's, never for another boot of the owner when a boot is named; and
+        /// it changes nothing for released or own leases.
+        #[test]
+        fn a_break_skips_the_wait_for_the_named_owner_only(
+            owner in 0usize..3,
+            owner_boot in 0u8..2,
+            released in any::<bool>(),
+            named_boot in proptest::option::of(0u8..2),
+        ) {
+            let hosts = [Name::new("me").unwrap(), Name::new("dead").unwrap(), Name::new("other").unwrap()];
+            let me = HostIdentity { cluster: Name::new("prod").unwrap(), host: hosts[0].clone(), boot_id: BootId([0; 16]) };
+            let record = LeaseRecord {
+                cluster: me.cluster.clone(),
+                vm: Name::new("vm1").unwrap(),
+                state: if released { LeaseState::Released } else { LeaseState::Held },
+                owner_host: hosts[owner].clone(),
+                owner_boot_id: BootId([owner_boot; 16]),
+                counter: 5,
+                acquired_at_counter: 2,
+                writer_unix_ms: 0,
+            };
+            let dead = (&hosts[1], named_boot.map(|boot| BootId([boot; 16])));
+            let without = claimable_at_once(&record, &me, None);
+            let with = claimable_at_once(&record, &me, Some(dead));
+            prop_assert!(with || !without, "a break made a claimable lease unclaimable");
+            if with && !without {
+                prop_assert_eq!(record.state, LeaseState::Held);
+                prop_assert_eq!(owner, 1, "the break claimed another host's lease");
+                prop_assert!(named_boot.is_none_or(|boot| boot == owner_boot), "the break claimed another boot's lease");
+            }
+            prop_assert_eq!(without, released || (owner == 0 && owner_boot == 0));
+        }
+    }
 
     fn client(root: &std::path::Path) -> LeaseClient {
         let timings = LeaseTimings {

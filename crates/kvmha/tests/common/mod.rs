@@ -394,3 +394,204 @@ pub fn host_storage(cluster: &Cluster, host: &str) -> String {
     };
     hosts.iter().find(|row| row["name"] == host).map(|row| row["storage"].to_string()).unwrap_or_default()
 }
+
+// ----- VMs on agents: the lab process driver, commands as the manager sends them -----
+
+/// The lab VM program (`kvmha-lab-vm`, a bin of kvmha-hypervisor): built once if this
+/// test run has not built it (a run of one package's tests builds only its own bins).
+pub fn lab_vm_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let next_to_kvmha = Path::new(KVMHA).with_file_name("kvmha-lab-vm");
+            if next_to_kvmha.is_file() {
+                return next_to_kvmha;
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let status = Command::new(cargo)
+                .current_dir(&workspace)
+                .args(["build", "-p", "kvmha-hypervisor", "--bin", "kvmha-lab-vm"])
+                .status()
+                .expect("cargo build kvmha-lab-vm");
+            assert!(status.success(), "building kvmha-lab-vm failed");
+            let built = workspace.join("target/debug/kvmha-lab-vm");
+            assert!(built.is_file(), "{} missing after the build", built.display());
+            built
+        })
+        .clone()
+}
+
+/// Shared storage of the lab VMs: their disks are `<this>/vms/<vm>/disk.log`.
+pub fn lab_storage(cluster: &Cluster) -> PathBuf {
+    cluster.dir.path().join("lab-storage")
+}
+
+/// Joins `name` with the lab process driver as its hypervisor (local state in its
+/// agent directory, disks on the cluster's lab storage).
+pub fn join_lab_agent(cluster: &Cluster, name: &str) -> PathBuf {
+    let storage = lab_storage(cluster);
+    std::fs::create_dir_all(&storage).expect("lab storage");
+    let uri = format!(
+        "lab:{}?state={}&host={name}&vm_binary={}",
+        storage.display(),
+        cluster.agent_dir(name).join("lab").display(),
+        lab_vm_binary().display()
+    );
+    cluster.join_with(name, &["--hypervisor", &uri])
+}
+
+/// A minimal lab VM definition.
+pub fn lab_vm_xml(vm: &str) -> String {
+    format!("<domain type='lab'>\n  <name>{vm}</name>\n  <memory unit='MiB'>64</memory>\n  <vcpu>1</vcpu>\n</domain>\n")
+}
+
+/// Sends commands to agents with the manager's own certificate, as the manager does.
+pub struct Commander {
+    pub runtime: tokio::runtime::Runtime,
+    pub client: reqwest::Client,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Commander {
+    pub fn new(cluster: &Cluster) -> Commander {
+        let config = kvmha_manager::config::ManagerConfig::load(&cluster.config()).expect("manager config");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let client = kvmha_proto::transport::client(
+            &config.ca_cert_pem,
+            Some((&config.cert_pem, &config.key_pem)),
+            Duration::from_secs(120),
+        )
+        .expect("client");
+        Commander { runtime, client, next: std::sync::atomic::AtomicU64::new(1) }
+    }
+
+    pub fn send(
+        &self,
+        cluster: &Cluster,
+        host: &str,
+        command: kvmha_proto::AgentCommand,
+        timeout: Duration,
+    ) -> kvmha_proto::CommandResult {
+        let config = std::fs::read_to_string(cluster.agent_dir(host).join("agent.toml")).expect("agent.toml");
+        let listen = config
+            .lines()
+            .find_map(|line| line.strip_prefix("listen = \""))
+            .and_then(|rest| rest.strip_suffix('"'))
+            .expect("listen in agent.toml")
+            .to_owned();
+        let request = kvmha_proto::CommandRequest {
+            version: kvmha_proto::PROTOCOL_VERSION,
+            request_id: self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            timeout_ms: timeout.as_millis() as u64,
+            command,
+        };
+        self.runtime.block_on(async {
+            // An agent just (re)started may not listen yet.
+            let give_up = Instant::now() + WAIT_LIMIT;
+            let response = loop {
+                let sent = self
+                    .client
+                    .post(format!("https://{listen}{}", kvmha_proto::path::COMMAND))
+                    .timeout(timeout + Duration::from_secs(5))
+                    .json(&request)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) => break response,
+                    Err(error) if !error.is_timeout() && Instant::now() < give_up => tokio::time::sleep(POLL).await,
+                    Err(error) => panic!("{host} does not answer: {error}"),
+                }
+            };
+            assert!(response.status().is_success(), "http {}", response.status());
+            let answer: kvmha_proto::CommandResponse = response.json().await.expect("a command response");
+            answer.result
+        })
+    }
+
+    pub fn start_vm(
+        &self,
+        cluster: &Cluster,
+        host: &str,
+        vm: &str,
+        work: u64,
+        lease: kvmha_proto::LeaseGrant,
+    ) -> kvmha_proto::CommandResult {
+        let command = kvmha_proto::AgentCommand::StartVm { vm: vm.into(), work, xml: Some(lab_vm_xml(vm)), lease };
+        self.send(cluster, host, command, Duration::from_secs(60))
+    }
+
+    pub fn vms(&self, cluster: &Cluster, host: &str) -> Vec<kvmha_proto::VmInventory> {
+        match self.send(cluster, host, kvmha_proto::AgentCommand::ListVms, Duration::from_secs(10)) {
+            kvmha_proto::CommandResult::Vms { vms } => vms,
+            other => panic!("ListVms answered {other:?}"),
+        }
+    }
+}
+
+/// One line of a lab VM's disk log: `(unix_ms, host, boot_id)`.
+pub fn disk_lines(cluster: &Cluster, vm: &str) -> Vec<(u64, String, String)> {
+    let path = lab_storage(cluster).join("vms").join(vm).join("disk.log");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (fields.len() == 5).then(|| (fields[0].parse().ok(), fields[1].to_owned(), fields[3].to_owned()))
+        })
+        .filter_map(|(ms, host, boot)| Some((ms?, host, boot)))
+        .collect()
+}
+
+/// The distinct `(host, boot_id)` writers of a VM's disk, in order of first appearance.
+pub fn disk_writers(cluster: &Cluster, vm: &str) -> Vec<(String, String)> {
+    let mut writers: Vec<(String, String)> = Vec::new();
+    for (_, host, boot) in disk_lines(cluster, vm) {
+        if !writers.iter().any(|(h, b)| *h == host && *b == boot) {
+            writers.push((host, boot));
+        }
+    }
+    writers
+}
+
+/// A lab VM's disk log grows: waits until it has more lines than now.
+pub fn wait_disk_grows(cluster: &Cluster, vm: &str) {
+    let before = disk_lines(cluster, vm).len();
+    cluster.wait(&format!("{vm}'s disk log grows"), |cluster| disk_lines(cluster, vm).len() > before + 2);
+}
+
+/// Kills every lab VM the cluster's agents started (their own process groups outlive the
+/// agents) when dropped, also when a test panics. Declare it after the cluster, so that
+/// it drops first.
+pub struct LabVmsGuard {
+    pub root: PathBuf,
+}
+
+impl LabVmsGuard {
+    pub fn new(cluster: &Cluster) -> LabVmsGuard {
+        LabVmsGuard { root: cluster.dir.path().to_path_buf() }
+    }
+}
+
+impl Drop for LabVmsGuard {
+    fn drop(&mut self) {
+        let Ok(hosts) = std::fs::read_dir(&self.root) else { return };
+        for host in hosts.flatten() {
+            let Ok(pid_files) = std::fs::read_dir(host.path().join("lab/run")) else { continue };
+            for pid_file in pid_files.flatten() {
+                if pid_file.path().extension().is_none_or(|extension| extension != "pid") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(pid_file.path()).unwrap_or_default();
+                let Some(pid) = text.split_whitespace().next().and_then(|pid| pid.parse::<u32>().ok()) else {
+                    continue;
+                };
+                // Only a lab VM: the pid may have been reused since.
+                let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&command).contains("kvmha-lab-vm") {
+                    let _ = Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
+                }
+            }
+        }
+    }
+}
