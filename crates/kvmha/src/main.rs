@@ -81,6 +81,14 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The lab links kvmha as `kvmha-lab-vm`: the lab process driver's VM.
+    let called_as = std::env::args_os().next().map(std::path::PathBuf::from);
+    if called_as.as_deref().and_then(std::path::Path::file_name) == Some(kvmha_lab::cluster::LAB_VM_NAME.as_ref()) {
+        std::process::exit(match kvmha_lab::cli::lab_vm_main() {
+            code if code == std::process::ExitCode::SUCCESS => 0,
+            _ => 2,
+        });
+    }
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Manager(_) | Command::Agent(_) => "info",

@@ -412,6 +412,28 @@ impl Lab {
         Ok(restarted)
     }
 
+    /// Runs the host's `boot.sh` now, as at a power-on (for a boot script written
+    /// after the lab was built).
+    pub fn run_boot_script(&self, host: &str) -> Result<()> {
+        let index = self.shared.index(host)?;
+        self.shared.spawn_boot_script(index)
+    }
+
+    /// Runs `bash SCRIPT ARGS...` inside `host` in the background (dies with the
+    /// host; reaped by the lab), its output in the host's console log.
+    pub fn spawn_in_host(&self, host: &str, script: &Path, args: &[&str]) -> Result<()> {
+        let index = self.shared.index(host)?;
+        let mut all = vec![script.display().to_string()];
+        all.extend(args.iter().map(|arg| arg.to_string()));
+        self.shared.spawn_in_host_at(index, &script.display().to_string(), &all)
+    }
+
+    /// Hands a process started outside the lab's helpers (the manager) to the
+    /// controller, which reaps it once it exits.
+    pub fn adopt(&self, child: Child) {
+        lock(&self.shared.children).push(child);
+    }
+
     /// Tears the lab down now and reports errors (Drop does the same, silently).
     pub fn teardown(mut self) -> Result<()> {
         self.teardown_inner()
@@ -1143,22 +1165,36 @@ impl Shared {
             }
         }
         lock(&self.booted)[index - 1] = Some(init);
-        let boot_script = dir.join("boot.sh");
+        self.spawn_boot_script(index)
+    }
+
+    /// Starts `boot.sh` inside the running host, if it has one (non-empty).
+    fn spawn_boot_script(&self, index: usize) -> Result<()> {
+        let boot_script = self.host_dir(index).join("boot.sh");
         let has_boot_script = std::fs::metadata(&boot_script).map(|metadata| metadata.len() > 0).unwrap_or(false);
         if has_boot_script {
-            let mut command = self.host_command_at(index, "bash")?;
-            command.arg(&boot_script);
-            for (name, value) in self.boot_environment(index) {
-                command.env(name, value);
-            }
-            let boot = command
-                .stdin(Stdio::null())
-                .stdout(console_clone()?)
-                .stderr(console_clone()?)
-                .spawn()
-                .map_err(|error| LabError::Command { command: "boot.sh".to_string(), detail: error.to_string() })?;
-            lock(&self.children).push(boot);
+            self.spawn_in_host_at(index, "boot.sh", &[boot_script.display().to_string()])?;
         }
+        Ok(())
+    }
+
+    /// Runs `bash ARGS...` inside the host in the background, output to its console
+    /// log, with the boot environment; the controller reaps it.
+    fn spawn_in_host_at(&self, index: usize, what: &str, args: &[String]) -> Result<()> {
+        let console = self.open_log(&self.host_dir(index).join("console.log"))?;
+        let console_clone = || console.try_clone().map_err(|error| LabError::io("console.log", error));
+        let mut command = self.host_command_at(index, "bash")?;
+        command.args(args);
+        for (name, value) in self.boot_environment(index) {
+            command.env(name, value);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(console_clone()?)
+            .stderr(console_clone()?)
+            .spawn()
+            .map_err(|error| LabError::Command { command: what.to_string(), detail: error.to_string() })?;
+        lock(&self.children).push(child);
         Ok(())
     }
 

@@ -41,11 +41,14 @@
 //! - [`scenario`]: scenario files and the JSON result of SCENARIOS.md.
 //! - [`cli`]: `kvmha lab up | status | fault | down`.
 
+pub mod api;
 pub mod checker;
 pub mod cli;
+pub mod cluster;
 mod error;
 pub mod lab;
 pub mod process;
+pub mod runner;
 pub mod scenario;
 mod scripts;
 pub mod topology;
