@@ -17,8 +17,13 @@ pub struct RawConfig {
     pub manager_url: String,
     /// Where the agent takes manager commands (mutual TLS).
     pub listen: String,
-    /// A libvirt URI, or `lab`; unused until issue 6.
+    /// The hypervisor driver: a libvirt URI (`qemu:///system`, `test:///default`) or
+    /// `lab:<storage_root>?state=<dir>[&host=..]` for the lab process driver. Absent:
+    /// the agent runs no VMs (VM commands answer `Unsupported`).
     pub hypervisor: Option<String>,
+    /// The pool (one of `pools`) that holds this cluster's VM leases; default: the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_pool: Option<String>,
     pub profile: String,
     #[serde(default)]
     pub timing: TimingSettings,
@@ -67,6 +72,8 @@ pub struct AgentConfig {
     pub manager_url: String,
     pub listen: SocketAddr,
     pub hypervisor: Option<String>,
+    /// The pool holding VM leases: `None` only when no pool is configured.
+    pub lease_pool: Option<PoolConfig>,
     pub timing: Timing,
     pub ca_pem: String,
     pub cert_pem: String,
@@ -151,6 +158,16 @@ impl AgentConfig {
             kvmha_storage::Name::new(&raw.cluster_id).map_err(|error| field("cluster_id", error.to_string()))?;
             kvmha_storage::Name::new(&raw.name).map_err(|error| field("name", error.to_string()))?;
         }
+        let lease_pool = match &raw.lease_pool {
+            Some(name) => Some(pools.iter().find(|pool| &pool.name == name).cloned().ok_or_else(|| {
+                let known: Vec<&str> = pools.iter().map(|pool| pool.name.as_str()).collect();
+                field("lease_pool", format!("{name:?} is not one of the configured pools {known:?}"))
+            })?),
+            None => pools.first().cloned(),
+        };
+        if let Some(uri) = &raw.hypervisor {
+            check_hypervisor_uri(uri).map_err(|problem| field("hypervisor", problem))?;
+        }
         let watchdog =
             raw.watchdog.map(|watchdog| WatchdogConfig { device: base.join(watchdog.device), armed: watchdog.armed });
         if watchdog.as_ref().is_some_and(|watchdog| watchdog.armed) && pools.is_empty() {
@@ -167,6 +184,7 @@ impl AgentConfig {
             manager_url: raw.manager_url.trim_end_matches('/').to_owned(),
             listen,
             hypervisor: raw.hypervisor,
+            lease_pool,
             timing,
             ca_pem,
             cert_pem,
@@ -176,5 +194,40 @@ impl AgentConfig {
             watchdog,
             lease,
         })
+    }
+}
+
+/// A hypervisor URI the agent can open: the lab driver's (parsed in full: paths, VM
+/// binary) or a libvirt URI (`scheme:...`; libvirt itself is asked only at run time).
+pub fn check_hypervisor_uri(uri: &str) -> Result<(), String> {
+    if kvmha_hypervisor::lab::LabConfig::is_lab_uri(uri) {
+        return kvmha_hypervisor::lab::LabConfig::from_uri(uri).map(|_| ()).map_err(|error| error.to_string());
+    }
+    let scheme = uri.split_once(':').map(|(scheme, _)| scheme).unwrap_or("");
+    let valid_scheme =
+        !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.');
+    if !valid_scheme || uri.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "{uri:?} is neither a libvirt URI (qemu:///system, test:///default) nor lab:<root>?state=<dir>"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypervisor_uris_are_checked() {
+        assert!(check_hypervisor_uri("qemu:///system").is_ok());
+        assert!(check_hypervisor_uri("test:///default").is_ok());
+        assert!(check_hypervisor_uri("qemu+ssh://node2/system").is_ok());
+        for bad in ["", "libvirt", "qemu :///x", "lab:relative?state=/x", "lab:/x"] {
+            let error = check_hypervisor_uri(bad).unwrap_err();
+            assert!(!error.is_empty(), "{bad}");
+        }
+        let error = check_hypervisor_uri("lab:/srv?state=/var/x&colour=red").unwrap_err();
+        assert!(error.contains("colour"), "{error}");
     }
 }

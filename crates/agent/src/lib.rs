@@ -7,15 +7,16 @@
 //!
 //! - [`heartbeat`], [`watchdog`], [`self_fence`]: heartbeat records on every pool, the
 //!   watchdog client and the self-fence decision (docs/daemons.md).
-//!
-//! Not here yet: VMs (issue 6: `list` answers empty, `start`/`stop` answer unsupported,
-//! the self-fence's VM stop is a hook), heartbeat checks for neighbours (unsupported).
+//! - [`vms`]: the hypervisor driver, VM leases (taken before every start, renewed
+//!   independently of the manager), what the agent remembers of its VMs across restarts.
+//! - [`commands`]: the manager's commands (VMs, neighbour ping and heartbeat checks).
 
 pub mod commands;
 pub mod config;
 pub mod error;
 pub mod heartbeat;
 pub mod self_fence;
+pub mod vms;
 pub mod watchdog;
 
 pub use config::AgentConfig;
@@ -165,6 +166,7 @@ pub async fn join(options: &JoinOptions) -> Result<PathBuf, AgentError> {
             manager_cert_sha256: answer.manager_cert_sha256,
         },
         pools: Vec::new(),
+        lease_pool: None,
         watchdog: None,
     };
     let text = toml::to_string_pretty(&raw).map_err(|error| AgentError::Config {
@@ -206,21 +208,26 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| AgentError::Io { what: format!("binding {}", config.listen), source })?;
+    let boot_id = boot_id();
+    let state_file = config.file.parent().unwrap_or(Path::new(".")).join("self-fence.state");
+    let last_renewal = self_fence::recall(&state_file, &boot_id.0);
+    let vms = Arc::new(vms::Vms::open(&config, heartbeat::storage_boot_id(&boot_id.0), last_renewal).await?);
+    let command_state = Arc::new(commands::CommandState::new(config.clone(), vms.clone())?);
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server =
-        tokio::spawn(kvmha_proto::transport::serve_tls(listener, tls, commands::router(config.clone()), async move {
+        tokio::spawn(kvmha_proto::transport::serve_tls(listener, tls, commands::router(command_state), async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
-    let boot_id = boot_id();
     let guard = Arc::new(Guard::arm(&config)?);
-    let state_file = config.file.parent().unwrap_or(Path::new(".")).join("self-fence.state");
     let heartbeats = Arc::new(heartbeat::Heartbeats::start(
         &config,
         heartbeat::storage_boot_id(&boot_id.0),
         guard.watchdog_open(),
-        self_fence::recall(&state_file, &boot_id.0),
+        last_renewal,
     )?);
-    let guard_task = tokio::spawn(guard.clone().run(heartbeats.clone(), config.clone(), state_file, boot_id.0.clone()));
+    let renewer = tokio::spawn(renew_leases(vms.clone(), config.lease.renewal_interval));
+    let guard_task =
+        tokio::spawn(guard.clone().run(heartbeats.clone(), vms.clone(), config.clone(), state_file, boot_id.0.clone()));
     let mut seq = first_seq();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| AgentError::Io { what: "installing the SIGTERM handler".into(), source })?;
@@ -241,7 +248,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 host: config.name.clone(),
                 boot_id: boot_id.clone(),
                 seq,
-                vms: Vec::new(),
+                vms: vms.reports().await,
                 storage: if heartbeats.is_empty() {
                     StorageHealth::Ok
                 } else {
@@ -270,6 +277,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     guard_task.abort();
     let _ = guard_task.await;
+    // The VMs keep running; their leases are no longer renewed. A restart within the
+    // self-fence deadline re-takes them; a later one stops the VMs (docs/daemons.md).
+    renewer.abort();
+    let _ = renewer.await;
     if !heartbeats.is_empty() {
         if heartbeats.stop_cleanly().await {
             tracing::info!("wrote \"stopped cleanly, watchdog disarmed\" to every pool");
@@ -344,6 +355,7 @@ impl Guard {
     async fn run(
         self: Arc<Self>,
         heartbeats: Arc<heartbeat::Heartbeats>,
+        vms: Arc<vms::Vms>,
         config: Arc<AgentConfig>,
         state_file: PathBuf,
         boot_id: String,
@@ -369,22 +381,35 @@ impl Guard {
             }
             let inputs = self_fence::SelfFenceInputs {
                 watchdog_armed: self.watchdog_open(),
-                // No hypervisor driver yet (issue 6): the agent cannot tell, so it
-                // assumes HA VMs may run here.
-                ha_vms: None,
+                // Without a hypervisor driver the agent cannot tell: it assumes HA VMs
+                // may run here.
+                ha_vms: config.hypervisor.as_ref().map(|_| vms.leased_count()),
                 last_renewal: last_success.unwrap_or(heartbeats.started()),
                 hold_until: *self.hold_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
                 self_fence_after: config.timing.self_fence_after(),
             };
-            if self_fence::self_fence_due(&inputs, now) {
+            // A lease must be given up (its VM stopped) before its self-fence deadline:
+            // start two ticks early so that the hard stop is done by then.
+            let lease_due = vms.lease_deadline_near(now, every * 2);
+            if self_fence::self_fence_due(&inputs, now) || lease_due.is_some() {
+                let cause = match &lease_due {
+                    Some(vm) => format!("the lease of {vm} could not be renewed within the self-fence deadline"),
+                    None => "no heartbeat landed on any pool for the self-fence time".to_owned(),
+                };
                 tracing::error!(
                     self_fence_after_ms = config.timing.self_fence_after().as_millis() as u64,
                     silent_ms = now.saturating_duration_since(inputs.last_renewal).as_millis() as u64,
-                    "SELF-FENCE: no heartbeat landed on any pool for the self-fence time; stopping HA VMs and \
-                     the watchdog keepalives"
+                    "SELF-FENCE: {cause}; stopping every VM that holds a lease, then the watchdog keepalives"
                 );
-                stop_ha_vms_hard().await;
+                // No keepalive while the VMs are stopped (this loop waits), none after:
+                // if a stop hangs, the watchdog resets the host.
+                let all_stopped = vms.self_fence().await;
                 self.fenced.store(true, Ordering::SeqCst);
+                tracing::error!(
+                    all_stopped,
+                    watchdog_armed = self.watchdog_open(),
+                    "SELF-FENCED: watchdog keepalives stopped for good"
+                );
                 continue;
             }
             if let Some(watchdog) = self.lock().as_mut() {
@@ -432,10 +457,14 @@ fn watchdog_path(watchdog: &watchdog::Watchdog) -> String {
     watchdog.path().display().to_string()
 }
 
-/// Hook for issue 6: stop every HA VM on this host hard, through the hypervisor driver.
-/// No driver yet, so there is nothing to stop.
-async fn stop_ha_vms_hard() {
-    tracing::warn!("no hypervisor driver yet (issue 6): no HA VM to stop");
+/// Renews this host's VM leases every renewal interval, whatever the manager does.
+async fn renew_leases(vms: Arc<vms::Vms>, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        vms.renew_all().await;
+    }
 }
 
 async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned + kvmha_proto::Versioned>(

@@ -143,6 +143,22 @@ pub struct VmRecord {
     not_before: Option<Instant>,
 }
 
+impl VmRecord {
+    /// Starts (per host, summed) and relocations within the restart budget's window: what
+    /// the budget has spent so far.
+    pub fn budget_spent(&self, now: Instant) -> (u32, u32) {
+        let window_start = now - self.spec.budget.window;
+        let starts = self.starts.iter().filter(|(at, _)| *at >= window_start).count() as u32;
+        let relocations = self.relocations.iter().filter(|at| **at >= window_start).count() as u32;
+        (starts, relocations)
+    }
+
+    /// The host and id of the start in flight, if any.
+    pub fn work_in_flight(&self) -> Option<(RequestId, &HostName)> {
+        self.work.as_ref().map(|work| (work.id, &work.target))
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct WorkItem {
     id: RequestId,
@@ -373,7 +389,14 @@ impl Engine {
 
     fn on_vm_added(&mut self, fx: &mut Effects, spec: VmSpec, host: Option<HostName>) {
         if let Some(record) = self.vms.get_mut(&spec.name) {
+            let ha_turned_off = record.spec.ha && !spec.ha;
             record.spec = spec;
+            // A VM waiting for a restart whose HA was just turned off is not restarted.
+            if ha_turned_off && record.state == VmState::PendingCapacity {
+                let name = record.spec.name.clone();
+                record.release = None;
+                self.set_vm_state(fx, &name, VmState::Stopped, "HA turned off while waiting for a restart");
+            }
             return;
         }
         let state = if host.is_some() { VmState::Running } else { VmState::Stopped };
@@ -549,6 +572,17 @@ impl Engine {
                         self.set_vm_state(fx, vm, VmState::Running, "reported running by its host");
                     }
                     self.vms.get_mut(vm).expect("checked").instance = report.instance;
+                }
+                // Its last host said it stopped (or it gave up): a start elsewhere (an
+                // operator's) is news, not a double run.
+                Some(_) if matches!(record.state, VmState::Stopped | VmState::Error) => {
+                    let record = self.vms.get_mut(vm).expect("checked");
+                    record.host = Some(host.clone());
+                    record.last_host = Some(host.clone());
+                    record.release = None;
+                    record.work = None;
+                    record.instance = report.instance;
+                    self.set_vm_state(fx, vm, VmState::Running, format!("found running on {host}"));
                 }
                 Some(owner) => {
                     fx.alert(

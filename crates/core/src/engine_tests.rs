@@ -1006,3 +1006,40 @@ fn every_decision_is_audited_before_the_command_that_carries_it_out() {
         "{audit_text:#?}"
     );
 }
+
+#[test]
+fn a_vm_stopped_on_purpose_and_started_elsewhere_moves_without_a_double_run_alert() {
+    let mut harness = Harness::new();
+    let stopped = VmReport { name: v("vm-low"), state: VmRunState::Stopped, instance: None };
+    harness.ping_with("host1", vec![stopped], StorageHealth::Ok);
+    assert_eq!(harness.vm("vm-low").state, VmState::Stopped);
+    let running = VmReport { name: v("vm-low"), state: VmRunState::Running, instance: Some(RequestId(1 << 62)) };
+    let commands = harness.ping_with("host2", vec![running], StorageHealth::Ok);
+    assert!(alerts(&commands).is_empty(), "{commands:?}");
+    assert_eq!(harness.vm("vm-low").state, VmState::Running);
+    assert_eq!(harness.vm("vm-low").host, Some(h("host2")));
+    assert_eq!(harness.vm("vm-low").instance, Some(RequestId(1 << 62)));
+    // A VM kvmha believes running on host1 still raises the alarm when seen elsewhere.
+    let elsewhere = VmReport { name: v("vm-high"), state: VmRunState::Running, instance: None };
+    let commands = harness.ping_with("host3", vec![elsewhere], StorageHealth::Ok);
+    assert_eq!(alerts(&commands).len(), 1, "{commands:?}");
+    assert_eq!(harness.vm("vm-high").host, Some(h("host1")));
+}
+
+#[test]
+fn turning_ha_off_while_a_vm_waits_for_capacity_stops_it_for_good() {
+    let mut harness = Harness::new();
+    let mut spec = vm_spec("vm-low", 1);
+    spec.demand = Resources { cpus: 100, memory_mb: 1024 };
+    harness.step(Event::VmAdded { spec: spec.clone(), host: None });
+    let crashed = VmReport { name: v("vm-low"), state: VmRunState::Crashed, instance: None };
+    let commands = harness.ping_with("host1", vec![crashed], StorageHealth::Ok);
+    assert!(starts(&commands).is_empty(), "{commands:?}");
+    assert_eq!(harness.vm("vm-low").state, VmState::PendingCapacity);
+    spec.ha = false;
+    spec.demand = Resources { cpus: 1, memory_mb: 1024 };
+    harness.step(Event::VmAdded { spec, host: None });
+    assert_eq!(harness.vm("vm-low").state, VmState::Stopped);
+    let commands = harness.advance(2_000, &["host1", "host2", "host3"]);
+    assert!(starts(&commands).iter().all(|(vm, _, _)| vm != "vm-low"), "{commands:?}");
+}

@@ -48,7 +48,55 @@ pub enum HostCommand {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
+    /// Define a VM on a host from its libvirt domain XML; the manager keeps the XML so
+    /// that another host can start the VM.
+    Define {
+        /// The host to define it on.
+        #[arg(long)]
+        host: String,
+        /// The domain XML file.
+        file: std::path::PathBuf,
+        /// Start it there once defined.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Start a stopped VM (its lease must be free).
+    Start {
+        name: String,
+        /// Default: the host it last ran on.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Stop a VM on purpose: kvmha does not restart it.
+    Stop {
+        name: String,
+        /// Graceful shutdown for up to this long, then a hard stop (default: hard stop).
+        #[arg(long)]
+        graceful_ms: Option<u64>,
+    },
+    /// HA settings of a VM.
+    Ha {
+        name: String,
+        mode: EnableDisable,
+        /// Higher restarts first.
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i32>,
+        /// Anti-affinity group ("" clears it).
+        #[arg(long)]
+        group: Option<String>,
+        /// Hosts it may run on, comma-separated ("" clears: any host).
+        #[arg(long)]
+        hosts: Option<String>,
+        /// Start attempts per host within the budget window.
+        #[arg(long)]
+        max_restarts: Option<u32>,
+        /// Moves to other hosts within the budget window before the VM ends in Error.
+        #[arg(long)]
+        max_relocations: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,28 +291,98 @@ pub fn host(api_args: ApiArgs, command: HostCommand) -> anyhow::Result<()> {
     })
 }
 
+const VM_HEADERS: [&str; 8] = ["NAME", "STATE", "FOR", "HOST", "HA", "PRIORITY", "GROUP", "RESTARTS"];
+
+fn vm_row(vm: &Value) -> Vec<String> {
+    let ha = if vm.get("ha").and_then(Value::as_bool).unwrap_or(false) { "on" } else { "off" };
+    vec![
+        text(vm, "name"),
+        text(vm, "state"),
+        age(vm, "state_for_ms"),
+        text(vm, "host"),
+        ha.to_owned(),
+        text(vm, "priority"),
+        text(vm, "group"),
+        format!("{}/{}", text(vm, "restarts"), text(vm, "max_restarts")),
+    ]
+}
+
+/// One VM as `key value` lines, then the action's audit lines if any.
+fn print_vm(api: &Api, vm: &Value) -> anyhow::Result<()> {
+    if api.json {
+        return print_json(vm);
+    }
+    for line in vm.get("audit").and_then(Value::as_array).into_iter().flatten() {
+        println!("{}", line.as_str().unwrap_or_default());
+    }
+    for (key, value) in vm.as_object().into_iter().flatten() {
+        if key == "audit" {
+            continue;
+        }
+        let shown = match value {
+            Value::String(text) => text.clone(),
+            Value::Null => "-".to_owned(),
+            Value::Array(items) => items.iter().map(|item| item.as_str().unwrap_or("?")).collect::<Vec<_>>().join(","),
+            other => other.to_string(),
+        };
+        println!("{key:<16} {shown}");
+    }
+    Ok(())
+}
+
 pub fn vm(api_args: ApiArgs, command: VmCommand) -> anyhow::Result<()> {
     let api = Api::new(&api_args)?;
     runtime()?.block_on(async {
-        let value = match &command {
-            VmCommand::List => api.get("/v1/vms").await?,
-            VmCommand::Show { name } => api.get(&format!("/v1/vms/{name}")).await?,
-        };
-        if api.json {
-            return print_json(&value);
+        match command {
+            VmCommand::List => {
+                let vms = api.get("/v1/vms").await?;
+                if api.json {
+                    return print_json(&vms);
+                }
+                table(&VM_HEADERS, vms.as_array().into_iter().flatten().map(vm_row).collect());
+                Ok(())
+            }
+            VmCommand::Show { name } => print_vm(&api, &api.get(&format!("/v1/vms/{name}")).await?),
+            VmCommand::Define { host, file, start } => {
+                let xml = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                let body = serde_json::json!({ "host": host, "xml": xml, "start": start });
+                print_vm(&api, &api.post("/v1/vms", body).await?)
+            }
+            VmCommand::Start { name, host } => {
+                let body = match host {
+                    Some(host) => serde_json::json!({ "host": host }),
+                    None => serde_json::json!({}),
+                };
+                print_vm(&api, &api.post(&format!("/v1/vms/{name}/start"), body).await?)
+            }
+            VmCommand::Stop { name, graceful_ms } => {
+                let body = match graceful_ms {
+                    Some(graceful_ms) => serde_json::json!({ "graceful_ms": graceful_ms }),
+                    None => serde_json::json!({}),
+                };
+                print_vm(&api, &api.post(&format!("/v1/vms/{name}/stop"), body).await?)
+            }
+            VmCommand::Ha { name, mode, priority, group, hosts, max_restarts, max_relocations } => {
+                let mut body = serde_json::json!({ "enabled": matches!(mode, EnableDisable::Enable) });
+                if let Some(priority) = priority {
+                    body["priority"] = priority.into();
+                }
+                if let Some(group) = group {
+                    body["group"] = group.into();
+                }
+                if let Some(hosts) = hosts {
+                    let hosts: Vec<&str> = hosts.split(',').map(str::trim).filter(|host| !host.is_empty()).collect();
+                    body["hosts"] = hosts.into();
+                }
+                if let Some(max_restarts) = max_restarts {
+                    body["max_restarts"] = max_restarts.into();
+                }
+                if let Some(max_relocations) = max_relocations {
+                    body["max_relocations"] = max_relocations.into();
+                }
+                print_vm(&api, &api.post(&format!("/v1/vms/{name}/ha"), body).await?)
+            }
         }
-        let vms: Vec<Value> = match value {
-            Value::Array(vms) => vms,
-            one => vec![one],
-        };
-        let rows = vms
-            .iter()
-            .map(|vm| {
-                vec![text(vm, "name"), text(vm, "state"), age(vm, "state_for_ms"), text(vm, "host"), text(vm, "ha")]
-            })
-            .collect();
-        table(&["NAME", "STATE", "FOR", "HOST", "HA"], rows);
-        Ok(())
     })
 }
 

@@ -40,6 +40,9 @@ pub struct OperatorApi {
     pub last_event: watch::Receiver<i64>,
     pub operator_token_sha256: Vec<String>,
     pub readonly_token_sha256: Vec<String>,
+    /// Sends the operator's VM commands to agents ([`crate::vm_api`]).
+    pub executor: Arc<crate::executor::Executor>,
+    pub registry: crate::registry::SharedRegistry,
 }
 
 /// One route: what the OpenAPI document says about it.
@@ -63,6 +66,36 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc { method: "get", path: "/v1/hosts/{name}", role: Role::ReadOnly, summary: "one host", body: None },
     RouteDoc { method: "get", path: "/v1/vms", role: Role::ReadOnly, summary: "every VM with its state", body: None },
     RouteDoc { method: "get", path: "/v1/vms/{name}", role: Role::ReadOnly, summary: "one VM", body: None },
+    RouteDoc {
+        method: "post",
+        path: "/v1/vms",
+        role: Role::Operator,
+        summary: "define a VM on a host from its domain XML (the registry keeps it) and optionally start it there",
+        body: Some("{\"host\": string, \"xml\": string, \"start\": bool (default false)}"),
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/vms/{name}/start",
+        role: Role::Operator,
+        summary: "start a stopped VM (lease only if free); default host: where it last ran",
+        body: Some("{\"host\": string (optional)}"),
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/vms/{name}/stop",
+        role: Role::Operator,
+        summary: "stop a VM on purpose: it is not restarted until an operator starts it",
+        body: Some("{\"graceful_ms\": int (optional, default 0: hard stop)}"),
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/vms/{name}/ha",
+        role: Role::Operator,
+        summary: "HA settings of one VM",
+        body: Some(
+            "{\"enabled\": bool, \"priority\": int, \"group\": string, \"hosts\": [string], \"max_restarts\": int, \"max_relocations\": int} (all but enabled optional; unchanged when absent)",
+        ),
+    },
     RouteDoc {
         method: "get",
         path: "/v1/events",
@@ -113,8 +146,11 @@ pub fn router(api: Arc<OperatorApi>) -> Router {
     Router::new()
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(show_host))
-        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms", get(list_vms).post(crate::vm_api::define))
         .route("/v1/vms/{name}", get(show_vm))
+        .route("/v1/vms/{name}/start", post(crate::vm_api::start))
+        .route("/v1/vms/{name}/stop", post(crate::vm_api::stop))
+        .route("/v1/vms/{name}/ha", post(crate::vm_api::ha))
         .route("/v1/events", get(events))
         .route("/v1/cluster", get(cluster))
         .route("/v1/hosts/{name}/maintenance", post(maintenance))
@@ -143,13 +179,19 @@ fn refusal(status: StatusCode, message: impl Into<String>) -> Refusal {
     Refusal { status, message: message.into() }
 }
 
+impl Refusal {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        refusal(status, message)
+    }
+}
+
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         error(self.status, self.message)
     }
 }
 
-fn authorize(api: &OperatorApi, headers: &HeaderMap, needed: Role) -> Result<Role, Refusal> {
+pub(crate) fn authorize(api: &OperatorApi, headers: &HeaderMap, needed: Role) -> Result<Role, Refusal> {
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
         return Err(refusal(StatusCode::UNAUTHORIZED, "missing bearer token (Authorization: Bearer TOKEN)"));
     };
@@ -168,7 +210,7 @@ fn authorize(api: &OperatorApi, headers: &HeaderMap, needed: Role) -> Result<Rol
     Ok(role)
 }
 
-async fn view(api: &OperatorApi) -> Result<ClusterView, Refusal> {
+pub(crate) async fn view(api: &OperatorApi) -> Result<ClusterView, Refusal> {
     api.controller.view().await.map_err(|_| refusal(StatusCode::SERVICE_UNAVAILABLE, "manager is stopping"))
 }
 
@@ -302,7 +344,7 @@ async fn operator_action(api: &OperatorApi, host: Option<&str>, action: Operator
 }
 
 /// Who did it, for the audit log: the role, never the token.
-fn actor(role: Role) -> String {
+pub(crate) fn actor(role: Role) -> String {
     match role {
         Role::Operator => "operator-token".to_owned(),
         Role::ReadOnly => "read-only-token".to_owned(),
@@ -321,7 +363,7 @@ struct EnabledBody {
     enabled: bool,
 }
 
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
     serde_json::from_slice(body).map_err(|failure| refusal(StatusCode::BAD_REQUEST, format!("invalid body: {failure}")))
 }
 

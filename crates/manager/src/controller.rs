@@ -7,9 +7,10 @@
 
 use crate::error::ManagerError;
 use crate::executor::Executor;
+use crate::registry::{SharedRegistry, VmRow};
 use crate::store::{HostRow, Store};
 use kvmha_core::event::{AuditEvent, AuditKind, Directives};
-use kvmha_core::{Command, Engine, Event, HostName, HostSpec, HostState, Instant, VmState};
+use kvmha_core::{Command, Engine, Event, HostName, HostSpec, HostState, Instant, VmName, VmState};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -78,10 +79,42 @@ pub struct StepOutcome {
 
 #[derive(Debug)]
 pub enum Request {
-    Step { event: Event, reply: Option<oneshot::Sender<StepOutcome>> },
-    Join { row: HostRow, spec: HostSpec, reply: oneshot::Sender<Result<(), String>> },
-    View { reply: oneshot::Sender<ClusterView> },
+    Step {
+        event: Event,
+        reply: Option<oneshot::Sender<StepOutcome>>,
+    },
+    Join {
+        row: HostRow,
+        spec: HostSpec,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    View {
+        reply: oneshot::Sender<ClusterView>,
+    },
+    /// Writes a registry row (with the audit lines that explain it) and tells the engine
+    /// its spec (`VmAdded`; `host`: where it runs, for a VM the engine does not know yet).
+    UpsertVm {
+        row: VmRow,
+        host: Option<HostName>,
+        notes: Vec<Note>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Audit lines the manager itself writes (operator VM starts and stops, their outcome).
+    Audit {
+        notes: Vec<Note>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Shutdown,
+}
+
+/// An audit line written by the manager rather than the engine; stamped with the engine
+/// clock when written.
+#[derive(Clone, Debug)]
+pub struct Note {
+    pub host: Option<HostName>,
+    pub vm: Option<VmName>,
+    pub kind: AuditKind,
+    pub detail: String,
 }
 
 /// A handle to the engine thread.
@@ -119,6 +152,16 @@ impl Controller {
         self.sender.send(Request::View { reply }).await.map_err(|_| ManagerError::EngineGone)?;
         answer.await.map_err(|_| ManagerError::EngineGone)
     }
+    pub async fn upsert_vm(&self, row: VmRow, host: Option<HostName>, notes: Vec<Note>) -> Result<(), ManagerError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender.send(Request::UpsertVm { row, host, notes, reply }).await.map_err(|_| ManagerError::EngineGone)?;
+        answer.await.map_err(|_| ManagerError::EngineGone)?.map_err(|reason| ManagerError::Snapshot { reason })
+    }
+    pub async fn audit(&self, notes: Vec<Note>) -> Result<(), ManagerError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender.send(Request::Audit { notes, reply }).await.map_err(|_| ManagerError::EngineGone)?;
+        answer.await.map_err(|_| ManagerError::EngineGone)?.map_err(|reason| ManagerError::Snapshot { reason })
+    }
     pub async fn shutdown(&self) {
         let _ = self.sender.send(Request::Shutdown).await;
     }
@@ -151,6 +194,9 @@ pub struct HostView {
     pub has_bmc: bool,
     pub storage: String,
     pub proof: Option<String>,
+    /// As the agent reported at join.
+    pub cpus: u32,
+    pub memory_mb: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -158,9 +204,28 @@ pub struct VmView {
     pub name: String,
     pub state: VmState,
     pub state_for_ms: u64,
+    /// The one host that may be running it (engine).
     pub host: Option<String>,
+    /// Where it last ran or was last started.
+    pub last_host: Option<String>,
+    /// The work id of the start that created the running instance.
+    pub instance: Option<u64>,
+    /// `id@host` of a start in flight.
+    pub starting: Option<String>,
     pub ha: bool,
     pub priority: i32,
+    pub group: Option<String>,
+    /// Node affinity: the hosts it may run on (empty: any).
+    pub hosts: Vec<String>,
+    pub max_restarts: u32,
+    pub max_relocations: u32,
+    /// Starts and relocations within the restart budget's window.
+    pub restarts: u32,
+    pub relocations: u32,
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    /// The registry holds its domain XML (needed to start it on another host).
+    pub definition: bool,
 }
 
 struct EngineThread {
@@ -168,6 +233,7 @@ struct EngineThread {
     store: Store,
     clock: Clock,
     directory: SharedDirectory,
+    registry: SharedRegistry,
     executor: Arc<Executor>,
     runtime: tokio::runtime::Handle,
     last_event: watch::Sender<i64>,
@@ -182,12 +248,15 @@ pub struct Startup {
     pub store: Store,
     pub clock: Clock,
     pub directory: SharedDirectory,
+    pub registry: SharedRegistry,
     pub executor: Arc<Executor>,
     pub last_event: watch::Sender<i64>,
 }
 
 /// Starts the engine thread. It first re-adds hosts the store knows but the engine does
-/// not (a crash between the two writes of a join), then steps `ManagerStarted`.
+/// not (a crash between the two writes of a join), tells the engine every registry VM's
+/// spec (the registry is written first; a crash may have kept the engine from hearing of
+/// a change), then steps `ManagerStarted`.
 pub fn spawn(startup: Startup) -> (Controller, std::thread::JoinHandle<Result<(), ManagerError>>) {
     let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
     let controller = Controller { sender };
@@ -200,6 +269,7 @@ pub fn spawn(startup: Startup) -> (Controller, std::thread::JoinHandle<Result<()
                 store: startup.store,
                 clock: startup.clock,
                 directory: startup.directory,
+                registry: startup.registry,
                 executor: startup.executor,
                 runtime,
                 last_event: startup.last_event,
@@ -222,6 +292,12 @@ impl EngineThread {
                 self.step(Event::HostAdded(spec))?;
             }
         }
+        for row in self.store.vms()? {
+            self.registry.write().expect("registry lock").insert(row.name.clone(), row.clone());
+            // A VM new to the engine is added as not running: a ping that reports it
+            // running places it, so nothing is assumed from a registry row.
+            self.step(Event::VmAdded { spec: row.spec(), host: None })?;
+        }
         self.step(Event::ManagerStarted)?;
         self.persist(&[])?;
         while let Some(request) = receiver.blocking_recv() {
@@ -240,6 +316,18 @@ impl EngineThread {
                 }
                 Request::View { reply } => {
                     let _ = reply.send(self.view());
+                }
+                Request::UpsertVm { row, host, notes, reply } => {
+                    let result = self.upsert_vm(row, host, notes);
+                    let answer = result.as_ref().map(|_| ()).map_err(|error| error.to_string());
+                    let _ = reply.send(answer);
+                    result?;
+                }
+                Request::Audit { notes, reply } => {
+                    let result = self.write_notes(&notes);
+                    let answer = result.as_ref().map(|_| ()).map_err(|error| error.to_string());
+                    let _ = reply.send(answer);
+                    result?;
                 }
                 Request::Shutdown => break,
             }
@@ -260,6 +348,43 @@ impl EngineThread {
         if !self.engine.hosts().contains_key(&row.name) {
             self.step(Event::HostAdded(spec))?;
         }
+        Ok(())
+    }
+
+    fn stamp(&self, notes: &[Note]) -> Vec<AuditEvent> {
+        let at = self.clock.now();
+        notes
+            .iter()
+            .map(|note| AuditEvent {
+                at,
+                host: note.host.clone(),
+                vm: note.vm.clone(),
+                kind: note.kind.clone(),
+                detail: note.detail.clone(),
+            })
+            .collect()
+    }
+
+    fn upsert_vm(&mut self, row: VmRow, host: Option<HostName>, notes: Vec<Note>) -> Result<(), ManagerError> {
+        let audits = self.stamp(&notes);
+        let last_id = self.store.upsert_vm(&row, &audits.iter().collect::<Vec<_>>())?;
+        for audit in &audits {
+            tracing::info!(at = %audit.at, "{}", audit.describe());
+        }
+        self.last_event.send_replace(last_id);
+        let spec = row.spec();
+        self.registry.write().expect("registry lock").insert(row.name.clone(), row);
+        self.step(Event::VmAdded { spec, host })?;
+        Ok(())
+    }
+
+    fn write_notes(&mut self, notes: &[Note]) -> Result<(), ManagerError> {
+        let audits = self.stamp(notes);
+        let last_id = self.store.append_audits(&audits.iter().collect::<Vec<_>>())?;
+        for audit in &audits {
+            tracing::info!(at = %audit.at, "{}", audit.describe());
+        }
+        self.last_event.send_replace(last_id);
         Ok(())
     }
 
@@ -292,8 +417,8 @@ impl EngineThread {
             if matches!(command, Command::Audit(_)) {
                 continue;
             }
-            let executor = self.executor.clone();
-            self.runtime.spawn(async move { executor.execute(command).await });
+            // In the engine's order: starts keep their priority order (executor.rs).
+            self.executor.dispatch(&self.runtime, command);
         }
         Ok(outcome)
     }
@@ -324,19 +449,38 @@ impl EngineThread {
                 has_bmc: record.spec.has_bmc,
                 storage: format!("{:?}", record.storage),
                 proof: record.proof.as_ref().map(|proof| proof.describe()),
+                cpus: record.spec.capacity.cpus,
+                memory_mb: record.spec.capacity.memory_mb,
             })
             .collect();
+        let registry = self.registry.read().expect("registry lock");
         let vms = self
             .engine
             .vms()
             .iter()
-            .map(|(name, record)| VmView {
-                name: name.to_string(),
-                state: record.state,
-                state_for_ms: now.saturating_since(record.state_since).as_millis() as u64,
-                host: record.host.as_ref().map(|host| host.to_string()),
-                ha: record.spec.ha,
-                priority: record.spec.priority,
+            .map(|(name, record)| {
+                let (restarts, relocations) = record.budget_spent(now);
+                let row = registry.get(name);
+                VmView {
+                    name: name.to_string(),
+                    state: record.state,
+                    state_for_ms: now.saturating_since(record.state_since).as_millis() as u64,
+                    host: record.host.as_ref().map(|host| host.to_string()),
+                    last_host: record.last_host.as_ref().map(|host| host.to_string()),
+                    instance: record.instance.map(|id| id.0),
+                    starting: record.work_in_flight().map(|(id, host)| format!("{}@{host}", id.0)),
+                    ha: record.spec.ha,
+                    priority: record.spec.priority,
+                    group: record.spec.group.clone(),
+                    hosts: record.spec.affinity.iter().map(|host| host.to_string()).collect(),
+                    max_restarts: record.spec.budget.max_restarts,
+                    max_relocations: record.spec.budget.max_relocations,
+                    restarts,
+                    relocations,
+                    vcpus: record.spec.demand.cpus,
+                    memory_mb: record.spec.demand.memory_mb,
+                    definition: row.is_some_and(|row| row.xml.is_some()),
+                }
             })
             .collect();
         let directives = self.engine.directives();

@@ -6,21 +6,34 @@
 //! counts a missing report as `Unknown` at the round's deadline.
 
 use crate::config::{BmcConfig, BmcKind, ManagerConfig};
-use crate::controller::{Clock, Controller, SharedDirectory};
+use crate::controller::{Clock, Controller, Note, SharedDirectory};
+use crate::registry::{SharedRegistry, VmRow};
 use crate::ManagerError;
 use kvmha_bmc::ipmi::{IpmiClient, IpmiConfig};
 use kvmha_bmc::redfish::{RedfishClient, RedfishConfig, RedfishTls};
 use kvmha_bmc::{PowerControl, PowerState};
+use kvmha_core::event::{AuditKind, Ping, Release, VmRunState};
 use kvmha_core::event::{
     FenceOutcome, FenceResult, Finding, HeartbeatObservation, InvestigatorKind, InvestigatorReport, VmStartOutcome,
     VmStartResult,
 };
 use kvmha_core::model::Resources;
-use kvmha_core::{Command, Event, HostName, HostSpec, Instant};
-use kvmha_proto::{AgentCommand, CommandRequest, CommandResponse, CommandResult, PROTOCOL_VERSION};
+use kvmha_core::{Command, Event, HostName, HostSpec, Instant, VmName};
+use kvmha_proto::{AgentCommand, CommandRequest, CommandResponse, CommandResult, LeaseGrant, PROTOCOL_VERSION};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// VM starts in flight at once. The engine emits starts in priority order; the worker
+/// begins them in that order and lets this many run side by side.
+pub const MAX_CONCURRENT_STARTS: usize = 4;
+/// Budget of one registry sync call to an agent (`ListVms`, `GetVmDefinition`).
+const SYNC_BUDGET: Duration = Duration::from_secs(10);
+/// A host's inventory is read again at most this often while its pings name VMs the
+/// registry does not know (or knows without a definition).
+const SYNC_EVERY: Duration = Duration::from_secs(15);
 
 /// Smallest budget given to any external call, so that a deadline already passed still
 /// gets one quick try rather than none.
@@ -36,6 +49,12 @@ pub struct Executor {
     controller: OnceLock<Controller>,
     next_request: AtomicU64,
     heartbeats: crate::heartbeat::HeartbeatReader,
+    registry: SharedRegistry,
+    /// The recovery worker's queue: `StartVm` commands in the engine's order.
+    starts: mpsc::UnboundedSender<Command>,
+    start_queue: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
+    /// When each host's inventory was last read (registry sync).
+    synced: Mutex<BTreeMap<HostName, std::time::Instant>>,
 }
 
 impl Executor {
@@ -43,12 +62,14 @@ impl Executor {
         config: ManagerConfig,
         clock: Clock,
         directory: SharedDirectory,
+        registry: SharedRegistry,
     ) -> Result<Executor, crate::ManagerError> {
         let agents = kvmha_proto::transport::client(
             &config.ca_cert_pem,
             Some((&config.cert_pem, &config.key_pem)),
             Duration::from_secs(30),
         )?;
+        let (starts, start_queue) = mpsc::unbounded_channel();
         let heartbeats = crate::heartbeat::HeartbeatReader::start(&config).map_err(|reason| ManagerError::Config {
             file: config.file.clone(),
             field: "pools".to_owned(),
@@ -62,11 +83,55 @@ impl Executor {
             controller: OnceLock::new(),
             next_request: AtomicU64::new(1),
             heartbeats,
+            registry,
+            starts,
+            start_queue: Mutex::new(Some(start_queue)),
+            synced: Mutex::new(BTreeMap::new()),
         })
     }
 
-    pub fn set_controller(&self, controller: Controller) {
+    /// Sets the engine handle and starts the recovery worker. Call once, in the runtime.
+    pub fn set_controller(self: &Arc<Self>, controller: Controller) {
         let _ = self.controller.set(controller);
+        if let Some(queue) = self.start_queue.lock().expect("queue lock").take() {
+            tokio::spawn(self.clone().recovery_worker(queue));
+        }
+    }
+
+    pub fn controller(&self) -> Option<&Controller> {
+        self.controller.get()
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    /// Runs one engine command. Called by the engine thread in the engine's order: VM
+    /// starts go to the recovery worker's queue so that they begin in that order; every
+    /// other command runs at once.
+    pub fn dispatch(self: &Arc<Self>, runtime: &tokio::runtime::Handle, command: Command) {
+        if matches!(command, Command::StartVm { .. }) {
+            if self.starts.send(command).is_err() {
+                tracing::error!("recovery worker gone: start dropped (the engine resends it at its deadline)");
+            }
+            return;
+        }
+        let executor = self.clone();
+        runtime.spawn(async move { executor.execute(command).await });
+    }
+
+    /// Begins starts strictly in queue order; at most [`MAX_CONCURRENT_STARTS`] run at
+    /// once (the semaphore hands out permits first come, first served).
+    async fn recovery_worker(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<Command>) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_STARTS));
+        while let Some(command) = queue.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else { return };
+            let executor = self.clone();
+            tokio::spawn(async move {
+                executor.execute(command).await;
+                drop(permit);
+            });
+        }
     }
 
     /// The spec of a joining host, from what manager.toml says about it.
@@ -121,28 +186,142 @@ impl Executor {
                 self.feed(Event::FenceResult(FenceResult { host, fence, outcome })).await;
             }
             Command::StartVm { work, vm, target, release, deadline } => {
-                tracing::info!(%vm, %target, %work, release = %release.describe(), "starting vm");
-                // Not wired yet (issue 6): no definition and no lease break for a proven death.
-                let command = AgentCommand::StartVm {
-                    vm: vm.clone(),
-                    work: work.0,
-                    xml: None,
-                    lease: kvmha_proto::LeaseGrant::IfFree,
-                };
-                let outcome = match self.send(&target, command, deadline).await {
-                    Ok(CommandResult::Done) => VmStartOutcome::Started,
-                    Ok(CommandResult::Unsupported { reason }) | Ok(CommandResult::Failed { reason }) => {
-                        VmStartOutcome::Failed { reason }
-                    }
-                    Ok(other) => VmStartOutcome::Failed { reason: format!("unexpected answer {other:?}") },
-                    Err(reason) => VmStartOutcome::Failed { reason },
-                };
-                self.feed(Event::VmStartResult(VmStartResult { work, vm, host: target, outcome })).await;
+                self.start_vm(work, vm, target, release, deadline).await;
             }
             // Agents receive directives with every ping reply.
             Command::Directives(directives) => tracing::info!(?directives, "cluster directives changed"),
             Command::Alert(alert) => {
                 tracing::warn!(severity = ?alert.severity, host = ?alert.host, "alert: {}", alert.message)
+            }
+        }
+    }
+
+    /// One start of the recovery worker: the target agent takes the VM's lease as the
+    /// release allows, defines the VM from the registry's XML if it does not know it, and
+    /// starts it. An answer is fed back as `VmStartResult`; no answer (timeout, no
+    /// connection) feeds nothing: the VM stays bound to the target and the engine sends
+    /// the same work item again at its deadline, which the agent answers `AlreadyRunning`
+    /// if the first one did start it. So a start is never taken for failed while it may
+    /// have happened.
+    pub async fn start_vm(
+        &self,
+        work: kvmha_core::event::RequestId,
+        vm: VmName,
+        target: HostName,
+        release: Release,
+        deadline: Instant,
+    ) {
+        let xml = self.registry.read().expect("registry lock").get(&vm).and_then(|row| row.xml.clone());
+        let lease = lease_grant(&release);
+        tracing::info!(%vm, %target, %work, release = %release.describe(), definition = xml.is_some(), "starting vm");
+        let command = AgentCommand::StartVm { vm: vm.clone(), work: work.0, xml, lease };
+        let outcome = match self.send(&target, command, deadline).await {
+            Ok(answer) => start_outcome(answer),
+            Err(reason) => {
+                tracing::warn!(%vm, %target, %work, %reason, "no answer to the start: the engine sends it again at its deadline");
+                return;
+            }
+        };
+        if matches!(outcome, VmStartOutcome::Started | VmStartOutcome::AlreadyRunning) {
+            self.remember_host(&vm, &target).await;
+        }
+        self.feed(Event::VmStartResult(VmStartResult { work, vm, host: target, outcome })).await;
+    }
+
+    /// The registry's last host of `vm` becomes `host` (where it was started).
+    pub async fn remember_host(&self, vm: &VmName, host: &HostName) {
+        let row = self.registry.read().expect("registry lock").get(vm).cloned();
+        let Some(mut row) = row else { return };
+        if row.last_host.as_ref() == Some(host) {
+            return;
+        }
+        row.last_host = Some(host.clone());
+        if let Some(controller) = self.controller.get() {
+            if let Err(error) = controller.upsert_vm(row, None, Vec::new()).await {
+                tracing::warn!(%vm, %error, "registry: last host not recorded");
+            }
+        }
+    }
+
+    /// A ping names VMs: those the registry does not know, or knows without a definition,
+    /// make the manager read the host's inventory (at most every [`SYNC_EVERY`] per host).
+    pub fn learn_from_ping(self: &Arc<Self>, ping: &Ping) {
+        let unknown = {
+            let registry = self.registry.read().expect("registry lock");
+            ping.vms.iter().any(|report| registry.get(&report.name).is_none_or(|row| row.xml.is_none()))
+        };
+        if !unknown {
+            return;
+        }
+        {
+            let mut synced = self.synced.lock().expect("sync lock");
+            let now = std::time::Instant::now();
+            if synced.get(&ping.host).is_some_and(|at| now.duration_since(*at) < SYNC_EVERY) {
+                return;
+            }
+            synced.insert(ping.host.clone(), now);
+        }
+        let executor = self.clone();
+        let host = ping.host.clone();
+        tokio::spawn(async move { executor.sync_host(&host).await });
+    }
+
+    /// Reads `host`'s inventory and definitions into the registry. VMs new to it are added
+    /// with HA off; a VM the registry knows keeps its HA settings.
+    pub async fn sync_host(&self, host: &HostName) {
+        let deadline = self.clock.now() + SYNC_BUDGET;
+        let inventory = match self.send(host, AgentCommand::ListVms, deadline).await {
+            Ok(CommandResult::Vms { vms }) => vms,
+            Ok(other) => return tracing::warn!(%host, "registry sync: ListVms answered {other:?}"),
+            Err(reason) => return tracing::warn!(%host, %reason, "registry sync: ListVms failed"),
+        };
+        for found in inventory {
+            let name = found.report.name.clone();
+            let known = self.registry.read().expect("registry lock").get(&name).cloned();
+            if known.as_ref().is_some_and(|row| row.xml.is_some()) {
+                continue;
+            }
+            let xml = match self.send(host, AgentCommand::GetVmDefinition { vm: name.clone() }, deadline).await {
+                Ok(CommandResult::Definition { xml }) => Some(xml),
+                Ok(other) => {
+                    tracing::warn!(%host, vm = %name, "registry sync: GetVmDefinition answered {other:?}");
+                    None
+                }
+                Err(reason) => {
+                    tracing::warn!(%host, vm = %name, %reason, "registry sync: GetVmDefinition failed");
+                    None
+                }
+            };
+            if known.is_some() && xml.is_none() {
+                continue;
+            }
+            let running = found.report.state == VmRunState::Running;
+            let is_new = known.is_none();
+            let mut row = known.unwrap_or_else(|| VmRow::new(name.clone()));
+            row.vcpus = found.vcpus;
+            row.memory_mb = found.memory_mb;
+            if xml.is_some() {
+                row.xml = xml;
+            }
+            if running || row.last_host.is_none() {
+                row.last_host = Some(host.clone());
+            }
+            let detail = if is_new {
+                format!(
+                    "registry: found on {host} ({:?}, {} vcpus, {} MiB, definition {}); HA off until an operator enables it",
+                    found.report.state,
+                    found.vcpus,
+                    found.memory_mb,
+                    if row.xml.is_some() { "kept" } else { "not available" }
+                )
+            } else {
+                format!("registry: definition read from {host}")
+            };
+            let notes =
+                vec![Note { host: Some(host.clone()), vm: Some(name.clone()), kind: AuditKind::Manager, detail }];
+            let Some(controller) = self.controller.get() else { return };
+            if let Err(error) = controller.upsert_vm(row, running.then(|| host.clone()), notes).await {
+                tracing::warn!(%host, vm = %name, %error, "registry sync: row not written");
             }
         }
     }
@@ -297,6 +476,31 @@ impl Executor {
             return Err(format!("{host}: answer to request {} instead of {request_id}", answer.request_id));
         }
         Ok(answer.result)
+    }
+}
+
+/// What the target agent may do to the VM's lease: break a lease of the host the safety
+/// rule proved dead, or take only a free lease when the VM's own (live) host reported it
+/// not running.
+pub fn lease_grant(release: &Release) -> LeaseGrant {
+    match release {
+        Release::HostDead(proof) => LeaseGrant::BreakDeadOwner {
+            host: proof.host().clone(),
+            boot_id: proof.boot_id().cloned(),
+            proof: proof.describe(),
+        },
+        Release::ReportedNotRunning { .. } => LeaseGrant::IfFree,
+    }
+}
+
+/// An agent's answer to `StartVm`, as the engine counts it.
+pub fn start_outcome(answer: CommandResult) -> VmStartOutcome {
+    match answer {
+        CommandResult::Done => VmStartOutcome::Started,
+        CommandResult::AlreadyRunning => VmStartOutcome::AlreadyRunning,
+        CommandResult::LeaseHeld { owner } => VmStartOutcome::LeaseHeld { owner },
+        CommandResult::Unsupported { reason } | CommandResult::Failed { reason } => VmStartOutcome::Failed { reason },
+        other => VmStartOutcome::Failed { reason: format!("unexpected answer {other:?}") },
     }
 }
 

@@ -11,8 +11,10 @@ pub mod controller;
 pub mod error;
 pub mod executor;
 pub mod heartbeat;
+pub mod registry;
 pub mod server;
 pub mod store;
+pub mod vm_api;
 
 pub use config::ManagerConfig;
 pub use error::ManagerError;
@@ -153,13 +155,15 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     };
     let tick_every = config.timing.ping_interval() / 4;
     let directory = controller::SharedDirectory::default();
-    let executor = Arc::new(executor::Executor::new(config.clone(), clock, directory.clone())?);
+    let registry = registry::SharedRegistry::default();
+    let executor = Arc::new(executor::Executor::new(config.clone(), clock, directory.clone(), registry.clone())?);
     let (last_event_sender, last_event) = watch::channel(store.last_event_id()?);
     let (controller, engine_thread) = controller::spawn(Startup {
         engine,
         store,
         clock,
         directory: directory.clone(),
+        registry: registry.clone(),
         executor: executor.clone(),
         last_event: last_event_sender,
     });
@@ -188,6 +192,8 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         last_event,
         operator_token_sha256: config.operator_token_sha256.clone(),
         readonly_token_sha256: config.readonly_token_sha256.clone(),
+        executor: executor.clone(),
+        registry,
     });
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {

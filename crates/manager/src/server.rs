@@ -140,6 +140,7 @@ async fn ping(State(api): State<Arc<AgentApi>>, Extension(peer): Extension<Peer>
     if ping.host != host {
         return refuse(StatusCode::FORBIDDEN, format!("certificate of {host} cannot ping as {}", ping.host));
     }
+    api.host_spec.learn_from_ping(&ping);
     match api.controller.step(Event::Ping(ping)).await {
         Ok(outcome) => Json(PingReply {
             version: PROTOCOL_VERSION,

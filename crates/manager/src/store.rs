@@ -5,6 +5,8 @@
 //!   engine state, so they are persisted with it.
 //! - `audit`: the append-only audit log; each row is one `Command::Audit`.
 //! - `hosts`: agents that joined: address and certificate fingerprint.
+//! - `vms`: the VM registry ([`crate::registry`]): definition, resources, HA settings,
+//!   last host. One JSON row per VM (its columns change with the registry, not the schema).
 //!
 //! A step that returned commands is persisted (state + its audit lines, one
 //! transaction) before any of its commands runs: intent before action. Steps without
@@ -13,6 +15,7 @@
 //! reconnect grace after a restart makes irrelevant.
 
 use crate::error::ManagerError;
+use crate::registry::VmRow;
 use kvmha_core::event::AuditEvent;
 use kvmha_core::{Engine, HostName};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -56,6 +59,30 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn insert_audits(transaction: &rusqlite::Transaction<'_>, audits: &[&AuditEvent]) -> Result<(), rusqlite::Error> {
+    let now = unix_ms() as i64;
+    for audit in audits {
+        let kind = match &audit.kind {
+            kvmha_core::event::AuditKind::HostState { .. } => "HostState".to_owned(),
+            other => format!("{other:?}"),
+        };
+        let event = serde_json::to_string(audit).unwrap_or_default();
+        transaction.execute(
+            "INSERT INTO audit (at_ms, unix_ms, host, vm, kind, line, event) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                audit.at.as_millis() as i64,
+                now,
+                audit.host.as_ref().map(|host| host.to_string()),
+                audit.vm.as_ref().map(|vm| vm.to_string()),
+                kind,
+                audit.describe(),
+                event
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store, ManagerError> {
         let wrap = |source| ManagerError::Store { path: path.into(), source };
@@ -67,7 +94,8 @@ impl Store {
             "CREATE TABLE IF NOT EXISTS engine (id INTEGER PRIMARY KEY CHECK (id = 1), clock_ms INTEGER NOT NULL, state TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, unix_ms INTEGER NOT NULL,
                  host TEXT, vm TEXT, kind TEXT NOT NULL, line TEXT NOT NULL, event TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, address TEXT NOT NULL, cert_sha256 TEXT NOT NULL, hypervisor TEXT);",
+             CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, address TEXT NOT NULL, cert_sha256 TEXT NOT NULL, hypervisor TEXT);
+             CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, row TEXT NOT NULL);",
         )
         .map_err(wrap)?;
         Ok(Store { path: path.into(), conn })
@@ -105,28 +133,7 @@ impl Store {
                 params![clock_ms as i64, state],
             )
             .map_err(wrap)?;
-        let now = unix_ms() as i64;
-        for audit in audits {
-            let kind = match &audit.kind {
-                kvmha_core::event::AuditKind::HostState { .. } => "HostState".to_owned(),
-                other => format!("{other:?}"),
-            };
-            let event = serde_json::to_string(audit).unwrap_or_default();
-            transaction
-                .execute(
-                    "INSERT INTO audit (at_ms, unix_ms, host, vm, kind, line, event) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        audit.at.as_millis() as i64,
-                        now,
-                        audit.host.as_ref().map(|host| host.to_string()),
-                        audit.vm.as_ref().map(|vm| vm.to_string()),
-                        kind,
-                        audit.describe(),
-                        event
-                    ],
-                )
-                .map_err(wrap)?;
-        }
+        insert_audits(&transaction, audits).map_err(wrap)?;
         transaction.commit().map_err(wrap)?;
         self.last_event_id()
     }
@@ -165,6 +172,48 @@ impl Store {
             })
             .map_err(|error| self.wrap(error))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|error| self.wrap(error))
+    }
+
+    /// Writes one registry row and the audit lines that explain the change, in one
+    /// transaction. Returns the id of the last audit row.
+    pub fn upsert_vm(&mut self, vm: &VmRow, audits: &[&AuditEvent]) -> Result<i64, ManagerError> {
+        let row = serde_json::to_string(vm).map_err(|error| ManagerError::Snapshot { reason: error.to_string() })?;
+        let path = self.path.clone();
+        let wrap = |source| ManagerError::Store { path: path.clone(), source };
+        let transaction = self.conn.transaction().map_err(wrap)?;
+        transaction
+            .execute(
+                "INSERT INTO vms (name, row) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET row = excluded.row",
+                params![vm.name.as_str(), row],
+            )
+            .map_err(wrap)?;
+        insert_audits(&transaction, audits).map_err(wrap)?;
+        transaction.commit().map_err(wrap)?;
+        self.last_event_id()
+    }
+
+    /// Audit lines that change nothing else (an operator's start or stop, its outcome).
+    pub fn append_audits(&mut self, audits: &[&AuditEvent]) -> Result<i64, ManagerError> {
+        let path = self.path.clone();
+        let wrap = |source| ManagerError::Store { path: path.clone(), source };
+        let transaction = self.conn.transaction().map_err(wrap)?;
+        insert_audits(&transaction, audits).map_err(wrap)?;
+        transaction.commit().map_err(wrap)?;
+        self.last_event_id()
+    }
+
+    /// Every registry row, by name.
+    pub fn vms(&self) -> Result<Vec<VmRow>, ManagerError> {
+        let mut statement = self.conn.prepare("SELECT row FROM vms ORDER BY name").map_err(|error| self.wrap(error))?;
+        let rows = statement.query_map([], |row| row.get::<_, String>(0)).map_err(|error| self.wrap(error))?;
+        let mut vms = Vec::new();
+        for row in rows {
+            let text = row.map_err(|error| self.wrap(error))?;
+            let vm: VmRow = serde_json::from_str(&text)
+                .map_err(|error| ManagerError::Snapshot { reason: format!("vm registry row: {error}") })?;
+            vms.push(vm);
+        }
+        Ok(vms)
     }
 
     /// At most `limit` audit rows after `after`, oldest first.

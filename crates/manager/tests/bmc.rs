@@ -29,8 +29,9 @@ fn executor_with_bmc(
     std::fs::write(&output.config_file, text).unwrap();
     let config = ManagerConfig::load(&output.config_file).expect("config");
     assert!(!format!("{config:?}").contains(ADMIN_PASSWORD), "the BMC password shows in Debug output");
-    let executor =
-        Arc::new(Executor::new(config, Clock::starting_at(0), SharedDirectory::default()).expect("executor"));
+    let executor = Arc::new(
+        Executor::new(config, Clock::starting_at(0), SharedDirectory::default(), Default::default()).expect("executor"),
+    );
     let (controller, requests) = Controller::detached();
     executor.set_controller(controller);
     (executor, requests)

@@ -7,7 +7,7 @@
 //! Every message carries `version`; a peer speaking another version is refused.
 
 use crate::error::ProtoError;
-use kvmha_core::event::{Directives, Ping, VmReport};
+use kvmha_core::event::{Directives, Ping, PoolObservation, VmReport};
 use kvmha_core::model::{BootId, HostName, Resources, VmName};
 use kvmha_core::{Profile, TimingSettings};
 use serde::{Deserialize, Serialize};
@@ -205,6 +205,14 @@ pub enum CommandResult {
     LeaseHeld {
         /// `host (boot …)` of the holder, as the lease record says.
         owner: String,
+    },
+    /// `CheckHeartbeat`: the host's heartbeat record on every pool this agent mounts,
+    /// each read twice about one and a half renewal intervals apart on the agent's own
+    /// clock: `Advancing` if it moved between the reads; `Unchanged` says how long this
+    /// agent watched it (not how long it has been unchanged), so it is never proof of a
+    /// death. Added after the first VM commands (additive).
+    Heartbeat {
+        pools: Vec<PoolObservation>,
     },
     /// The handler needs a later piece of kvmha.
     Unsupported {

@@ -30,6 +30,16 @@
 //! which is exactly one acquirer's. An acquirer that read *after* our claim landed sees
 //! a record held by us and must watch it for the expiry, during which we renew.
 //!
+//! Break ([`LeaseClient::acquire_from_dead_owner`]): as acquire, except that in step 2
+//! a record held by the named dead owner (and boot, when given) is claimable at once,
+//! like a released one. Only the wait is skipped; steps 3 and 4 are the same, so the
+//! argument above still holds: a concurrent acquirer that read before our claim landed
+//! races us through the same confirm step, and one that read after sees a record held
+//! by us (not by the dead owner) and must wait for its expiry while we renew. Breaking
+//! a lease is safe only if the dead owner can no longer write or run the VM: the
+//! manager proves that (fence, or the owner's own leases expired under the safety
+//! rule) before it asks. A lease held by anyone else is acquired as usual.
+//!
 //! Renew: check that our self-fence deadline has not passed since the start of our
 //! last successful renewal; read; the record must be exactly what we last wrote (or
 //! the write we are unsure about); write it with counter + 1. Anything else →
@@ -53,7 +63,7 @@ use crate::heartbeat::{unix_now_ms, HostIdentity};
 use crate::layout;
 use crate::liveness::{Liveness, LivenessTracker};
 use crate::pool::{read_bytes, write_replace, Pool};
-use crate::record::{LeaseRecord, LeaseState, Name, RECORD_LEN};
+use crate::record::{BootId, LeaseRecord, LeaseState, Name, RECORD_LEN};
 use crate::timing::LeaseTimings;
 
 /// Reads `vm`'s lease without being a lease client (the manager's VM-activity
@@ -153,11 +163,40 @@ impl LeaseClient {
     /// Acquires `vm`'s lease (see the module documentation for the algorithm). May
     /// take `lease_expiry` and more when the lease was held by a host that stopped.
     pub async fn acquire(&self, vm: &Name) -> Result<HeldLease> {
+        self.acquire_breaking(vm, None).await
+    }
+
+    /// Acquires `vm`'s lease, taking it over at once if it is held by `dead_owner` (and
+    /// by boot `dead_boot` when given), however fresh it looks. The caller must have
+    /// proof that this owner can no longer run the VM (fenced, or its own leases
+    /// expired under the safety rule): the lease's expiry is what this skips. A lease
+    /// held by anyone else, or unreadable, is acquired as [`LeaseClient::acquire`]
+    /// does. The claim itself is the same as acquire's, so among concurrent acquirers
+    /// (breaking or not) at most one wins.
+    pub async fn acquire_from_dead_owner(
+        &self,
+        vm: &Name,
+        dead_owner: &Name,
+        dead_boot: Option<BootId>,
+    ) -> Result<HeldLease> {
+        self.acquire_breaking(vm, Some((dead_owner, dead_boot))).await
+    }
+
+    async fn acquire_breaking(&self, vm: &Name, dead: Option<(&Name, Option<BootId>)>) -> Result<HeldLease> {
         let mut observation = self.observe(vm).await?;
         let current = observation.bytes.as_deref().map(|bytes| self.decode(vm, bytes));
+        let held_by_the_dead = |record: &LeaseRecord| {
+            dead.is_some_and(|(host, boot)| {
+                record.state == LeaseState::Held
+                    && &record.owner_host == host
+                    && boot.is_none_or(|boot| boot == record.owner_boot_id)
+            })
+        };
         let claimable_now = match &current {
             None => true,
-            Some(Ok(record)) => record.state == LeaseState::Released || self.is_mine(record),
+            Some(Ok(record)) => {
+                record.state == LeaseState::Released || self.is_mine(record) || held_by_the_dead(record)
+            }
             // Unreadable: someone may be mid-write or the file is damaged; it becomes
             // claimable only once it has stayed exactly as it is for the expiry.
             Some(Err(_)) => false,
@@ -343,7 +382,6 @@ impl LeaseClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::BootId;
 
     fn client(root: &std::path::Path) -> LeaseClient {
         let timings = LeaseTimings {

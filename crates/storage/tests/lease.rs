@@ -259,3 +259,121 @@ fn lease_counters_wrap_past_u64_max() {
         assert_eq!(held.record().counter, 3);
     });
 }
+
+/// A dead owner's fresh lease is taken over at once by a breaking acquirer; the same
+/// acquirer without the break waits for the expiry; a break naming another owner or
+/// another boot is an ordinary acquire (it meets a live holder: `LeaseHeld`).
+#[test]
+fn breaking_a_dead_owners_lease_skips_the_expiry_and_only_for_that_owner_and_boot() {
+    let directory = tempfile::tempdir().unwrap();
+    let host_a = client(directory.path(), "host-a", 1);
+    let host_b = client(directory.path(), "host-b", 2);
+    runtime().block_on(async {
+        // host-a holds vm1 and dies at once: its lease is as fresh as it gets.
+        let vm = name("vm1");
+        let _dead = host_a.acquire(&vm).await.unwrap();
+        let started = Instant::now();
+        let taken = host_b.acquire_from_dead_owner(&vm, &name("host-a"), Some(BootId([1; 16]))).await.unwrap();
+        assert!(started.elapsed() < host_b.timings().lease_expiry, "the break waited for the expiry");
+        assert_eq!(taken.record().owner_host.as_str(), "host-b");
+        let on_storage = host_b.read(&vm).await.unwrap().unwrap();
+        assert_eq!(on_storage.owner_host.as_str(), "host-b");
+        // The dead owner, should it come back, has lost it.
+        let mut stale = _dead;
+        assert!(matches!(host_a.renew(&mut stale).await, Err(StorageError::LeaseLost { .. })));
+
+        // Without a boot id any boot of the owner is broken.
+        let vm2 = name("vm2");
+        let _dead = host_a.acquire(&vm2).await.unwrap();
+        let taken = host_b.acquire_from_dead_owner(&vm2, &name("host-a"), None).await.unwrap();
+        assert_eq!(taken.record().owner_host.as_str(), "host-b");
+
+        // Held by host-a, but the proof is about another boot (host-a rebooted and
+        // took it again) or another host: the holder renews, so the answer is LeaseHeld.
+        for (owner, boot) in [("host-a", Some(BootId([7; 16]))), ("host-z", None)] {
+            let vm3 = name(&format!("vm3-{owner}"));
+            let mut held = host_a.acquire(&vm3).await.unwrap();
+            let renewer = async {
+                for _ in 0..12 {
+                    tokio::time::sleep(host_a.timings().renewal_interval).await;
+                    host_a.renew(&mut held).await.unwrap();
+                }
+            };
+            let named = name(owner);
+            let (_, attempt) = tokio::join!(renewer, host_b.acquire_from_dead_owner(&vm3, &named, boot));
+            assert!(
+                matches!(&attempt, Err(StorageError::LeaseHeld { owner: holder, .. }) if holder == "host-a"),
+                "{owner} {boot:?}: {attempt:?}"
+            );
+        }
+
+        // An ordinary acquire of a dead owner's fresh lease waits for the expiry.
+        let vm4 = name("vm4");
+        let _dead = host_a.acquire(&vm4).await.unwrap();
+        let started = Instant::now();
+        let taken = host_b.acquire(&vm4).await.unwrap();
+        assert!(started.elapsed() >= host_b.timings().lease_expiry);
+        assert_eq!(taken.record().owner_host.as_str(), "host-b");
+    });
+}
+
+/// Breakers and ordinary acquirers race for one dead owner's fresh lease, over many
+/// rounds: exactly one wins each round. Those that read after the winner's claim see
+/// a live holder that is not the dead owner, so they wait and meet its renewals.
+#[test]
+fn concurrent_breakers_and_acquirers_exactly_one_wins() {
+    const HOSTS: usize = 4;
+    const ROUNDS: usize = 6;
+    let directory = tempfile::tempdir().unwrap();
+    let dead = client(directory.path(), "dead", 99);
+    for round in 0..ROUNDS {
+        let vm = name(&format!("vm-{round}"));
+        runtime().block_on(dead.acquire(&vm)).unwrap();
+        let barrier = Arc::new(Barrier::new(HOSTS));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let handles: Vec<_> = (0..HOSTS)
+            .map(|index| {
+                let client = client(directory.path(), &format!("host{index}"), index as u8);
+                let barrier = Arc::clone(&barrier);
+                let finished = Arc::clone(&finished);
+                let vm = vm.clone();
+                // Every other host breaks; with the round, the mix changes.
+                let breaks = (index + round) % 2 == 0;
+                thread::spawn(move || {
+                    runtime().block_on(async move {
+                        barrier.wait();
+                        let outcome = if breaks {
+                            client.acquire_from_dead_owner(&vm, &name("dead"), Some(BootId([99; 16]))).await
+                        } else {
+                            client.acquire(&vm).await
+                        };
+                        finished.fetch_add(1, Ordering::SeqCst);
+                        let Ok(mut held) = outcome else {
+                            return outcome.map(|_| index);
+                        };
+                        let give_up_at = Instant::now() + Duration::from_secs(120);
+                        while finished.load(Ordering::SeqCst) < HOSTS && Instant::now() < give_up_at {
+                            tokio::time::sleep(client.timings().renewal_interval).await;
+                            client.renew(&mut held).await.expect("winner keeps its lease");
+                        }
+                        Ok(index)
+                    })
+                })
+            })
+            .collect();
+        let outcomes: Vec<Result<usize, StorageError>> =
+            handles.into_iter().map(|handle| handle.join().unwrap()).collect();
+        let winners: Vec<usize> = outcomes.iter().filter_map(|outcome| outcome.as_ref().ok().copied()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+        for outcome in &outcomes {
+            if let Err(error) = outcome {
+                assert!(
+                    matches!(error, StorageError::LeaseContended { .. } | StorageError::LeaseHeld { .. }),
+                    "round {round}: unexpected loss {error:?}"
+                );
+            }
+        }
+        let record = runtime().block_on(dead.read(&vm)).unwrap().unwrap();
+        assert_eq!(record.owner_host.as_str(), format!("host{}", winners[0]));
+    }
+}
