@@ -172,7 +172,7 @@ fn kvmha_binary() -> Result<PathBuf> {
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts later),
 /// so that they wait for [`SigSet::wait`]; children get the default mask back.
-fn block_stop_signals() -> Result<SigSet> {
+pub(crate) fn block_stop_signals() -> Result<SigSet> {
     let mut signals = SigSet::empty();
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         signals.add(signal);

@@ -42,6 +42,7 @@
 //! - [`cli`]: `kvmha lab up | status | fault | down`.
 
 pub mod api;
+pub mod bench;
 pub mod checker;
 pub mod cli;
 pub mod cluster;
