@@ -120,7 +120,8 @@ final_state = { host1 = "Fenced", host2 = "Up" }
     assert_eq!(result["final_state"], serde_json::json!({"host1": "Fenced", "host2": "Up"}));
     assert!(result["events"].as_u64().is_some_and(|events| events > 0), "{result}");
     assert!(result["recovery_ms"].is_object(), "{result}");
-    let names: Vec<&str> = result["checks"].as_array().expect("checks").iter().filter_map(|c| c["name"].as_str()).collect();
+    let names: Vec<&str> =
+        result["checks"].as_array().expect("checks").iter().filter_map(|c| c["name"].as_str()).collect();
     assert_eq!(names, ["no_double_run", "fenced", "not_fenced", "final_state"]);
     assert!(keep.join("cluster/manager.log").is_file(), "--keep keeps the manager's log");
     assert!(keep.join("storage").is_dir(), "--keep keeps the shared storage");

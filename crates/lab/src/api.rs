@@ -39,10 +39,9 @@ pub fn connect_in_netns(namespace: &str, address: SocketAddr, timeout: Duration)
             TcpStream::connect_timeout(&address, timeout)
         })
         .map_err(|error| LabError::io("netns-connect thread", error))?;
-    connecting
-        .join()
-        .map_err(|_| LabError::Config("the netns-connect thread panicked".to_string()))?
-        .map_err(|error| LabError::Command { command: format!("connect {address} in {namespace}"), detail: error.to_string() })
+    connecting.join().map_err(|_| LabError::Config("the netns-connect thread panicked".to_string()))?.map_err(|error| {
+        LabError::Command { command: format!("connect {address} in {namespace}"), detail: error.to_string() }
+    })
 }
 
 /// Relays 127.0.0.1:PORT of this machine to an address inside a namespace.

@@ -62,7 +62,8 @@ fn case(mut runs_ms: Vec<u64>) -> CaseResult {
 }
 
 fn scenario_text(profile: &str, bmc_unreachable: bool) -> String {
-    let bmc_fault = if bmc_unreachable { "[[fault]]\nat = \"1s\"\naction = \"bmc-fail\"\nhost = \"host1\"\n" } else { "" };
+    let bmc_fault =
+        if bmc_unreachable { "[[fault]]\nat = \"1s\"\naction = \"bmc-fail\"\nhost = \"host1\"\n" } else { "" };
     format!(
         "name = \"bench: power loss{}\"\n[lab]\nhosts = 3\nprofile = \"{profile}\"\nwatchdog = true\nvms_per_host = 2\n\
          {bmc_fault}[[fault]]\nat = \"2s\"\naction = \"power-off\"\nhost = \"host1\"\n\
@@ -125,14 +126,7 @@ pub fn main(args: Args) -> Result<i32> {
     let json = args.json;
     let repeat = args.repeat.max(1);
     let kvmha = std::env::current_exe().map_err(|error| LabError::io("/proc/self/exe", error))?;
-    let signals = crate::cli::block_stop_signals()?;
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let stopping = std::sync::Arc::clone(&stop);
-    std::thread::spawn(move || {
-        if signals.wait().is_ok() {
-            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
+    let stop = crate::cli::stop_flag()?;
     let result = run(args, kvmha, &stop)?;
     print(&result, json);
     let complete = result.power_loss.runs_ms.len() == repeat && result.bmc_unreachable.runs_ms.len() == repeat;

@@ -4,19 +4,20 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvmha_hypervisor::lab::writer::{run_writer, WriterConfig};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 
 use crate::api::{ApiClient, Forwarder};
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::error::{LabError, Result};
 use crate::lab::{clean_stale_labs, wait_for, BmcProtocol, Lab, LabConfig, LabHandle, DEFAULT_BASE_DIR};
+use crate::process::ProcessId;
 use crate::runner::RunOptions;
 use crate::scenario::{BmcKind, HostSpec, Profile, Scenario, ScenarioResult, VmSpec};
-use crate::process::ProcessId;
 use crate::topology::{LabId, Network, Node};
 use crate::NetSelector;
 
@@ -170,21 +171,27 @@ fn kvmha_binary() -> Result<PathBuf> {
     std::env::current_exe().map_err(|error| LabError::io("/proc/self/exe", error))
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts later),
-/// so that they wait for [`SigSet::wait`]; children get the default mask back.
-pub(crate) fn block_stop_signals() -> Result<SigSet> {
-    let mut signals = SigSet::empty();
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(signal);
+/// A flag set by SIGINT, SIGTERM or SIGHUP. The signals are caught, never blocked: a
+/// blocked mask is inherited through fork and exec, and the agents and VMs the lab
+/// starts must stop on SIGTERM like on a real host.
+pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .map_err(|error| LabError::Config(format!("cannot handle signal {signal}: {error}")))?;
     }
-    signals.thread_block().map_err(|errno| LabError::Config(format!("cannot block signals: {errno}")))?;
-    Ok(signals)
+    Ok(stop)
+}
+
+/// Waits until `stop` is set.
+fn wait_for_stop(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
-    // Blocked before any thread or child exists, so the signals wait for sigwait
-    // below (threads inherit the mask; std resets it in children).
-    let signals = block_stop_signals()?;
+    let stop = stop_flag()?;
     let hosts = config.hosts;
     let redfish = config.redfish_hosts.clone();
     let lab = Lab::build(config)?;
@@ -240,7 +247,9 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
         )?;
         eprintln!("kvmha lab: waiting for {hosts} agents to join and come Up...");
         wait_for("every host Up", Duration::from_secs(120), || {
-            cluster.host_states().is_ok_and(|states| states.len() == hosts && states.values().all(|state| state == "Up"))
+            cluster
+                .host_states()
+                .is_ok_and(|states| states.len() == hosts && states.values().all(|state| state == "Up"))
         })?;
         let mut vm_errors = Vec::new();
         for host in lab.host_names() {
@@ -277,8 +286,8 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
     } else {
         println!("break it: kvmha lab fault power-off host1 | Ctrl-C tears it down");
     }
-    let signal = signals.wait().map_err(|errno| LabError::Config(format!("waiting for a signal: {errno}")))?;
-    eprintln!("kvmha lab: {signal}, tearing {} down", lab.id());
+    wait_for_stop(&stop);
+    eprintln!("kvmha lab: stopping, tearing {} down", lab.id());
     drop(running);
     lab.teardown()
 }
@@ -306,20 +315,13 @@ fn run_file(file: &Path, json: bool, keep: Option<PathBuf>, base_dir: PathBuf) -
             return 2;
         }
     };
-    let signals = match block_stop_signals() {
-        Ok(signals) => signals,
+    let stop = match stop_flag() {
+        Ok(stop) => stop,
         Err(error) => {
             eprintln!("kvmha lab run: {error}");
             return 2;
         }
     };
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let stopping = std::sync::Arc::clone(&stop);
-    std::thread::spawn(move || {
-        if signals.wait().is_ok() {
-            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
     let options = RunOptions { kvmha, base_dir, keep, verbose: true };
     match crate::runner::run(&scenario, &options, &stop) {
         Ok(result) => {
@@ -372,20 +374,13 @@ pub fn lab_vm_main() -> std::process::ExitCode {
         boot_id: String,
     }
     let arguments = <Arguments as clap::Parser>::parse();
-    let signals = match block_stop_signals() {
-        Ok(signals) => signals,
+    let stop = match stop_flag() {
+        Ok(stop) => stop,
         Err(error) => {
             eprintln!("kvmha-lab-vm: {error}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let stopping = std::sync::Arc::clone(&stop);
-    std::thread::spawn(move || {
-        if signals.wait().is_ok() {
-            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
     let config = WriterConfig {
         storage_root: arguments.storage_root,
         host: arguments.host,

@@ -162,9 +162,8 @@ impl Cluster {
         }
         let config_path = manager_dir.join("manager.toml");
         let text = std::fs::read_to_string(&config_path).map_err(|error| LabError::io(&config_path, error))?;
-        let mut config: toml::Table = text
-            .parse()
-            .map_err(|error| LabError::Config(format!("{}: {error}", config_path.display())))?;
+        let mut config: toml::Table =
+            text.parse().map_err(|error| LabError::Config(format!("{}: {error}", config_path.display())))?;
         config.insert("hosts".to_string(), toml::Value::Table(hosts));
         let mut pools = toml::Table::new();
         let mut pool = toml::Table::new();
@@ -311,7 +310,10 @@ exec bash {agent_script}
             .stdout(log_clone)
             .stderr(log)
             .spawn()
-            .map_err(|error| LabError::Command { command: "kvmha manager run".to_string(), detail: error.to_string() })?;
+            .map_err(|error| LabError::Command {
+                command: "kvmha manager run".to_string(),
+                detail: error.to_string(),
+            })?;
         *self.manager.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(child);
         wait_for("the manager's operator API to answer", Duration::from_secs(30), || {
             self.api.get("/v1/hosts").map(|response| response.is_success()).unwrap_or(false)
@@ -459,7 +461,11 @@ fn cmdline(pid: i32) -> Vec<String> {
     let Ok(bytes) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return Vec::new();
     };
-    bytes.split(|byte| *byte == 0).filter(|word| !word.is_empty()).map(|word| String::from_utf8_lossy(word).into_owned()).collect()
+    bytes
+        .split(|byte| *byte == 0)
+        .filter(|word| !word.is_empty())
+        .map(|word| String::from_utf8_lossy(word).into_owned())
+        .collect()
 }
 
 /// Hosts that were ever fenced, from the audit log: a `HostState` change to `Fenced`.

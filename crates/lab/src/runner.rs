@@ -113,7 +113,12 @@ pub fn run(scenario: &Scenario, options: &RunOptions, stop: &AtomicBool) -> Resu
     outcome
 }
 
-fn run_in_lab(scenario: &Scenario, options: &RunOptions, stop: &AtomicBool, lab: &Lab) -> Result<ScenarioResult, RunError> {
+fn run_in_lab(
+    scenario: &Scenario,
+    options: &RunOptions,
+    stop: &AtomicBool,
+    lab: &Lab,
+) -> Result<ScenarioResult, RunError> {
     let cluster = Cluster::start(
         lab,
         ClusterSpec {
@@ -324,14 +329,12 @@ fn recoveries(
             .find(|played| played.unix_ms <= run.last_ms + FAULT_SLACK_MS)
             .or_else(|| affecting.first())
             .copied();
-        let (fault_ms, crashed) = match fault {
-            Some(played) => (played.unix_ms, matches!(played.fault.action, FaultAction::VmCrash { .. })),
-            None => (run.last_ms, false),
-        };
+        let fault_ms = fault.map_or(run.last_ms, |played| played.unix_ms);
+        // Any new run counts, on any host: a host reset by its watchdog may be back
+        // and run its VMs again before another host would. A frozen run that resumes
+        // keeps its boot id and never counts; no_double_run judges the overlap.
         let records = &logs[&vm.name].records;
-        // A crashed VM may come back on its own host; a VM whose host failed must not.
-        let failed_host = if crashed { None } else { Some(run.host.as_str()) };
-        result.insert(vm.name.clone(), recovery_ms(records, fault_ms, failed_host).filter(|_| vm.ha || crashed));
+        result.insert(vm.name.clone(), recovery_ms(records, fault_ms, None));
     }
     result
 }
@@ -445,7 +448,10 @@ fn check(
     let failed_faults: Vec<String> = played
         .iter()
         .filter_map(|played| {
-            played.error.as_ref().map(|error| format!("{} at {:?}: {error}", describe(&played.fault.action), played.fault.at))
+            played
+                .error
+                .as_ref()
+                .map(|error| format!("{} at {:?}: {error}", describe(&played.fault.action), played.fault.at))
         })
         .collect();
     if !failed_faults.is_empty() {
