@@ -50,6 +50,9 @@ pub struct JoinOptions {
     /// networks, NAT). An unspecified IP is replaced by the address the join came from.
     pub advertise: Option<SocketAddr>,
     pub hypervisor: Option<String>,
+    /// The capacity the manager places VMs against, when not this machine's own
+    /// (the lab's hosts share one machine but each declares its own size).
+    pub capacity: Option<Resources>,
 }
 
 /// The two parts of a join token: the secret, and the CA certificate's fingerprint.
@@ -126,7 +129,7 @@ pub async fn join(options: &JoinOptions) -> Result<PathBuf, AgentError> {
         csr_pem: csr.cert_pem.clone(),
         listen: options.advertise.unwrap_or(options.listen).to_string(),
         hypervisor: options.hypervisor.clone(),
-        capacity: capacity(),
+        capacity: options.capacity.unwrap_or_else(capacity),
     };
     let response = client
         .post(format!("{url}{}", path::JOIN))

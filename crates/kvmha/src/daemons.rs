@@ -61,6 +61,12 @@ pub struct JoinArgs {
     /// libvirt URI (`qemu:///system`, `test:///default`) or `lab`.
     #[arg(long)]
     hypervisor: Option<String>,
+    /// vCPUs offered to VMs (default: this machine's); with --memory-mb.
+    #[arg(long, requires = "memory_mb")]
+    cpus: Option<u32>,
+    /// Memory offered to VMs in MiB (default: this machine's); with --cpus.
+    #[arg(long, requires = "cpus")]
+    memory_mb: Option<u64>,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -101,6 +107,10 @@ pub fn agent(command: AgentCommand) -> anyhow::Result<()> {
                 listen: args.listen,
                 advertise: args.advertise,
                 hypervisor: args.hypervisor,
+                capacity: match (args.cpus, args.memory_mb) {
+                    (Some(cpus), Some(memory_mb)) => Some(kvmha_core::model::Resources { cpus, memory_mb }),
+                    _ => None,
+                },
             };
             let file = runtime()?.block_on(kvmha_agent::join(&options)).context("joining the cluster")?;
             println!("joined; start it with: kvmha agent run --config {}", file.display());

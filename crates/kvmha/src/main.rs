@@ -64,6 +64,9 @@ enum Command {
 enum Bench {
     /// Median latency of status and off-and-verify: kvmha's IPMI client vs ipmitool.
     Bmc(kvmha_bmc::bench::Args),
+    /// Recovery time of a power loss with and without a reachable BMC, in real labs
+    /// (root): median and p95 of `recovery_ms` over --repeat runs of each.
+    Failover(kvmha_lab::bench::Args),
 }
 
 /// Log lines (the fencer's intent and outcome among them) go to stderr,
@@ -81,6 +84,14 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The lab links kvmha as `kvmha-lab-vm`: the lab process driver's VM.
+    let called_as = std::env::args_os().next().map(std::path::PathBuf::from);
+    if called_as.as_deref().and_then(std::path::Path::file_name) == Some(kvmha_lab::cluster::LAB_VM_NAME.as_ref()) {
+        std::process::exit(match kvmha_lab::cli::lab_vm_main() {
+            code if code == std::process::ExitCode::SUCCESS => 0,
+            _ => 2,
+        });
+    }
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Manager(_) | Command::Agent(_) => "info",
@@ -91,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(args) => simulate::run(args),
         Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),
         Command::Bench(Bench::Bmc(args)) => Ok(kvmha_bmc::bench::run_blocking(args)?),
+        Command::Bench(Bench::Failover(args)) => std::process::exit(kvmha_lab::bench::main(args)?),
         Command::Lab(command) => Ok(kvmha_lab::cli::run(command)?),
         Command::Manager(command) => plain_errors(daemons::manager(command)),
         Command::Agent(command) => plain_errors(daemons::agent(command)),

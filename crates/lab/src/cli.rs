@@ -4,34 +4,62 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvmha_hypervisor::lab::writer::{run_writer, WriterConfig};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 
+use crate::api::{ApiClient, Forwarder};
+use crate::cluster::{Cluster, ClusterSpec};
 use crate::error::{LabError, Result};
 use crate::lab::{clean_stale_labs, wait_for, BmcProtocol, Lab, LabConfig, LabHandle, DEFAULT_BASE_DIR};
 use crate::process::ProcessId;
+use crate::runner::RunOptions;
+use crate::scenario::{BmcKind, HostSpec, Profile, Scenario, ScenarioResult, VmSpec};
 use crate::topology::{LabId, Network, Node};
 use crate::NetSelector;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
-    /// Build a lab and keep it up until Ctrl-C or SIGTERM, then tear it down.
+    /// Build a lab with a kvmha cluster in it (manager, one agent per host, two HA VMs
+    /// per host) and keep it up until Ctrl-C or SIGTERM, then tear it down.
     Up {
         #[arg(long, default_value_t = 3)]
         hosts: usize,
-        /// Silence after which an armed lab watchdog resets its host.
-        #[arg(long, default_value_t = 10_000)]
-        watchdog_timeout_ms: u64,
+        /// Timing profile of the manager and agents: fast, balanced or conservative.
+        #[arg(long, default_value = "fast")]
+        profile: String,
+        /// HA VMs started on every host (hostN-vm1, ...).
+        #[arg(long, default_value_t = 2)]
+        vms_per_host: usize,
+        /// Only the plumbing (namespaces, BMCs, storage), no manager, agents or VMs.
+        #[arg(long)]
+        no_cluster: bool,
+        /// Silence after which an armed lab watchdog resets its host (default: the profile's).
+        #[arg(long)]
+        watchdog_timeout_ms: Option<u64>,
         #[arg(long, default_value = DEFAULT_BASE_DIR)]
         base_dir: PathBuf,
         /// A host whose BMC speaks Redfish (sushy-emulator) instead of IPMI; repeatable.
         #[arg(long = "redfish", value_name = "HOST")]
         redfish_hosts: Vec<String>,
     },
-    /// List the labs on this machine with their hosts' power state.
+    /// Run one scenario file (SCENARIOS.md): build, wait until steady, play the faults,
+    /// check, tear down. Exit 0 passed, 1 a check failed, 2 the lab could not be built.
+    Run {
+        file: PathBuf,
+        /// One JSON object on stdout, exactly as SCENARIOS.md specifies.
+        #[arg(long)]
+        json: bool,
+        /// Keep the logs and the shared storage (every vms/VM/disk.log) in DIR.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_BASE_DIR)]
+        base_dir: PathBuf,
+    },
+    /// List the labs on this machine: hosts (power, manager's view) and VMs.
     Status {
         #[arg(long, default_value = DEFAULT_BASE_DIR)]
         base_dir: PathBuf,
@@ -44,9 +72,11 @@ pub enum LabCommand {
         base_dir: PathBuf,
     },
     /// Break a running lab: power-off | power-on | hang | resume | partition | heal |
-    /// loss | bmc-fail | bmc-heal, e.g. `fault partition host2 mgmt`, `fault loss host1 mgmt 30`.
+    /// loss | bmc-fail | bmc-heal | agent-stop | agent-kill | vm-crash, e.g.
+    /// `fault partition host2 mgmt`, `fault loss host1 mgmt 30`, `fault vm-crash host1-vm1`.
     Fault {
         action: String,
+        /// The host (vm-crash: the VM).
         host: String,
         /// mgmt | storage | oob | all (partition, heal, loss).
         net: Option<String>,
@@ -79,14 +109,26 @@ pub enum LabCommand {
 
 pub fn run(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { hosts, watchdog_timeout_ms, base_dir, redfish_hosts } => up(LabConfig {
-            hosts,
-            base_dir,
-            watchdog_timeout: Duration::from_millis(watchdog_timeout_ms.max(1)),
-            keep_in: None,
-            boot_script: String::new(),
-            redfish_hosts: redfish_hosts.into_iter().collect(),
-        }),
+        LabCommand::Up { hosts, profile, vms_per_host, no_cluster, watchdog_timeout_ms, base_dir, redfish_hosts } => {
+            let profile = parse_profile(&profile)?;
+            let watchdog_timeout = match watchdog_timeout_ms {
+                Some(ms) => Duration::from_millis(ms.max(1)),
+                None => crate::cluster::profile_watchdog_timeout(profile),
+            };
+            let config = LabConfig {
+                hosts,
+                base_dir,
+                watchdog_timeout,
+                keep_in: None,
+                boot_script: String::new(),
+                redfish_hosts: redfish_hosts.into_iter().collect(),
+            };
+            up(config, (!no_cluster).then_some((profile, vms_per_host)))
+        }
+        LabCommand::Run { file, json, keep, base_dir } => {
+            let code = run_file(&file, json, keep, base_dir);
+            std::process::exit(code)
+        }
         LabCommand::Status { base_dir } => status(&base_dir),
         LabCommand::Down { id, base_dir } => down(id.as_deref(), &base_dir),
         LabCommand::Fault { action, host, net, percent, lab, base_dir } => {
@@ -112,14 +154,46 @@ pub fn run(command: LabCommand) -> Result<()> {
     }
 }
 
-fn up(config: LabConfig) -> Result<()> {
-    // Blocked before any thread or child exists, so the signals wait for sigwait
-    // below (threads inherit the mask; std resets it in children).
-    let mut signals = SigSet::empty();
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(signal);
+fn parse_profile(text: &str) -> Result<Profile> {
+    match text {
+        "fast" => Ok(Profile::Fast),
+        "balanced" => Ok(Profile::Balanced),
+        "conservative" => Ok(Profile::Conservative),
+        other => Err(LabError::Config(format!("--profile: `{other}` is not one of fast, balanced, conservative"))),
     }
-    signals.thread_block().map_err(|errno| LabError::Config(format!("cannot block signals: {errno}")))?;
+}
+
+/// The kvmha binary the cluster runs: `$KVMHA_LAB_KVMHA`, else this executable.
+fn kvmha_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KVMHA_LAB_KVMHA") {
+        return Ok(PathBuf::from(path));
+    }
+    std::env::current_exe().map_err(|error| LabError::io("/proc/self/exe", error))
+}
+
+/// A flag set by SIGINT, SIGTERM or SIGHUP. The signals are caught, never blocked: a
+/// blocked mask is inherited through fork and exec, and the agents and VMs the lab
+/// starts must stop on SIGTERM like on a real host.
+pub(crate) fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .map_err(|error| LabError::Config(format!("cannot handle signal {signal}: {error}")))?;
+    }
+    Ok(stop)
+}
+
+/// Waits until `stop` is set.
+fn wait_for_stop(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
+    let stop = stop_flag()?;
+    let hosts = config.hosts;
+    let redfish = config.redfish_hosts.clone();
     let lab = Lab::build(config)?;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "lab {} up in {}", lab.id(), lab.dir().display());
@@ -135,27 +209,192 @@ fn up(config: LabConfig) -> Result<()> {
         let init = lab.dir().join("hosts").join(&host).join("init");
         let bmc_command = match bmc.protocol {
             BmcProtocol::Ipmi => format!(
-                "ipmitool -I lanplus -C 3 -H {} -U {} -P {} chassis power status",
-                bmc.address, bmc.user, bmc.password
+                "ipmitool -I lanplus -C 3 -H {} -U {} -P $(cat {}) chassis power status",
+                bmc.address,
+                bmc.user,
+                lab.dir().join("cluster/bmc").join(format!("{host}.password")).display()
             ),
-            BmcProtocol::Redfish => {
-                format!("curl -L -u {}:{} {}/redfish/v1/Systems/{host}", bmc.user, bmc.password, bmc.url())
-            }
+            BmcProtocol::Redfish => format!("curl -L -u {}:PASSWORD {}/redfish/v1/Systems/{host}", bmc.user, bmc.url()),
         };
         let _ = writeln!(
             out,
-            "{host}: mgmt {} | shell: nsenter -t $(cut -d' ' -f1 {}) -m -n -p bash | bmc: {bmc_command}",
+            "{host}: mgmt {} | shell: nsenter -t $(cut -d' ' -f1 {}) -m -n -p bash | bmc (from the manager namespace): {bmc_command}",
             address(Node::Host(index_of(&host)), Network::Mgmt),
             init.display(),
         );
     }
     let _ = writeln!(out, "shared storage: {}", lab.storage_dir().display());
-    let _ = writeln!(out, "break it: kvmha lab fault power-off host1 | Ctrl-C tears it down");
     let _ = out.flush();
     drop(out);
-    let signal = signals.wait().map_err(|errno| LabError::Config(format!("waiting for a signal: {errno}")))?;
-    eprintln!("kvmha lab: {signal}, tearing {} down", lab.id());
+    let mut running = None;
+    if let Some((profile, vms_per_host)) = cluster {
+        let host_specs: Vec<HostSpec> = lab
+            .host_names()
+            .into_iter()
+            .map(|name| HostSpec {
+                bmc: if redfish.contains(&name) { BmcKind::Redfish } else { BmcKind::Ipmi },
+                name,
+                cpus: 4,
+                memory_mb: 4096,
+            })
+            .collect();
+        let spec = ClusterSpec { kvmha: kvmha_binary()?, profile, hosts: host_specs, watchdog: true };
+        let cluster = Cluster::start(&lab, spec)?;
+        let forwarder = Forwarder::start(
+            &lab.namespace(&Node::Manager),
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, crate::cluster::API_PORT)),
+            crate::cluster::API_PORT,
+        )?;
+        eprintln!("kvmha lab: waiting for {hosts} agents to join and come Up...");
+        wait_for("every host Up", Duration::from_secs(120), || {
+            cluster
+                .host_states()
+                .is_ok_and(|states| states.len() == hosts && states.values().all(|state| state == "Up"))
+        })?;
+        let mut vm_errors = Vec::new();
+        for host in lab.host_names() {
+            for number in 1..=vms_per_host {
+                let vm = VmSpec {
+                    name: format!("{host}-vm{number}"),
+                    host: host.clone(),
+                    ha: true,
+                    priority: 0,
+                    cpus: 1,
+                    memory_mb: 256,
+                    group: None,
+                };
+                if let Err(error) = cluster.create_vm(&vm) {
+                    vm_errors.push(format!("{}: {error}", vm.name));
+                }
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        let url = forwarder.url();
+        let token = cluster.operator_token().to_string();
+        let _ = writeln!(out, "\nkvmha is running: {hosts} hosts, profile {}", crate::cluster::profile_name(profile));
+        let _ = writeln!(out, "  API (and dashboard): {url}");
+        let _ = writeln!(out, "  operator token:      {token}");
+        let _ = writeln!(out, "  try: export KVMHA_MANAGER={url} KVMHA_TOKEN={token}");
+        let _ = writeln!(out, "       kvmha host list; kvmha vm list; kvmha events --follow");
+        for error in &vm_errors {
+            let _ = writeln!(out, "  VM not created: {error}");
+        }
+        let _ = writeln!(out, "  break it: kvmha lab fault power-off host1   (docs/quickstart.md)");
+        let _ = writeln!(out, "  Ctrl-C tears everything down.");
+        let _ = out.flush();
+        running = Some((cluster, forwarder));
+    } else {
+        println!("break it: kvmha lab fault power-off host1 | Ctrl-C tears it down");
+    }
+    wait_for_stop(&stop);
+    eprintln!("kvmha lab: stopping, tearing {} down", lab.id());
+    drop(running);
     lab.teardown()
+}
+
+/// `kvmha lab run FILE`: the exit code of SCENARIOS.md (0 passed, 1 failed, 2 not built).
+fn run_file(file: &Path, json: bool, keep: Option<PathBuf>, base_dir: PathBuf) -> i32 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(error) => {
+            eprintln!("kvmha lab run: {}: {error}", file.display());
+            return 2;
+        }
+    };
+    let scenario = match Scenario::parse(&text) {
+        Ok(scenario) => scenario,
+        Err(error) => {
+            eprintln!("kvmha lab run: {}: {error}", file.display());
+            return 2;
+        }
+    };
+    let kvmha = match kvmha_binary() {
+        Ok(kvmha) => kvmha,
+        Err(error) => {
+            eprintln!("kvmha lab run: {error}");
+            return 2;
+        }
+    };
+    let stop = match stop_flag() {
+        Ok(stop) => stop,
+        Err(error) => {
+            eprintln!("kvmha lab run: {error}");
+            return 2;
+        }
+    };
+    let options = RunOptions { kvmha, base_dir, keep, verbose: true };
+    match crate::runner::run(&scenario, &options, &stop) {
+        Ok(result) => {
+            if json {
+                println!("{}", result.to_json());
+            } else {
+                print_result(&result);
+            }
+            result.exit_code()
+        }
+        Err(error) => {
+            eprintln!("kvmha lab run: {}: {error}", scenario.name);
+            2
+        }
+    }
+}
+
+fn print_result(result: &ScenarioResult) {
+    let mut out = std::io::stdout().lock();
+    let verdict = if result.passed { "PASSED" } else { "FAILED" };
+    let _ = writeln!(out, "{verdict}: {}", result.scenario);
+    for check in &result.checks {
+        let mark = if check.passed { "ok  " } else { "FAIL" };
+        let _ = writeln!(out, "  [{mark}] {}: {}", check.name, check.detail);
+    }
+    if !result.recovery_ms.is_empty() {
+        let parts: Vec<String> = result.recovery_ms.iter().map(|(vm, ms)| format!("{vm} {ms} ms")).collect();
+        let _ = writeln!(out, "  recovery: {}", parts.join(", "));
+    }
+    let states: Vec<String> = result.final_state.iter().map(|(host, state)| format!("{host} {state}")).collect();
+    let _ = writeln!(out, "  hosts at the end: {}", states.join(", "));
+    let _ = writeln!(out, "  fenced: {}; {} audit events", result.fenced.join(", "), result.events);
+}
+
+/// `kvmha-lab-vm`, the lab VM, when kvmha is called by that name (the lab links it):
+/// `--storage-root R --host H --vm V --boot-id B`, as the lab driver runs it. SIGTERM
+/// or SIGINT finishes the current line and exits 0 (a graceful shutdown); SIGKILL is
+/// a destroy.
+pub fn lab_vm_main() -> std::process::ExitCode {
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "kvmha-lab-vm")]
+    struct Arguments {
+        #[arg(long)]
+        storage_root: PathBuf,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        boot_id: String,
+    }
+    let arguments = <Arguments as clap::Parser>::parse();
+    let stop = match stop_flag() {
+        Ok(stop) => stop,
+        Err(error) => {
+            eprintln!("kvmha-lab-vm: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let config = WriterConfig {
+        storage_root: arguments.storage_root,
+        host: arguments.host,
+        vm: arguments.vm,
+        boot_id: arguments.boot_id,
+        interval: kvmha_hypervisor::lab::writer::WRITE_INTERVAL,
+    };
+    match run_writer(&config, &stop) {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kvmha-lab-vm: {error}");
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 fn address(node: Node, network: Network) -> String {
@@ -204,17 +443,46 @@ fn status(base_dir: &Path) -> Result<()> {
             continue;
         };
         let owner = if handle.owner_alive() { "up" } else { "stale" };
-        let mut line = format!("{} {owner}", handle.id());
+        let _ = writeln!(out, "lab {} {owner} ({})", handle.id(), dir.display());
+        let api = cluster_api(&handle);
+        let host_states = api.as_ref().and_then(|api| api.get_json("/v1/hosts").ok());
+        let vms = api.as_ref().and_then(|api| api.get_json("/v1/vms").ok());
         for host in handle.host_names() {
             let power = match handle.power_state(&host)? {
                 crate::PowerState::On => "on",
                 crate::PowerState::Off => "off",
             };
-            line.push_str(&format!(" {host}={power}"));
+            let state = host_states
+                .as_ref()
+                .and_then(|hosts| hosts.as_array()?.iter().find(|row| row["name"] == host.as_str()).cloned())
+                .and_then(|row| row["state"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "-".to_string());
+            let _ = writeln!(out, "  {host:<8} power {power:<3}  manager says {state}");
         }
-        let _ = writeln!(out, "{line}");
+        for vm in vms.as_ref().and_then(|vms| vms.as_array().cloned()).unwrap_or_default() {
+            let _ = writeln!(
+                out,
+                "  vm {:<14} {:<16} on {}",
+                vm["name"].as_str().unwrap_or("?"),
+                vm["state"].as_str().unwrap_or("?"),
+                vm["host"].as_str().unwrap_or("-"),
+            );
+        }
+        if api.is_some() && host_states.is_none() {
+            let _ = writeln!(out, "  (the manager does not answer)");
+        }
     }
     Ok(())
+}
+
+/// The operator API of the cluster in a lab, if the lab runs one.
+fn cluster_api(handle: &LabHandle) -> Option<ApiClient> {
+    let token = std::fs::read_to_string(handle.dir().join("cluster/manager/operator.token")).ok()?;
+    Some(ApiClient::new(
+        &handle.namespace(&Node::Manager),
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, crate::cluster::API_PORT)),
+        token.trim(),
+    ))
 }
 
 fn down(id: Option<&str>, base_dir: &Path) -> Result<()> {
@@ -257,6 +525,10 @@ pub fn fault(handle: &LabHandle, action: &str, host: &str, net: Option<&str>, pe
         }
         "bmc-fail" => handle.bmc_fail(host),
         "bmc-heal" => handle.bmc_heal(host),
+        "agent-stop" => Cluster::signal_agent(handle, host, Signal::SIGTERM),
+        "agent-kill" => Cluster::signal_agent(handle, host, Signal::SIGKILL),
+        // Here `host` names the VM.
+        "vm-crash" => Cluster::crash_vm(handle, host).map(|on| println!("killed {host} on {on}")),
         other => Err(LabError::Config(format!("unknown fault `{other}`"))),
     }
 }

@@ -169,6 +169,10 @@ struct NamespaceFaults {
     drop_percent: BTreeMap<Network, u8>,
     /// The BMC is "dead": all its traffic is dropped, independently of partitions.
     bmc_failed: bool,
+    /// The host hangs: a frozen machine's kernel answers nobody either (its
+    /// processes are stopped, but a namespace's TCP stack would still accept).
+    #[serde(default)]
+    frozen: bool,
 }
 
 impl NamespaceFaults {
@@ -181,6 +185,10 @@ impl NamespaceFaults {
         };
         if self.bmc_failed {
             add(Network::Oob.name(), "drop".to_string());
+        }
+        if self.frozen {
+            add(Network::Mgmt.name(), "drop".to_string());
+            add(Network::Storage.name(), "drop".to_string());
         }
         for (network, percent) in &self.drop_percent {
             let verdict = if *percent >= 100 {
@@ -215,6 +223,9 @@ struct Shared {
     /// Per host, the init whose boot finished (its first mount attempt done): the
     /// mounter only retries mounts of finished boots, never races a boot's own.
     booted: Mutex<Vec<Option<ProcessId>>>,
+    /// Per host, whether its links were brought up by a boot and not yet taken
+    /// down: the controller takes them down when a BMC cut the power.
+    links_up: Mutex<Vec<bool>>,
 }
 
 impl std::ops::Deref for Shared {
@@ -336,6 +347,7 @@ impl Lab {
             daemons: Mutex::new(HashMap::new()),
             watchdogs: Mutex::new(vec![Watchdog::new(watchdog_timeout_ms); config.hosts]),
             booted: Mutex::new(vec![None; config.hosts]),
+            links_up: Mutex::new(vec![false; config.hosts]),
         });
         // From here on, Drop cleans up whatever the build got to.
         let mut lab = Lab { shared, threads: Vec::new(), keep_in: config.keep_in.clone(), torn_down: false };
@@ -410,6 +422,28 @@ impl Lab {
             restarted.push(host);
         }
         Ok(restarted)
+    }
+
+    /// Runs the host's `boot.sh` now, as at a power-on (for a boot script written
+    /// after the lab was built).
+    pub fn run_boot_script(&self, host: &str) -> Result<()> {
+        let index = self.shared.index(host)?;
+        self.shared.spawn_boot_script(index)
+    }
+
+    /// Runs `bash SCRIPT ARGS...` inside `host` in the background (dies with the
+    /// host; reaped by the lab), its output in the host's console log.
+    pub fn spawn_in_host(&self, host: &str, script: &Path, args: &[&str]) -> Result<()> {
+        let index = self.shared.index(host)?;
+        let mut all = vec![script.display().to_string()];
+        all.extend(args.iter().map(|arg| arg.to_string()));
+        self.shared.spawn_in_host_at(index, &script.display().to_string(), &all)
+    }
+
+    /// Hands a process started outside the lab's helpers (the manager) to the
+    /// controller, which reaps it once it exits.
+    pub fn adopt(&self, child: Child) {
+        lock(&self.shared.children).push(child);
     }
 
     /// Tears the lab down now and reports errors (Drop does the same, silently).
@@ -607,13 +641,15 @@ impl LabHandle {
     pub fn hang(&self, host: &str) -> Result<()> {
         let index = self.index(host)?;
         self.event(&format!("hang {host}"));
+        self.update_faults(&Node::Host(index), |faults| faults.frozen = true)?;
         self.signal_host(index, Signal::SIGSTOP)
     }
 
     pub fn resume(&self, host: &str) -> Result<()> {
         let index = self.index(host)?;
         self.event(&format!("resume {host}"));
-        self.signal_host(index, Signal::SIGCONT)
+        self.signal_host(index, Signal::SIGCONT)?;
+        self.update_faults(&Node::Host(index), |faults| faults.frozen = false)
     }
 
     /// Drops every packet of `host` on the selected networks (oob = its BMC's link).
@@ -770,7 +806,26 @@ impl LabHandle {
             }
         }
         let _ = std::fs::remove_file(self.host_dir(index).join(INIT_FILE));
-        Ok(())
+        self.set_links(index, false)
+    }
+
+    /// A host without power must not answer on the network: its namespace (and so
+    /// its kernel's TCP stack, which would answer with resets) outlives its processes,
+    /// so its links go down with the power and come up with it.
+    fn set_links(&self, index: usize, up: bool) -> Result<()> {
+        let node = Node::Host(index);
+        if !up {
+            // A fresh boot is not frozen: a hung host that lost power comes back whole.
+            let namespace = self.id.namespace(&node);
+            let faults = self.dir.join("faults").join(format!("{namespace}.json"));
+            if std::fs::read_to_string(faults).is_ok_and(|text| text.contains("\"frozen\":true")) {
+                self.update_faults(&node, |faults| faults.frozen = false)?;
+            }
+        }
+        let state = if up { "up" } else { "down" };
+        let commands: Vec<String> =
+            node.networks().iter().map(|network| format!("link set {} {state}", network.name())).collect();
+        ip_batch(&self.id.namespace(&node), &commands)
     }
 
     fn signal_host(&self, index: usize, signal: Signal) -> Result<()> {
@@ -1091,6 +1146,8 @@ impl Shared {
         if self.init(index).is_some() {
             return Ok(());
         }
+        self.set_links(index, true)?;
+        lock(&self.links_up)[index - 1] = true;
         let console = self.open_log(&dir.join("console.log"))?;
         let console_clone = || console.try_clone().map_err(|error| LabError::io("console.log", error));
         // ip netns exec execs unshare, which forks the init (PID 1 of the new PID
@@ -1143,22 +1200,36 @@ impl Shared {
             }
         }
         lock(&self.booted)[index - 1] = Some(init);
-        let boot_script = dir.join("boot.sh");
+        self.spawn_boot_script(index)
+    }
+
+    /// Starts `boot.sh` inside the running host, if it has one (non-empty).
+    fn spawn_boot_script(&self, index: usize) -> Result<()> {
+        let boot_script = self.host_dir(index).join("boot.sh");
         let has_boot_script = std::fs::metadata(&boot_script).map(|metadata| metadata.len() > 0).unwrap_or(false);
         if has_boot_script {
-            let mut command = self.host_command_at(index, "bash")?;
-            command.arg(&boot_script);
-            for (name, value) in self.boot_environment(index) {
-                command.env(name, value);
-            }
-            let boot = command
-                .stdin(Stdio::null())
-                .stdout(console_clone()?)
-                .stderr(console_clone()?)
-                .spawn()
-                .map_err(|error| LabError::Command { command: "boot.sh".to_string(), detail: error.to_string() })?;
-            lock(&self.children).push(boot);
+            self.spawn_in_host_at(index, "boot.sh", &[boot_script.display().to_string()])?;
         }
+        Ok(())
+    }
+
+    /// Runs `bash ARGS...` inside the host in the background, output to its console
+    /// log, with the boot environment; the controller reaps it.
+    fn spawn_in_host_at(&self, index: usize, what: &str, args: &[String]) -> Result<()> {
+        let console = self.open_log(&self.host_dir(index).join("console.log"))?;
+        let console_clone = || console.try_clone().map_err(|error| LabError::io("console.log", error));
+        let mut command = self.host_command_at(index, "bash")?;
+        command.args(args);
+        for (name, value) in self.boot_environment(index) {
+            command.env(name, value);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(console_clone()?)
+            .stderr(console_clone()?)
+            .spawn()
+            .map_err(|error| LabError::Command { command: what.to_string(), detail: error.to_string() })?;
+        lock(&self.children).push(child);
         Ok(())
     }
 
@@ -1246,6 +1317,12 @@ impl Shared {
         if self.init(index).is_none() {
             // A board without power has no running watchdog: a fenced host stays off.
             watchdogs[index - 1].power_lost(length);
+            drop(watchdogs);
+            // Powered off by its BMC (the chassis script): take its links down too.
+            let links_were_up = std::mem::replace(&mut lock(&self.links_up)[index - 1], false);
+            if links_were_up {
+                self.set_links(index, false)?;
+            }
             return Ok(());
         }
         let action = watchdogs[index - 1].observe(unix_ms_now(), length, last_byte);

@@ -39,13 +39,21 @@
 //!   writer the hypervisor crate's lab driver runs; one disk line every 100 ms.
 //! - [`checker`]: `no_double_run`, `recovery_ms`, where VMs run, from disk logs.
 //! - [`scenario`]: scenario files and the JSON result of SCENARIOS.md.
-//! - [`cli`]: `kvmha lab up | status | fault | down`.
+//! - [`cluster`]: the kvmha cluster inside a lab (manager, agents, VMs through the
+//!   operator API); [`api`]: reaching that API inside the manager namespace.
+//! - [`runner`]: `kvmha lab run FILE`, one scenario from build to result.
+//! - [`bench`]: `kvmha bench failover`.
+//! - [`cli`]: `kvmha lab up | status | fault | down | run`.
 
+pub mod api;
+pub mod bench;
 pub mod checker;
 pub mod cli;
+pub mod cluster;
 mod error;
 pub mod lab;
 pub mod process;
+pub mod runner;
 pub mod scenario;
 mod scripts;
 pub mod topology;
