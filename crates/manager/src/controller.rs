@@ -345,7 +345,9 @@ impl EngineThread {
         // The host row first: a crash before the engine step is repaired at start.
         self.store.upsert_host(&row)?;
         self.directory.write().expect("directory lock").insert(row.clone());
-        if !self.engine.hosts().contains_key(&row.name) {
+        // A host joining again (new machine, new capacity, BMC added to manager.toml)
+        // updates its spec: capacity is what the planner fills.
+        if self.engine.hosts().get(&row.name).is_none_or(|known| known.spec != spec) {
             self.step(Event::HostAdded(spec))?;
         }
         Ok(())

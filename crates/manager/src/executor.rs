@@ -147,6 +147,8 @@ impl Executor {
         HostSpec {
             name: name.clone(),
             networks: vec!["mgmt".to_owned()],
+            // The agent's join reports the capacity (server.rs); a host re-added from the
+            // store alone has none until it joins again, so nothing is placed there.
             capacity: Resources { cpus: 0, memory_mb: 0 },
             has_bmc: configured.is_some_and(|host| host.bmc.is_some()),
             has_watchdog: configured.is_some_and(|host| host.watchdog),
