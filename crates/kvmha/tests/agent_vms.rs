@@ -343,3 +343,59 @@ fn a_bad_lease_pool_or_hypervisor_is_refused_naming_the_field() {
         assert!(stderr.contains("agent.toml"), "file not named: {stderr}");
     }
 }
+
+/// The manager reads host1's heartbeat on pool `b` only, and `b` breaks; host1's VM lease
+/// lives on pool `a`, which the manager mounts too. When host1's pings stop reaching the
+/// manager (its agent restarted against a wrong address, its VM running on), only the
+/// VM lease shows the host alive, and the verdict in the audit log says so.
+#[test]
+fn a_host_whose_vm_leases_advance_is_alive_by_vm_activity_in_the_audit_log() {
+    let mut cluster = Cluster::init();
+    let _vms = LabVmsGuard::new(&cluster);
+    let pools = cluster.dir.path().join("pools");
+    for pool in ["a", "b"] {
+        std::fs::create_dir_all(pools.join(pool)).expect("pool dir");
+    }
+    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
+    text.push_str(&format!(
+        "\n[pools.a]\npath = \"{0}/a\"\n\n[pools.b]\npath = \"{0}/b\"\n\n[hosts.host1]\npools = [\"b\"]\nwatchdog = true\n",
+        pools.display()
+    ));
+    std::fs::write(cluster.config(), text).expect("write");
+    cluster.start_manager();
+    join_lab_agent(&cluster, "host1");
+    add_agent_pools(&cluster, "host1");
+    cluster.start_agent("host1");
+    cluster.wait_state("host1", &["Up"]);
+    let xml = cluster.dir.path().join("vm1.xml");
+    std::fs::write(&xml, lab_vm_xml("vm1")).expect("xml");
+    let output = cluster.api_output(
+        &["vm", "define", "--host", "host1", xml.to_str().unwrap(), "--start", "--json"],
+        &cluster.operator_token,
+    );
+    assert!(output.status.success(), "vm define failed: {}", String::from_utf8_lossy(&output.stderr));
+    wait_disk_grows(&cluster, "vm1");
+
+    break_pool(&cluster, "b");
+    cluster.agents.get_mut("host1").expect("host1").kill();
+    let agent_toml = cluster.agent_dir("host1").join("agent.toml");
+    let text = std::fs::read_to_string(&agent_toml).expect("agent.toml");
+    let text = text.replace(&cluster.manager_url, &format!("https://127.0.0.1:{}", free_port()));
+    std::fs::write(&agent_toml, text).expect("write");
+    cluster.start_agent("host1");
+    cluster.wait("a verdict on host1 alive by its VM lease", |cluster| {
+        cluster.events().iter().any(|event| {
+            let line = event["line"].as_str().unwrap_or("");
+            line.contains("host1") && line.contains("vm-activity=alive")
+        })
+    });
+    let lines: Vec<String> =
+        cluster.events().iter().map(|event| event["line"].as_str().unwrap_or("").to_owned()).collect();
+    let verdict = lines.iter().find(|line| line.contains("vm-activity=alive")).expect("verdict");
+    assert!(verdict.contains("Alive") && verdict.contains("vm1 (a)"), "{verdict}");
+    assert!(verdict.contains("heartbeat=unknown"), "the heartbeat was not what made it alive: {verdict}");
+    // The VM ran on, once.
+    wait_disk_grows(&cluster, "vm1");
+    assert_eq!(disk_writers(&cluster, "vm1").len(), 1, "vm1 was restarted");
+    eprintln!("verdict: {verdict}");
+}
