@@ -151,6 +151,9 @@ pub struct HostView {
     pub has_bmc: bool,
     pub storage: String,
     pub proof: Option<String>,
+    /// What the host offers VMs, and what the VMs kvmha places there take of it.
+    pub capacity: kvmha_core::Resources,
+    pub used: kvmha_core::Resources,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -324,6 +327,14 @@ impl EngineThread {
                 has_bmc: record.spec.has_bmc,
                 storage: format!("{:?}", record.storage),
                 proof: record.proof.as_ref().map(|proof| proof.describe()),
+                capacity: record.spec.capacity,
+                used: self
+                    .engine
+                    .vms()
+                    .values()
+                    .filter(|vm| vm.host.as_ref() == Some(name))
+                    .filter(|vm| matches!(vm.state, VmState::Running | VmState::Starting | VmState::AwaitingProof))
+                    .fold(kvmha_core::Resources::default(), |used, vm| used.plus(vm.spec.demand)),
             })
             .collect();
         let vms = self

@@ -8,9 +8,12 @@
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod dashboard;
 pub mod error;
 pub mod executor;
 pub mod heartbeat;
+pub mod incident;
+pub mod metrics;
 pub mod server;
 pub mod store;
 
@@ -199,8 +202,9 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         server::router(agent_api),
         until_stopped(stopped.clone()),
     ));
-    let api_server =
-        axum::serve(api_listener, api::router(operator_api)).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let dashboard = dashboard::Dashboard::new(operator_api.clone(), &config);
+    let api_server = axum::serve(api_listener, api::router(operator_api).merge(dashboard::router(dashboard)))
+        .with_graceful_shutdown(until_stopped(stopped.clone()));
     tokio::spawn(async move {
         if let Err(error) = api_server.await {
             tracing::error!(%error, "operator api stopped");
@@ -216,6 +220,7 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         }
     });
     tracing::info!(listen = %config.listen, api_listen = %config.api_listen, profile = %config.profile, "manager running");
+    println!("dashboard: {}", dashboard::url(config.api_listen));
 
     let mut engine_done = tokio::task::spawn_blocking(move || engine_thread.join());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
