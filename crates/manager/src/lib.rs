@@ -14,6 +14,7 @@ pub mod executor;
 pub mod heartbeat;
 pub mod incident;
 pub mod metrics;
+pub mod notify;
 pub mod server;
 pub mod store;
 
@@ -221,6 +222,20 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     });
     tracing::info!(listen = %config.listen, api_listen = %config.api_listen, profile = %config.profile, "manager running");
     println!("dashboard: {}", dashboard::url(config.api_listen));
+    notify::notify_or_log("READY=1\nSTATUS=manager running");
+    if let Some(every) = notify::watchdog_interval() {
+        // WATCHDOG=1 only while the engine thread answers: a wedged engine is restarted.
+        let watched = controller.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Ok(Ok(view)) = tokio::time::timeout(every, watched.view()).await {
+                    let up = view.hosts.iter().filter(|host| host.state == kvmha_core::HostState::Up).count();
+                    notify::notify_or_log(&format!("WATCHDOG=1\nSTATUS={up} of {} hosts up", view.hosts.len()));
+                }
+            }
+        });
+    }
 
     let mut engine_done = tokio::task::spawn_blocking(move || engine_thread.join());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -230,6 +245,7 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         _ = tokio::signal::ctrl_c() => None,
         joined = &mut engine_done => Some(joined),
     };
+    notify::notify_or_log("STOPPING=1");
     let _ = stop.send(true);
     let joined = match result {
         Some(joined) => joined,

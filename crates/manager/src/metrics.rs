@@ -353,4 +353,27 @@ mod tests {
             assert!(value.parse::<f64>().is_ok() || value == "+Inf", "{line}");
         }
     }
+
+    #[test]
+    fn every_metric_the_grafana_dashboard_queries_exists() {
+        let view = view();
+        let text = render(&MetricsInput {
+            view: &view,
+            counters: &AuditCounters::default(),
+            incidents: &[],
+            drivers: &BTreeMap::new(),
+            ping_timeout_ms: 700,
+        });
+        let dashboard = include_str!("../../../docs/grafana-kvmha.json");
+        let mut names: Vec<&str> = dashboard
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("kvmha_"))
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() >= 10, "{names:?}");
+        for name in names {
+            assert!(text.contains(&format!("\n{name}")) || text.starts_with(name), "grafana queries {name}, /metrics lacks it");
+        }
+    }
 }
