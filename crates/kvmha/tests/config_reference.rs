@@ -85,8 +85,12 @@ fn items(path: &Path) -> BTreeMap<String, Item> {
             if deserialize && rest.ends_with('{') {
                 let is_enum = trimmed.starts_with("pub enum");
                 let lowercase = attributes.iter().any(|a| a.contains("rename_all = \"lowercase\""));
-                current =
-                    Some((name, Item { doc: doc.join(" "), fields: Vec::new(), variants: Vec::new() }, is_enum, lowercase));
+                current = Some((
+                    name,
+                    Item { doc: doc.join(" "), fields: Vec::new(), variants: Vec::new() },
+                    is_enum,
+                    lowercase,
+                ));
             }
             doc.clear();
             attributes.clear();
@@ -178,10 +182,9 @@ impl Generator<'_> {
                     "tables by name".to_owned(),
                     Some((inner.to_owned(), join(prefix, &format!("{}.NAME", field.name), "[", "]"))),
                 ),
-                Shape::ArrayOf(inner) => (
-                    "array of tables".to_owned(),
-                    Some((inner.to_owned(), join(prefix, &field.name, "[[", "]]"))),
-                ),
+                Shape::ArrayOf(inner) => {
+                    ("array of tables".to_owned(), Some((inner.to_owned(), join(prefix, &field.name, "[[", "]]"))))
+                }
             };
             self.out.push_str(&format!(
                 "| `{}` | {} | {} | {} |\n",

@@ -369,7 +369,8 @@ impl IncidentBook {
                     .find(|word| word.starts_with('#'))
                     .map(|word| word.trim_end_matches(':').to_owned());
                 let confirmed = detail.contains("power off confirmed");
-                let outcome = detail.split_once(": ").map_or(detail.as_str(), |(_, rest)| rest).to_owned();
+                let rest = detail.split_once(": ").map_or(detail.as_str(), |(_, rest)| rest);
+                let outcome = rest.strip_prefix("power off confirmed: ").unwrap_or(rest).to_owned();
                 if let Some(attempt) =
                     incident.fence_attempts.iter_mut().rev().find(|attempt| Some(&attempt.request) == request.as_ref())
                 {
@@ -520,7 +521,9 @@ impl IncidentBook {
         let running = incident.vms.iter().filter(|restart| restart.state == VmRecovery::Running).count();
         let failed = incident.vms.iter().filter(|restart| restart.state == VmRecovery::Error).count();
         let proof = incident.proof.clone().unwrap_or_default();
-        incident.summary = if failed > 0 {
+        incident.summary = if incident.vms.is_empty() {
+            format!("{proof}; it ran no VM kvmha knows")
+        } else if failed > 0 {
             format!("{proof}; {running} VM(s) restarted, {failed} in Error")
         } else {
             format!("{proof}; {running} VM(s) restarted")

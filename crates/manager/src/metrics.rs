@@ -373,7 +373,10 @@ mod tests {
         names.dedup();
         assert!(names.len() >= 10, "{names:?}");
         for name in names {
-            assert!(text.contains(&format!("\n{name}")) || text.starts_with(name), "grafana queries {name}, /metrics lacks it");
+            assert!(
+                text.contains(&format!("\n{name}")) || text.starts_with(name),
+                "grafana queries {name}, /metrics lacks it"
+            );
         }
     }
 }

@@ -203,7 +203,7 @@ pub(crate) fn overview(
                 @let count = view.hosts.iter().filter(|host| host.state == state).count();
                 @if count > 0 { span class=(format!("pill {}", host_class(state))) { (count) " " (state.name()) } " " }
             }
-            " · " (view.vms.len()) " VMs: "
+            " · " (view.vms.len()) " VMs" @if !view.vms.is_empty() { ": " }
             @for state in [VmState::Running, VmState::Starting, VmState::AwaitingProof, VmState::PendingCapacity, VmState::Stopped, VmState::Error] {
                 @let count = view.vms.iter().filter(|vm| vm.state == state).count();
                 @if count > 0 { span class=(format!("pill {}", vm_class(state))) { (count) " " (state.name()) } " " }
