@@ -24,13 +24,36 @@ fn artifacts() -> PathBuf {
 
 // ----- a small DevTools-protocol client -------------------------------------------------------
 
-/// Headless Chromium in its own process group (killed as a group on drop: its renderer
-/// and zygote processes go with it) with a private profile directory.
+/// Headless Chromium in its own process group with a private profile (and HOME, so its
+/// crash handler's files are there too). On drop the group is killed, then every process
+/// whose command line names the profile (the crash handlers leave the group).
+struct ChromiumProcess {
+    child: Child,
+    profile: tempfile::TempDir,
+}
+
+impl Drop for ChromiumProcess {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let marker = self.profile.path().to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
 struct Browser {
-    child: Option<Child>,
-    _profile: tempfile::TempDir,
     socket: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
     next_id: u64,
+    // Last: the socket closes before the process goes.
+    _process: ChromiumProcess,
 }
 
 /// A plain GET to the DevTools HTTP endpoint; `None` while it is not serving yet.
@@ -82,13 +105,17 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
+            .env("HOME", profile.path())
+            .env("XDG_CONFIG_HOME", profile.path())
+            .env("XDG_CACHE_HOME", profile.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
             .expect("chromium (scripts/setup.sh installs Debian's chromium)");
-        let port_file = profile.path().join("DevToolsActivePort");
+        let process = ChromiumProcess { child, profile };
+        let port_file = process.profile.path().join("DevToolsActivePort");
         let deadline = Instant::now() + WAIT_LIMIT;
         let port: u16 = loop {
             if let Some(port) = std::fs::read_to_string(&port_file)
@@ -114,7 +141,7 @@ impl Browser {
         if let tungstenite::stream::MaybeTlsStream::Plain(stream) = socket.get_ref() {
             stream.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
         }
-        Browser { child: Some(child), _profile: profile, socket, next_id: 0 }
+        Browser { socket, next_id: 0, _process: process }
     }
 
     /// One DevTools command; its result (events in between are skipped).
@@ -213,17 +240,6 @@ impl Browser {
         let path = artifacts().join(name);
         std::fs::write(&path, png).expect("write screenshot");
         path
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let group = format!("-{}", child.id());
-            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
