@@ -304,8 +304,11 @@ fn bmc_cluster() -> BmcCluster {
     BmcCluster { cluster, bmc, _silent: silent }
 }
 
-/// `/metrics` parsed by a Prometheus text-format parser: (name, sorted labels) → value.
-fn scrape(cluster: &Cluster, token: &str) -> BTreeMap<(String, Vec<(String, String)>), f64> {
+/// Samples by (metric name, sorted labels).
+type Samples = BTreeMap<(String, Vec<(String, String)>), f64>;
+
+/// `/metrics` parsed by a Prometheus text-format parser.
+fn scrape(cluster: &Cluster, token: &str) -> Samples {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (status, content_type, text) = runtime.block_on(async {
         let response = reqwest::Client::new()
@@ -346,7 +349,7 @@ fn scrape(cluster: &Cluster, token: &str) -> BTreeMap<(String, Vec<(String, Stri
     samples
 }
 
-fn metric(samples: &BTreeMap<(String, Vec<(String, String)>), f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+fn metric(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut key: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     key.sort();
     *samples.get(&(name.to_owned(), key)).unwrap_or_else(|| panic!("no sample {name}{labels:?}"))

@@ -216,30 +216,32 @@ pub(crate) struct Viewer {
     pub flash: Option<String>,
 }
 
-fn page_viewer(dashboard: &Dashboard, headers: &HeaderMap) -> Result<Viewer, Response> {
+/// Refusals are boxed: a `Response` is large and the happy path should stay small.
+fn page_viewer(dashboard: &Dashboard, headers: &HeaderMap) -> Result<Viewer, Box<Response>> {
     if let Some(role) = bearer_role(dashboard, headers) {
         return match role {
             Ok(role) => Ok(Viewer { role, csrf: None, flash: None }),
-            Err(status) => Err((status, "unknown token").into_response()),
+            Err(status) => Err(Box::new((status, "unknown token").into_response())),
         };
     }
     let Some((id, session)) = session(dashboard, headers) else {
-        return Err(Redirect::to("/login").into_response());
+        return Err(Box::new(Redirect::to("/login").into_response()));
     };
     let flash = dashboard.sessions.lock().expect("sessions lock").get_mut(&id).and_then(|stored| stored.flash.take());
     Ok(Viewer { role: session.role, csrf: Some(session.csrf), flash })
 }
 
 /// JSON and metrics routes: a bearer token or a session, any role.
-fn reader(dashboard: &Dashboard, headers: &HeaderMap) -> Result<Role, Response> {
+fn reader(dashboard: &Dashboard, headers: &HeaderMap) -> Result<Role, Box<Response>> {
     match bearer_role(dashboard, headers) {
         Some(Ok(role)) => Ok(role),
-        Some(Err(_)) => Err(crate::api::error(StatusCode::UNAUTHORIZED, "unknown token")),
+        Some(Err(_)) => Err(Box::new(crate::api::error(StatusCode::UNAUTHORIZED, "unknown token"))),
         None => match session(dashboard, headers) {
             Some((_, session)) => Ok(session.role),
-            None => {
-                Err(crate::api::error(StatusCode::UNAUTHORIZED, "missing bearer token (Authorization: Bearer TOKEN)"))
-            }
+            None => Err(Box::new(crate::api::error(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token (Authorization: Bearer TOKEN)",
+            ))),
         },
     }
 }
@@ -309,7 +311,7 @@ fn incident_summary(incident: &Incident, now_ms: u64) -> serde_json::Value {
 
 async fn list_incidents(State(dashboard): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
     if let Err(refused) = reader(&dashboard, &headers) {
-        return refused;
+        return *refused;
     }
     let now_ms = match view(&dashboard).await {
         Ok(view) => view.now_ms,
@@ -330,7 +332,7 @@ async fn show_incident(
     Path(id): Path<String>,
 ) -> Response {
     if let Err(refused) = reader(&dashboard, &headers) {
-        return refused;
+        return *refused;
     }
     let Ok(id) = id.parse::<i64>() else {
         return crate::api::error(StatusCode::BAD_REQUEST, format!("incident id {id:?} is not a number"));
@@ -355,7 +357,7 @@ async fn show_incident(
 
 async fn metrics_text(State(dashboard): State<Arc<Dashboard>>, headers: HeaderMap) -> Response {
     if let Err(refused) = reader(&dashboard, &headers) {
-        return refused;
+        return *refused;
     }
     let view = match view(&dashboard).await {
         Ok(view) => view,
@@ -407,7 +409,7 @@ macro_rules! page_inputs {
     ($dashboard:expr, $headers:expr) => {{
         let viewer = match page_viewer(&$dashboard, &$headers) {
             Ok(viewer) => viewer,
-            Err(refused) => return refused,
+            Err(refused) => return *refused,
         };
         let view = match view(&$dashboard).await {
             Ok(view) => view,
