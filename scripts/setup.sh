@@ -24,6 +24,7 @@ packages=(
   openssl
   iputils-ping    # lab: reachability checks between lab namespaces (lab also needs openipmi, ipmitool, openssh-server, sshfs above)
   openssh-client  # lab: ssh-keygen for per-lab keys, the ssh under sshfs
+  chromium        # dashboard: browser tests drive headless Chromium (crates/kvmha/tests/dashboard.rs)
 )
 
 missing=()

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// This host's name in the cluster (as in the manager's `[hosts.NAME]`).
     pub name: String,
+    /// The cluster this agent joined (from the manager's certificate).
     pub cluster_id: String,
     /// `https://HOST:PORT` of the manager.
     pub manager_url: String,
@@ -24,9 +26,12 @@ pub struct RawConfig {
     /// The pool (one of `pools`) that holds this cluster's VM leases; default: the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_pool: Option<String>,
+    /// Timing profile; must be the manager's (docs/timing.md).
     pub profile: String,
+    /// Per-field overrides of the profile's timings, in ms; must match the manager's.
     #[serde(default)]
     pub timing: TimingSettings,
+    /// The cluster CA, this agent's certificate and the manager's fingerprint.
     pub tls: RawTls,
     /// Shared pools this host writes its heartbeat record to (issue 5).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -57,8 +62,11 @@ pub struct RawWatchdog {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    /// The cluster CA certificate (PEM), checked against the join token's fingerprint.
     pub ca_cert: PathBuf,
+    /// This agent's certificate (PEM), issued by the cluster CA at join.
     pub cert: PathBuf,
+    /// This agent's private key (PEM, mode 0600).
     pub key: PathBuf,
     /// SHA-256 of the manager's certificate: the only client allowed to send commands.
     pub manager_cert_sha256: String,

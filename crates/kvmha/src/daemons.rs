@@ -118,8 +118,41 @@ pub fn agent(command: AgentCommand) -> anyhow::Result<()> {
         }
         AgentCommand::Run { config } => {
             let config = kvmha_agent::AgentConfig::load(&config)?;
-            runtime()?.block_on(kvmha_agent::run(config))?;
+            let listen = config.listen;
+            runtime()?.block_on(async move {
+                tokio::spawn(agent_ready_when_listening(listen));
+                kvmha_agent::run(config).await
+            })?;
             Ok(())
+        }
+    }
+}
+
+/// systemd readiness for the agent: `READY=1` once its command listener accepts
+/// connections (the agent has loaded its certificates and bound), then `WATCHDOG=1` at half
+/// of `WatchdogSec=` while the listener keeps accepting.
+async fn agent_ready_when_listening(listen: SocketAddr) {
+    use kvmha_manager::notify;
+    let probe = if listen.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+    } else {
+        listen
+    };
+    let accepts = || async move {
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(probe)).await,
+            Ok(Ok(_))
+        )
+    };
+    while !accepts().await {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    notify::notify_or_log("READY=1\nSTATUS=agent running");
+    let Some(every) = notify::watchdog_interval() else { return };
+    loop {
+        tokio::time::sleep(every).await;
+        if accepts().await {
+            notify::notify_or_log("WATCHDOG=1");
         }
     }
 }

@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 
 mod daemons;
+mod incidents;
 mod ops;
 mod simulate;
 
@@ -51,6 +52,14 @@ enum Command {
         #[command(flatten)]
         args: ops::EventsArgs,
     },
+    /// Host failure episodes: `list`, and `show ID` for the timeline (verdicts and their
+    /// evidence, fence attempts, VM restarts).
+    Incident {
+        #[command(flatten)]
+        api: ops::ApiArgs,
+        #[command(subcommand)]
+        command: incidents::IncidentCommand,
+    },
     /// Cluster-wide switches.
     Cluster {
         #[command(flatten)]
@@ -80,7 +89,15 @@ fn init_logging(default: &str) {
         .find_map(|name| std::env::var(name).ok())
         .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Under systemd (JOURNAL_STREAM set) journald adds time and unit: plain lines without
+    // colour; KVMHA_LOG_FORMAT=json gives one JSON object per line with every field.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match std::env::var("KVMHA_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().flatten_event(true).init(),
+        _ if journald => builder.with_ansi(false).without_time().init(),
+        _ => builder.init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -110,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         Command::Vm { api, command } => plain_errors(ops::vm(api, command)),
         Command::Events { api, args } => plain_errors(ops::events(api, args)),
         Command::Cluster { api, command } => plain_errors(ops::cluster(api, command)),
+        Command::Incident { api, command } => plain_errors(incidents::run(api, command)),
     }
 }
 

@@ -128,15 +128,15 @@ pub enum EnableDisable {
     Disable,
 }
 
-struct Api {
+pub(crate) struct Api {
     base: String,
     token: String,
-    json: bool,
+    pub(crate) json: bool,
     client: reqwest::Client,
 }
 
 impl Api {
-    fn new(args: &ApiArgs) -> anyhow::Result<Api> {
+    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Api> {
         let Some(token) = args.token.clone() else {
             bail!("no token: pass --token or set KVMHA_TOKEN (see DIR/operator.token or DIR/readonly.token)");
         };
@@ -168,7 +168,7 @@ impl Api {
         Ok(value)
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(reqwest::Method::GET, path, None).await
     }
 
@@ -177,11 +177,11 @@ impl Api {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-fn text(value: &Value, key: &str) -> String {
+pub(crate) fn text(value: &Value, key: &str) -> String {
     match value.get(key) {
         None | Some(Value::Null) => "-".to_owned(),
         Some(Value::String(text)) => text.clone(),
@@ -198,7 +198,7 @@ fn age(value: &Value, key: &str) -> String {
 }
 
 /// Prints rows as aligned columns.
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|header| header.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -215,7 +215,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn print_json(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

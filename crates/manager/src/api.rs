@@ -433,7 +433,7 @@ async fn openapi() -> Json<serde_json::Value> {
 /// The OpenAPI 3 document, built from [`ROUTES`].
 pub fn openapi_document() -> serde_json::Value {
     let mut paths = serde_json::Map::new();
-    for route in ROUTES {
+    for route in ROUTES.iter().chain(crate::dashboard::ROUTES) {
         let entry = paths.entry(route.path.to_owned()).or_insert_with(|| json!({}));
         let role = match route.role {
             Role::ReadOnly => "read-only or operator token",
@@ -452,9 +452,9 @@ pub fn openapi_document() -> serde_json::Value {
                 "409": { "description": "the engine refused the action" },
             },
         });
-        if route.path.contains("{name}") {
+        if let Some(parameter) = route.path.split('{').nth(1).and_then(|rest| rest.split('}').next()) {
             operation["parameters"] =
-                json!([{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }]);
+                json!([{ "name": parameter, "in": "path", "required": true, "schema": { "type": "string" } }]);
         }
         if let Some(body) = route.body {
             operation["requestBody"] = json!({ "description": body, "content": { "application/json": {} } });

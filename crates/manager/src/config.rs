@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// Random id written by `kvmha manager init`; agents' certificates name it.
     pub cluster_id: String,
     /// Agent-facing mutual-TLS listener (`IP:PORT`).
     pub listen: String,
@@ -22,7 +23,9 @@ pub struct RawConfig {
     pub api_listen: String,
     /// Where `manager.db` lives; relative paths are relative to this file.
     pub data_dir: PathBuf,
+    /// Timing profile: `fast` (lab), `balanced` or `conservative` (docs/timing.md).
     pub profile: String,
+    /// Per-field overrides of the profile's timings, in ms (refused when unsafe).
     #[serde(default)]
     pub timing: TimingSettings,
     /// What a planned agent stop does to the host's VMs: `freeze` (default: they stay, a
@@ -30,8 +33,11 @@ pub struct RawConfig {
     /// they restart on other hosts at once).
     #[serde(default)]
     pub shutdown_policy: ShutdownPolicy,
+    /// The cluster CA and the manager's certificate (files written by `kvmha manager init`).
     pub tls: RawTls,
+    /// Who may use the operator API, the dashboard and `/metrics`.
     pub api: RawApi,
+    /// Per-host settings the agent cannot report itself: BMC, pools, watchdog.
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,
     /// Shared pools the manager mounts: it reads hosts' heartbeat records there.
@@ -49,9 +55,13 @@ pub struct RawPool {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    /// The cluster CA certificate (PEM).
     pub ca_cert: PathBuf,
+    /// The cluster CA key (PEM, mode 0600): signs agents' certificates at join.
     pub ca_key: PathBuf,
+    /// The manager's certificate (PEM), signed by the cluster CA.
     pub cert: PathBuf,
+    /// The manager's private key (PEM, mode 0600).
     pub key: PathBuf,
 }
 
@@ -59,16 +69,21 @@ pub struct RawTls {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawApi {
+    /// SHA-256 (hex) of each operator token: read and act (maintenance, HA, confirm-down).
     pub operator_token_sha256: Vec<String>,
+    /// SHA-256 (hex) of each read-only token: read, dashboard, `/metrics`.
     #[serde(default)]
     pub readonly_token_sha256: Vec<String>,
+    /// SHA-256 (hex) of the join secret agents present to `kvmha agent join`.
     pub join_token_sha256: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHost {
+    /// The host's BMC, used to power it off and read the power state back.
     pub bmc: Option<RawBmc>,
+    /// Names of the `[pools.NAME]` the host writes its heartbeat to.
     #[serde(default)]
     pub pools: Vec<String>,
     /// The host's agent runs with an armed hardware watchdog and self-fences: lease
@@ -80,8 +95,11 @@ pub struct RawHost {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBmc {
+    /// Protocol: `ipmi` (IPMI 2.0 RMCP+) or `redfish`.
     pub kind: BmcKind,
+    /// `HOST:PORT` for IPMI (port 623 by default), `https://HOST` for Redfish.
     pub address: String,
+    /// BMC user allowed to power the host off (an operator-level user, not admin).
     pub username: String,
     /// The password is read from this file only, never from the config itself.
     pub password_file: PathBuf,

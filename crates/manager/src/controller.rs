@@ -197,6 +197,9 @@ pub struct HostView {
     /// As the agent reported at join.
     pub cpus: u32,
     pub memory_mb: u64,
+    /// What the host offers VMs, and what the VMs kvmha places there take of it.
+    pub capacity: kvmha_core::Resources,
+    pub used: kvmha_core::Resources,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -453,6 +456,14 @@ impl EngineThread {
                 proof: record.proof.as_ref().map(|proof| proof.describe()),
                 cpus: record.spec.capacity.cpus,
                 memory_mb: record.spec.capacity.memory_mb,
+                capacity: record.spec.capacity,
+                used: self
+                    .engine
+                    .vms()
+                    .values()
+                    .filter(|vm| vm.host.as_ref() == Some(name))
+                    .filter(|vm| matches!(vm.state, VmState::Running | VmState::Starting | VmState::AwaitingProof))
+                    .fold(kvmha_core::Resources::default(), |used, vm| used.plus(vm.spec.demand)),
             })
             .collect();
         let registry = self.registry.read().expect("registry lock");

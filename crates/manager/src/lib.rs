@@ -8,11 +8,15 @@
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod dashboard;
 pub mod error;
 pub mod executor;
 pub mod heartbeat;
 pub mod neighbour_heartbeat;
 pub mod registry;
+pub mod incident;
+pub mod metrics;
+pub mod notify;
 pub mod server;
 pub mod store;
 pub mod vm_activity;
@@ -210,8 +214,9 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         server::router(agent_api),
         until_stopped(stopped.clone()),
     ));
-    let api_server =
-        axum::serve(api_listener, api::router(operator_api)).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let dashboard = dashboard::Dashboard::new(operator_api.clone(), &config);
+    let api_server = axum::serve(api_listener, api::router(operator_api).merge(dashboard::router(dashboard)))
+        .with_graceful_shutdown(until_stopped(stopped.clone()));
     tokio::spawn(async move {
         if let Err(error) = api_server.await {
             tracing::error!(%error, "operator api stopped");
@@ -227,6 +232,21 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         }
     });
     tracing::info!(listen = %config.listen, api_listen = %config.api_listen, profile = %config.profile, "manager running");
+    println!("dashboard: {}", dashboard::url(config.api_listen));
+    notify::notify_or_log("READY=1\nSTATUS=manager running");
+    if let Some(every) = notify::watchdog_interval() {
+        // WATCHDOG=1 only while the engine thread answers: a wedged engine is restarted.
+        let watched = controller.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Ok(Ok(view)) = tokio::time::timeout(every, watched.view()).await {
+                    let up = view.hosts.iter().filter(|host| host.state == kvmha_core::HostState::Up).count();
+                    notify::notify_or_log(&format!("WATCHDOG=1\nSTATUS={up} of {} hosts up", view.hosts.len()));
+                }
+            }
+        });
+    }
 
     let mut engine_done = tokio::task::spawn_blocking(move || engine_thread.join());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -236,6 +256,7 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         _ = tokio::signal::ctrl_c() => None,
         joined = &mut engine_done => Some(joined),
     };
+    notify::notify_or_log("STOPPING=1");
     let _ = stop.send(true);
     let joined = match result {
         Some(joined) => joined,

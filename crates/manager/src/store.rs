@@ -239,6 +239,34 @@ impl Store {
     }
 }
 
+impl Store {
+    /// At most `limit` audit lines after `after` with their structured event, oldest first
+    /// (for incidents and metrics, which fold the log rather than read its text).
+    pub fn audit_records_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::incident::AuditRecord>, ManagerError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT id, unix_ms, event FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .map_err(|error| self.wrap(error))?;
+        let rows = statement
+            .query_map(params![after, limit], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? as u64, row.get::<_, String>(2)?))
+            })
+            .map_err(|error| self.wrap(error))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (id, unix_ms, event) = row.map_err(|error| self.wrap(error))?;
+            let event = serde_json::from_str(&event)
+                .map_err(|error| ManagerError::Snapshot { reason: format!("audit row {id}: {error}") })?;
+            records.push(crate::incident::AuditRecord { id, unix_ms, event });
+        }
+        Ok(records)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
