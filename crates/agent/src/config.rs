@@ -106,7 +106,13 @@ impl AgentConfig {
     pub fn load(file: &Path) -> Result<AgentConfig, AgentError> {
         let text =
             std::fs::read_to_string(file).map_err(|source| AgentError::ConfigRead { file: file.into(), source })?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|error: toml::de::Error| {
+        AgentConfig::parse(file, &text)
+    }
+
+    /// Parses and validates the text of `file` (relative paths in it are relative to
+    /// the file's directory, where the certificates are read from).
+    pub fn parse(file: &Path, text: &str) -> Result<AgentConfig, AgentError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error: toml::de::Error| {
             let field = error
                 .span()
                 .and_then(|span| {

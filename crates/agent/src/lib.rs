@@ -180,13 +180,14 @@ fn boot_id() -> BootId {
     BootId(id.unwrap_or_else(|_| "unknown-boot".to_owned()))
 }
 
-/// Ping sequence numbers start at the wall clock in ms: an agent restarted within the
-/// same boot keeps counting up, so the manager never drops its pings as stale.
+/// Ping sequence numbers start at the time since boot in µs: an agent restarted within
+/// the same boot keeps counting up, so the manager never drops its pings as stale. Not
+/// the wall clock: set back (NTP step, an operator's `date`) between two runs of the
+/// agent, it made every ping of the new run look older than the last one, and the
+/// manager dropped them all until the clock caught up (issue 10).
 fn first_seq() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+    let since_boot = self_fence::uptime().unwrap_or_default();
+    u64::try_from(since_boot.as_micros()).unwrap_or(u64::MAX / 2)
 }
 
 /// Runs the agent until SIGTERM or SIGINT; says goodbye before returning.

@@ -275,8 +275,14 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
             "h" => 3_600_000.0,
             _ => return Err(format!("`{text}` has unknown unit `{unit}` (ms, s, m, h)")),
         };
-        total += Duration::from_millis((value * unit_ms).round() as u64);
+        // Saturating: "99999999999999999999h" repeated would overflow a Duration sum
+        // (a panic); such a duration is refused below instead.
+        total = total.saturating_add(Duration::from_millis((value * unit_ms).round() as u64));
         rest = next;
+    }
+    // A scenario longer than a year is a typo, and keeps every later sum far from overflow.
+    if total > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("`{text}` is longer than a year"));
     }
     Ok(total)
 }
