@@ -129,6 +129,11 @@ impl AgentConfig {
         let listen = raw.listen.parse().map_err(|_| field("listen", format!("{:?} is not IP:PORT", raw.listen)))?;
         let profile: Profile = raw.profile.parse().map_err(|error| field("profile", format!("{error}")))?;
         let timing = Timing::from_profile(profile, &raw.timing).map_err(|error| field("timing", error.to_string()))?;
+        kvmha_storage::Name::new(&raw.name).map_err(|error| field("name", error.to_string()))?;
+        let fingerprint = &raw.tls.manager_cert_sha256;
+        if fingerprint.len() != 64 || !fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(field("tls.manager_cert_sha256", "expected a SHA-256 hex digest".into()));
+        }
         if !raw.manager_url.starts_with("https://") {
             return Err(field("manager_url", format!("{:?} must start with https://", raw.manager_url)));
         }

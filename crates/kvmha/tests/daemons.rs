@@ -253,6 +253,7 @@ fn a_silent_host_nobody_can_reach_is_fenced_through_its_bmc_once() {
     let mut cluster = Cluster::init();
     let password_file = cluster.dir.path().join("manager/bmc-host3.pass");
     std::fs::write(&password_file, kvmha_bmc::sim::ADMIN_PASSWORD).expect("write");
+    std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
     let mut text = std::fs::read_to_string(cluster.config()).expect("config");
     text.push_str(&format!(
         "\n[hosts.host3.bmc]\nkind = \"ipmi\"\naddress = \"{}\"\nusername = \"{}\"\npassword_file = \"bmc-host3.pass\"\n",

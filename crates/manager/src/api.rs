@@ -25,6 +25,8 @@ use tokio::sync::watch;
 /// The longest a long-poll of `/v1/events` waits.
 const EVENTS_WAIT_MAX: Duration = Duration::from_secs(30);
 const EVENTS_PAGE_MAX: u32 = 1000;
+/// The largest request body the operator API reads.
+pub const API_BODY_MAX_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -124,6 +126,9 @@ pub fn router(api: Arc<OperatorApi>) -> Router {
         .route("/v1/cluster/arm", post(arm))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint (see /openapi.json)") })
+        // Operator bodies are a few bytes ({"on": true}): anything bigger is refused (413)
+        // before it is buffered.
+        .layer(axum::extract::DefaultBodyLimit::max(API_BODY_MAX_BYTES))
         .with_state(api)
 }
 
