@@ -455,6 +455,19 @@ async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned + kvmha_proto:
 mod tests {
     use super::*;
 
+    /// Sequence numbers follow the time since boot, which no clock step moves: a second
+    /// run of the agent in the same boot starts above the first run's numbers even when
+    /// the wall clock was set back in between.
+    #[test]
+    fn ping_seq_counts_from_the_boot_not_the_wall_clock() {
+        let before = self_fence::uptime().expect("/proc/uptime").as_micros() as u64;
+        let first = first_seq();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let second = first_seq();
+        let after = self_fence::uptime().expect("/proc/uptime").as_micros() as u64;
+        assert!(before <= first && first < second && second <= after, "{before} {first} {second} {after}");
+    }
+
     #[test]
     fn token_shapes() {
         let fingerprint = "a".repeat(64);

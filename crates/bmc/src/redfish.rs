@@ -343,17 +343,19 @@ pub fn system_path_from_collection(collection: &Value, system_id: Option<&str>) 
         bmc_path("a /redfish/v1/Systems member", member)?;
     }
     match system_id {
-        Some(id) => members
-            .iter()
-            .find(|path| path.trim_end_matches('/').rsplit('/').next() == Some(id))
-            .cloned()
-            .ok_or_else(|| BmcError::Config {
-                reason: format!("no system {id:?} under /redfish/v1/Systems (found {members:?})"),
-            }),
+        Some(id) => {
+            members.iter().find(|path| path.trim_end_matches('/').rsplit('/').next() == Some(id)).cloned().ok_or_else(
+                || BmcError::Config {
+                    reason: format!("no system {id:?} under /redfish/v1/Systems (found {members:?})"),
+                },
+            )
+        }
         None => match members.as_slice() {
             [only] => Ok(only.clone()),
             [] => Err(BmcError::protocol("no system under /redfish/v1/Systems")),
-            _ => Err(BmcError::Config { reason: format!("several systems ({members:?}): choose one with a system id") }),
+            _ => {
+                Err(BmcError::Config { reason: format!("several systems ({members:?}): choose one with a system id") })
+            }
         },
     }
 }

@@ -1052,8 +1052,13 @@ fn a_ping_from_an_earlier_boot_is_dropped_and_audited() {
     harness.ping("host1");
     let second_boot = harness.boot("host1");
     assert_ne!(first_boot, second_boot);
-    let replayed =
-        Ping { host: h("host1"), boot_id: first_boot.clone(), seq: u64::MAX, vms: Vec::new(), storage: StorageHealth::Ok };
+    let replayed = Ping {
+        host: h("host1"),
+        boot_id: first_boot.clone(),
+        seq: u64::MAX,
+        vms: Vec::new(),
+        storage: StorageHealth::Ok,
+    };
     let commands = harness.step(Event::Ping(replayed.clone()));
     let lines = dropped(&commands);
     assert_eq!(lines.len(), 1, "{commands:#?}");

@@ -417,8 +417,11 @@ fn damaged_foreign_and_clock_skewed_heartbeat_records() {
         (vec![0; 256], "magic"),
     ] {
         std::fs::write(&path, &bytes).unwrap();
-        investigator.wait(expected, "host1", Instant::now(), |states| {
-            matches!(pool_a(states), RecordState::Unreadable { reason } if reason.contains(expected))
-        });
+        investigator.wait(
+            expected,
+            "host1",
+            Instant::now(),
+            |states| matches!(pool_a(states), RecordState::Unreadable { reason } if reason.contains(expected)),
+        );
     }
 }

@@ -214,7 +214,10 @@ impl ManagerConfig {
                     let address_field = format!("hosts.{name}.bmc.address");
                     if bmc.address.contains('@') {
                         // Never echoed: it may hold a password.
-                        return Err(field(&address_field, "embeds user credentials: use username and password_file".into()));
+                        return Err(field(
+                            &address_field,
+                            "embeds user credentials: use username and password_file".into(),
+                        ));
                     }
                     if !bmc.address.contains("://") {
                         kvmha_bmc::split_host_port(&bmc.address, 623)
