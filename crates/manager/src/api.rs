@@ -327,7 +327,14 @@ struct EnabledBody {
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
-    serde_json::from_slice(body).map_err(|failure| refusal(StatusCode::BAD_REQUEST, format!("invalid body: {failure}")))
+    let invalid = |failure: serde_json::Error| refusal(StatusCode::BAD_REQUEST, format!("invalid body: {failure}"));
+    // Only an object: serde would also fill a struct from an array, so `[true]` turned
+    // maintenance on (found in issue 10).
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+    if !value.is_object() {
+        return Err(refusal(StatusCode::BAD_REQUEST, "invalid body: expected a JSON object"));
+    }
+    serde_json::from_value(value).map_err(invalid)
 }
 
 async fn maintenance(
