@@ -16,6 +16,9 @@ use crate::error::{LabError, Result};
 use crate::lab::NetSelector;
 use crate::topology::{host_name, HOSTS_MAX};
 
+/// The most generated VMs per host (`vms_per_host`); explicit `[[lab.vm]]` come on top.
+pub const VMS_PER_HOST_MAX: usize = 64;
+
 // ---------------------------------------------------------------- raw file
 
 #[derive(Debug, Deserialize)]
@@ -403,9 +406,15 @@ impl RawLab {
                 host.memory_mb = memory_mb;
             }
         }
+        // Bounded like `hosts`: `vms_per_host = 76547` on 80 hosts made six million VM
+        // specs and ran the parser out of memory (found by the `scenario` fuzz target).
+        let vms_per_host = self.vms_per_host.unwrap_or(0);
+        if vms_per_host > VMS_PER_HOST_MAX {
+            return Err(field_error("lab.vms_per_host", format!("must be 0..={VMS_PER_HOST_MAX}, got {vms_per_host}")));
+        }
         let mut vms = Vec::new();
         for index in 1..=self.hosts {
-            for number in 1..=self.vms_per_host.unwrap_or(0) {
+            for number in 1..=vms_per_host {
                 vms.push(VmSpec {
                     name: format!("{}-vm{number}", host_name(index)),
                     host: host_name(index),

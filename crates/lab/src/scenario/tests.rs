@@ -133,6 +133,16 @@ fn an_absurdly_long_duration_is_refused_not_a_panic() {
     assert!(Scenario::parse(&scenario).is_err());
 }
 
+/// Found by the `scenario` fuzz target (fuzz/corpus/scenario/oom-vms-per-host): six
+/// million generated VM specs ran the parser out of memory.
+#[test]
+fn a_huge_vms_per_host_is_refused_not_generated() {
+    let text = "name = \"m\"\n[lab]\nhosts = 80\nvms_per_host = 76547\n[expect]\nduration = \"20s\"\n";
+    assert_eq!(field_of(text), "lab.vms_per_host");
+    let at_the_limit = MINIMAL.replace("vms_per_host = 1", &format!("vms_per_host = {VMS_PER_HOST_MAX}"));
+    assert_eq!(Scenario::parse(&at_the_limit).expect("at the limit").lab.vms.len(), 2 * VMS_PER_HOST_MAX);
+}
+
 #[test]
 fn unknown_keys_are_rejected_naming_where() {
     assert_eq!(field_of(&format!("{MINIMAL}colour = 1\n")), "expect.colour");
