@@ -57,3 +57,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest
 fi
+# cargo-fuzz runs the fuzz targets of fuzz/ (scripts/fuzz.sh; stable toolchain, --sanitizer none).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz" >&2
+  cargo install --locked cargo-fuzz
+fi

@@ -121,7 +121,13 @@ impl AgentConfig {
     pub fn load(file: &Path) -> Result<AgentConfig, AgentError> {
         let text =
             std::fs::read_to_string(file).map_err(|source| AgentError::ConfigRead { file: file.into(), source })?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|error: toml::de::Error| {
+        AgentConfig::parse(file, &text)
+    }
+
+    /// Parses and validates the text of `file` (relative paths in it are relative to
+    /// the file's directory, where the certificates are read from).
+    pub fn parse(file: &Path, text: &str) -> Result<AgentConfig, AgentError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error: toml::de::Error| {
             let field = error
                 .span()
                 .and_then(|span| {
@@ -138,6 +144,11 @@ impl AgentConfig {
         let listen = raw.listen.parse().map_err(|_| field("listen", format!("{:?} is not IP:PORT", raw.listen)))?;
         let profile: Profile = raw.profile.parse().map_err(|error| field("profile", format!("{error}")))?;
         let timing = Timing::from_profile(profile, &raw.timing).map_err(|error| field("timing", error.to_string()))?;
+        kvmha_storage::Name::new(&raw.name).map_err(|error| field("name", error.to_string()))?;
+        let fingerprint = &raw.tls.manager_cert_sha256;
+        if fingerprint.len() != 64 || !fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(field("tls.manager_cert_sha256", "expected a SHA-256 hex digest".into()));
+        }
         if !raw.manager_url.starts_with("https://") {
             return Err(field("manager_url", format!("{:?} must start with https://", raw.manager_url)));
         }

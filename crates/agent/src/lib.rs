@@ -186,13 +186,14 @@ fn boot_id() -> BootId {
     BootId(id.unwrap_or_else(|_| "unknown-boot".to_owned()))
 }
 
-/// Ping sequence numbers start at the wall clock in ms: an agent restarted within the
-/// same boot keeps counting up, so the manager never drops its pings as stale.
+/// Ping sequence numbers start at the time since boot in µs: an agent restarted within
+/// the same boot keeps counting up, so the manager never drops its pings as stale. Not
+/// the wall clock: set back (NTP step, an operator's `date`) between two runs of the
+/// agent, it made every ping of the new run look older than the last one, and the
+/// manager dropped them all until the clock caught up (issue 10).
 fn first_seq() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+    let since_boot = self_fence::uptime().unwrap_or_default();
+    u64::try_from(since_boot.as_micros()).unwrap_or(u64::MAX / 2)
 }
 
 /// Runs the agent until SIGTERM or SIGINT; says goodbye before returning.
@@ -495,6 +496,19 @@ async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned + kvmha_proto:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sequence numbers follow the time since boot, which no clock step moves: a second
+    /// run of the agent in the same boot starts above the first run's numbers even when
+    /// the wall clock was set back in between.
+    #[test]
+    fn ping_seq_counts_from_the_boot_not_the_wall_clock() {
+        let before = self_fence::uptime().expect("/proc/uptime").as_micros() as u64;
+        let first = first_seq();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let second = first_seq();
+        let after = self_fence::uptime().expect("/proc/uptime").as_micros() as u64;
+        assert!(before <= first && first < second && second <= after, "{before} {first} {second} {after}");
+    }
 
     #[test]
     fn token_shapes() {

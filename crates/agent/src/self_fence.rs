@@ -33,7 +33,7 @@ pub fn self_fence_due(inputs: &SelfFenceInputs, now: Instant) -> bool {
 
 /// Time since boot (`/proc/uptime`): a clock that survives an agent restart within
 /// one boot, unlike the process's `Instant`s.
-fn uptime() -> Option<Duration> {
+pub(crate) fn uptime() -> Option<Duration> {
     let text = std::fs::read_to_string("/proc/uptime").ok()?;
     let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
     Some(Duration::from_secs_f64(seconds))

@@ -73,7 +73,7 @@ pub trait PowerControl: Send + Sync + fmt::Debug {
 }
 
 /// Splits `HOST[:PORT]`, `[V6]:PORT` or a bare IPv6 address.
-pub(crate) fn split_host_port(address: &str, default_port: u16) -> Result<(String, u16)> {
+pub fn split_host_port(address: &str, default_port: u16) -> Result<(String, u16)> {
     let invalid = || BmcError::Config { reason: format!("invalid bmc address {address:?}: expected HOST[:PORT]") };
     if let Some(rest) = address.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(invalid)?;

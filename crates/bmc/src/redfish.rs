@@ -8,7 +8,7 @@
 
 use crate::error::{BmcError, Result};
 use crate::{PowerControl, PowerState, Secret};
-use reqwest::StatusCode;
+pub use reqwest::StatusCode;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -242,7 +242,12 @@ impl RedfishClient {
         let Some(location) = session.location else {
             return Ok(());
         };
-        let url = if location.starts_with("http") { location } else { self.url(&location) };
+        // The session's Location comes from the BMC: the token goes to the BMC
+        // itself only (a full URL under our base, or a plain path).
+        let url = match location.strip_prefix(&self.base_url) {
+            Some(rest) if rest.starts_with('/') => self.url(bmc_path("session location", rest)?),
+            _ => self.url(bmc_path("session location", &location)?),
+        };
         self.http
             .delete(url)
             .header("X-Auth-Token", token_header(&session.token)?)
@@ -277,7 +282,7 @@ impl RedfishClient {
     async fn get_json(&self, path: &str) -> Result<Value> {
         let (status, body) = self.execute(reqwest::Method::GET, path, None).await?;
         check_status(&format!("GET {path}"), status, &body)?;
-        serde_json::from_str(&body).map_err(|error| BmcError::protocol(format!("GET {path}: invalid json: {error}")))
+        parse_json(path, &body)
     }
 
     /// Finds the ComputerSystem to control under /redfish/v1/Systems.
@@ -287,30 +292,7 @@ impl RedfishClient {
             return Ok(path.clone());
         }
         let collection = self.get_json("/redfish/v1/Systems").await?;
-        let members: Vec<String> = collection["Members"]
-            .as_array()
-            .map(|members| {
-                members.iter().filter_map(|member| member["@odata.id"].as_str().map(str::to_string)).collect()
-            })
-            .unwrap_or_default();
-        let path = match &self.config.system_id {
-            Some(id) => members
-                .iter()
-                .find(|path| path.trim_end_matches('/').rsplit('/').next() == Some(id.as_str()))
-                .cloned()
-                .ok_or_else(|| BmcError::Config {
-                    reason: format!("no system {id:?} under /redfish/v1/Systems (found {members:?})"),
-                })?,
-            None => match members.as_slice() {
-                [only] => only.clone(),
-                [] => return Err(BmcError::protocol("no system under /redfish/v1/Systems")),
-                _ => {
-                    return Err(BmcError::Config {
-                        reason: format!("several systems ({members:?}): choose one with a system id"),
-                    })
-                }
-            },
-        };
+        let path = system_path_from_collection(&collection, self.config.system_id.as_deref())?;
         *cached = Some(path.clone());
         Ok(path)
     }
@@ -318,23 +300,13 @@ impl RedfishClient {
     pub async fn power_state(&self) -> Result<PowerState> {
         let path = self.system_path().await?;
         let system = self.get_json(&path).await?;
-        let state =
-            system["PowerState"].as_str().ok_or_else(|| BmcError::protocol(format!("{path} has no PowerState")))?;
-        // Only "Off" is off. "PoweringOff" is still on, and "PoweringOn"
-        // already draws power: neither may count as fenced.
-        Ok(match state {
-            "Off" => PowerState::Off,
-            _ => PowerState::On,
-        })
+        power_state_from_system(&path, &system)
     }
 
     pub async fn reset(&self, reset_type: ResetType) -> Result<()> {
         let path = self.system_path().await?;
         let system = self.get_json(&path).await?;
-        let target = system["Actions"]["#ComputerSystem.Reset"]["target"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{}/Actions/ComputerSystem.Reset", path.trim_end_matches('/')));
+        let target = reset_target_from_system(&path, &system)?;
         let body = serde_json::json!({ "ResetType": reset_type.as_str() });
         let (status, text) = self.execute(reqwest::Method::POST, &target, Some(&body)).await?;
         let operation = format!("redfish reset {}", reset_type.as_str());
@@ -352,6 +324,76 @@ impl RedfishClient {
             Err(other) => Err(other),
         }
     }
+}
+
+/// A response body as JSON. Response parsing is pure (no I/O) from here on,
+/// so that the fuzz target `redfish_json` reaches all of it.
+pub fn parse_json(path: &str, body: &str) -> Result<Value> {
+    serde_json::from_str(body).map_err(|error| BmcError::protocol(format!("GET {path}: invalid json: {error}")))
+}
+
+/// The ComputerSystem to control, from the `/redfish/v1/Systems` collection:
+/// the one named `system_id`, or the only member.
+pub fn system_path_from_collection(collection: &Value, system_id: Option<&str>) -> Result<String> {
+    let members: Vec<String> = collection["Members"]
+        .as_array()
+        .map(|members| members.iter().filter_map(|member| member["@odata.id"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    for member in &members {
+        bmc_path("a /redfish/v1/Systems member", member)?;
+    }
+    match system_id {
+        Some(id) => {
+            members.iter().find(|path| path.trim_end_matches('/').rsplit('/').next() == Some(id)).cloned().ok_or_else(
+                || BmcError::Config {
+                    reason: format!("no system {id:?} under /redfish/v1/Systems (found {members:?})"),
+                },
+            )
+        }
+        None => match members.as_slice() {
+            [only] => Ok(only.clone()),
+            [] => Err(BmcError::protocol("no system under /redfish/v1/Systems")),
+            _ => {
+                Err(BmcError::Config { reason: format!("several systems ({members:?}): choose one with a system id") })
+            }
+        },
+    }
+}
+
+/// The power state of a ComputerSystem resource.
+pub fn power_state_from_system(path: &str, system: &Value) -> Result<PowerState> {
+    let state = system["PowerState"].as_str().ok_or_else(|| BmcError::protocol(format!("{path} has no PowerState")))?;
+    // Only "Off" is off. "PoweringOff" is still on, and "PoweringOn"
+    // already draws power: neither may count as fenced.
+    Ok(match state {
+        "Off" => PowerState::Off,
+        _ => PowerState::On,
+    })
+}
+
+/// Where to POST a reset: the system's advertised action target, or the
+/// standard path under the system.
+pub fn reset_target_from_system(path: &str, system: &Value) -> Result<String> {
+    match system["Actions"]["#ComputerSystem.Reset"]["target"].as_str() {
+        Some(target) => bmc_path(&format!("{path} reset target"), target).map(str::to_string),
+        None => Ok(format!("{}/Actions/ComputerSystem.Reset", path.trim_end_matches('/'))),
+    }
+}
+
+/// A path the BMC told us to use (a system, an action target) is appended to
+/// the base URL, with the credentials attached. Only a plain absolute path may
+/// be: `@evil/x` would turn `https://bmc:443` into user `bmc` at host `evil`,
+/// and `//evil/x` or a full URL would leave the BMC. Such an answer is refused.
+pub fn bmc_path<'a>(what: &str, value: &'a str) -> Result<&'a str> {
+    let plain = value.starts_with('/')
+        && !value.starts_with("//")
+        && !value.chars().any(|c| c == '@' || c == '\\' || c.is_whitespace() || c.is_control());
+    if !plain {
+        // Debug-quoted and cut short: the value comes from the BMC.
+        let shown: String = value.chars().take(80).collect();
+        return Err(BmcError::protocol(format!("{what} {shown:?} is not a plain absolute path on the bmc")));
+    }
+    Ok(value)
 }
 
 /// The base URL from `--address`. Plain `http://` sends the credentials
@@ -409,7 +451,7 @@ fn token_header(token: &str) -> Result<reqwest::header::HeaderValue> {
 
 /// Maps an HTTP status to the typed error, with Redfish's extended message
 /// when the body has one.
-fn check_status(operation: &str, status: StatusCode, body: &str) -> Result<()> {
+pub fn check_status(operation: &str, status: StatusCode, body: &str) -> Result<()> {
     if status.is_success() {
         return Ok(());
     }
@@ -507,5 +549,38 @@ mod tests {
         let value = token_header("0123abcd").unwrap();
         assert!(value.is_sensitive());
         assert!(!format!("{value:?}").contains("0123abcd"));
+    }
+
+    /// A hostile BMC answering `"target": "@evil.example/x"` would make
+    /// `https://bmc:443@evil.example/x` of it: the reset POST, with the
+    /// credentials, would go to another host. Such paths are refused.
+    #[test]
+    fn paths_from_the_bmc_that_would_leave_it_are_refused() {
+        let system = |target: &str| serde_json::json!({"Actions": {"#ComputerSystem.Reset": {"target": target}}});
+        for target in ["@evil.example/x", "//evil.example/x", "https://evil.example/x", "x", "/a b", "/a\\b", ""] {
+            let error = reset_target_from_system("/redfish/v1/Systems/1", &system(target)).unwrap_err();
+            assert!(matches!(error, BmcError::Protocol { .. }), "{target:?}: {error:?}");
+        }
+        let target = "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset";
+        assert_eq!(reset_target_from_system("/redfish/v1/Systems/1", &system(target)).unwrap(), target);
+        assert_eq!(
+            reset_target_from_system("/redfish/v1/Systems/1/", &serde_json::json!({})).unwrap(),
+            "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset"
+        );
+        let members = serde_json::json!({"Members": [{"@odata.id": "@evil.example/redfish/v1/Systems/1"}]});
+        assert!(matches!(system_path_from_collection(&members, None), Err(BmcError::Protocol { .. })));
+    }
+
+    #[test]
+    fn garbage_system_answers_are_protocol_errors_not_a_power_state() {
+        for body in ["", "null", "[]", "{\"PowerState\": 0}", "{\"PowerState\": null}", "{"] {
+            let outcome = parse_json("/redfish/v1/Systems/1", body)
+                .and_then(|system| power_state_from_system("/redfish/v1/Systems/1", &system));
+            assert!(matches!(outcome, Err(BmcError::Protocol { .. })), "{body:?}: {outcome:?}");
+        }
+        let off = parse_json("/s", r#"{"PowerState": "Off"}"#).unwrap();
+        assert_eq!(power_state_from_system("/s", &off).unwrap(), PowerState::Off);
+        let powering_off = parse_json("/s", r#"{"PowerState": "PoweringOff"}"#).unwrap();
+        assert_eq!(power_state_from_system("/s", &powering_off).unwrap(), PowerState::On);
     }
 }

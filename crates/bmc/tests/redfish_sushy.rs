@@ -466,6 +466,7 @@ async fn cli(sushy: &Sushy, extra: &[&str]) -> Result<String, BmcError> {
     use clap::Parser;
     let password_file = sushy.dir.path().join("cli-password");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut argv = vec![
         "kvmha-bmc".to_string(),
         "--driver".into(),

@@ -33,6 +33,26 @@ struct BmcState {
     send_first: Option<Vec<u8>>,
     /// Never send the genuine RAKP4 (only the spoofed one, if any).
     break_rakp4: bool,
+    /// How the session's chassis answers go wrong (issue 10), once a session is open.
+    chassis_fault: Option<ChassisFault>,
+}
+
+/// A BMC that misbehaves once the session is up: every case must end in an error (or,
+/// for a dropped answer, a retry), never in a power state the BMC did not report.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ChassisFault {
+    /// Chassis commands answer this completion code (busy, insufficient privilege, ...).
+    CompletionCode(u8),
+    /// Random bytes instead of the sealed answer.
+    Garbage,
+    /// A correctly sealed answer that reuses the first answer's session sequence number
+    /// (a replay): the client drops it.
+    StaleSequence,
+    /// A "power off" answer sealed with the wrong key (a forgery by someone on the BMC
+    /// network without the password).
+    ForgedOff,
+    /// No answer at all.
+    Silent,
 }
 
 fn reply_message(request: &[u8], completion_code: u8, data: &[u8]) -> Vec<u8> {
@@ -137,6 +157,8 @@ fn answer(state: &mut BmcState, packet: &[u8]) -> Option<Vec<u8>> {
             let sik = inputs.session_integrity_key(Hash::Sha256, &user_key);
             state.k1 = crypto::additional_key(Hash::Sha256, &sik, 1);
             state.k2 = crypto::additional_key(Hash::Sha256, &sik, 2);
+            // Session sequence numbers start over with every session.
+            state.outbound_seq = 0;
             reply.extend_from_slice(&[0x00, 0, 0]);
             reply.extend_from_slice(&state.console_session_id.to_le_bytes());
             reply.extend(inputs.rakp4_integrity_check(Hash::Sha256, &sik));
@@ -152,7 +174,21 @@ fn answer(state: &mut BmcState, packet: &[u8]) -> Option<Vec<u8>> {
             let (netfn, cmd) = (request[1] >> 2, request[5]);
             let data = &request[6..request.len() - 1];
             state.commands.push((netfn, cmd));
+            let fault = if netfn == 0x00 { state.chassis_fault } else { None };
+            match fault {
+                Some(ChassisFault::Silent) => return None,
+                Some(ChassisFault::Garbage) => {
+                    let garbage: Vec<u8> = (0..60u8).map(|index| index.wrapping_mul(37) ^ 0x5a).collect();
+                    return Some(garbage);
+                }
+                _ => {}
+            }
             let message = match (netfn, cmd) {
+                (0x00, _) if matches!(fault, Some(ChassisFault::CompletionCode(_))) => {
+                    let Some(ChassisFault::CompletionCode(code)) = fault else { unreachable!() };
+                    reply_message(&request, code, &[])
+                }
+                (0x00, 0x01) if fault == Some(ChassisFault::ForgedOff) => reply_message(&request, 0, &[0, 0, 0]),
                 (0x06, 0x3b) => reply_message(&request, 0, &[data[0]]),
                 (0x06, 0x3c) => reply_message(&request, 0, &[]),
                 (0x00, 0x01) => reply_message(&request, 0, &[u8::from(state.power_on), 0, 0]),
@@ -167,15 +203,16 @@ fn answer(state: &mut BmcState, packet: &[u8]) -> Option<Vec<u8>> {
                 _ => reply_message(&request, 0xc1, &[]),
             };
             state.outbound_seq += 1;
+            let session_seq = if fault == Some(ChassisFault::StaleSequence) { 1 } else { state.outbound_seq };
             let payload = crypto::encrypt_aes_cbc_128(&state.k2, &[6; 16], &message);
-            let k1 = state.k1.clone();
+            let k1 = if fault == Some(ChassisFault::ForgedOff) { vec![0x42; state.k1.len()] } else { state.k1.clone() };
             let integrity = move |covered: &[u8]| crypto::integrity_code(suite, &k1, covered);
             let header = V2Header {
                 payload_type: codec::PAYLOAD_IPMI,
                 encrypted: true,
                 authenticated: true,
                 session_id: state.console_session_id,
-                session_seq: state.outbound_seq,
+                session_seq,
             };
             Some(codec::encode_v2(header, &payload, Some(&integrity)))
         }
@@ -293,4 +330,40 @@ async fn a_rakp4_status_alone_is_a_protocol_error_not_authentication() {
     assert!(matches!(error, BmcError::Protocol { .. }), "{error:?}");
     assert!(error.to_string().contains("rakp4 status 0x0f"), "{error}");
     task.abort();
+}
+
+/// Issue 10: a BMC that answers with error completion codes, garbage, replayed sequence
+/// numbers, forged "off" answers, or not at all. Each yields an error within the
+/// client's bounds, never a power state, and never a fence reported as done.
+#[tokio::test]
+async fn misbehaving_chassis_answers_are_errors_never_a_power_state() {
+    for fault in [
+        ChassisFault::CompletionCode(0xc0),
+        ChassisFault::CompletionCode(0xd4),
+        ChassisFault::CompletionCode(0xff),
+        ChassisFault::Garbage,
+        ChassisFault::StaleSequence,
+        ChassisFault::ForgedOff,
+        ChassisFault::Silent,
+    ] {
+        let (address, state, task) = start_responder().await;
+        // The first answer of every session is Set Session Privilege (seq 1): a chassis
+        // answer reusing seq 1 is then a replay.
+        state.lock().unwrap().chassis_fault = Some(fault);
+        let client = client(address, USER, PASSWORD);
+        let status = tokio::time::timeout(Duration::from_secs(20), client.status()).await.expect("bounded");
+        assert!(status.is_err(), "{fault:?}: status {status:?}");
+        let fencer = kvmha_bmc::Fencer {
+            deadline: Duration::from_secs(3),
+            poll_interval: Duration::from_millis(50),
+            power_off_attempts_max: 2,
+            resend_after: Duration::from_secs(1),
+            ..kvmha_bmc::Fencer::default()
+        };
+        let report = tokio::time::timeout(Duration::from_secs(30), fencer.fence(&client)).await.expect("bounded");
+        let fenced = matches!(&report, Ok(report) if report.outcome == kvmha_bmc::FenceOutcome::PoweredOff
+            || report.outcome == kvmha_bmc::FenceOutcome::AlreadyOff);
+        assert!(!fenced, "{fault:?}: a misbehaving bmc was reported fenced: {report:?}");
+        task.abort();
+    }
 }

@@ -63,6 +63,9 @@ pub struct Engine {
     pub(crate) planted_bug: Option<PlantedBug>,
 }
 
+/// How many earlier boots of a host the engine remembers to refuse their pings.
+const PAST_BOOTS_MAX: usize = 8;
+
 /// The engine's record of one host.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostRecord {
@@ -73,6 +76,11 @@ pub struct HostRecord {
     pub boot_id: Option<BootId>,
     pub last_ping: Option<Instant>,
     last_ping_seq: Option<u64>,
+    /// Boots of this host before `boot_id`, newest last (at most [`PAST_BOOTS_MAX`]): a
+    /// ping from one of them is a delayed message or someone else using the host's
+    /// certificate, never the host itself, and is dropped.
+    #[serde(default)]
+    past_boots: Vec<BootId>,
     /// Last ping, or the manager's start if later: silence is measured from here.
     silent_since: Instant,
     pub storage: StorageHealth,
@@ -421,6 +429,7 @@ impl Engine {
             boot_id: None,
             last_ping: None,
             last_ping_seq: None,
+            past_boots: Vec::new(),
             silent_since: fx.now,
             storage: StorageHealth::Ok,
             goodbye_since_last_ping: false,
@@ -491,8 +500,25 @@ impl Engine {
             // Overtaken by a newer ping: what it says is already out of date.
             return;
         }
+        if !same_boot && record.past_boots.contains(&ping.boot_id) {
+            // A host never goes back to an earlier boot: taking this ping would let a
+            // stale view (or an impostor) overwrite the fresh one.
+            let detail = format!(
+                "ping from an earlier boot {} (current boot {}): a delayed message or another machine using this host's certificate",
+                ping.boot_id,
+                record.boot_id.as_ref().map(ToString::to_string).unwrap_or_default()
+            );
+            fx.audit(Some(&ping.host), None, AuditKind::Dropped, detail);
+            return;
+        }
         record.last_ping_seq = Some(ping.seq);
         let previous_boot = record.boot_id.replace(ping.boot_id.clone());
+        if let Some(previous) = previous_boot.as_ref().filter(|boot| **boot != ping.boot_id) {
+            record.past_boots.push(previous.clone());
+            if record.past_boots.len() > PAST_BOOTS_MAX {
+                record.past_boots.remove(0);
+            }
+        }
         let rebooted = previous_boot.as_ref().is_some_and(|boot| *boot != ping.boot_id);
         record.last_ping = Some(fx.now);
         record.silent_since = fx.now;
@@ -1055,8 +1081,15 @@ impl Engine {
     fn rebooted_unheard(&mut self, fx: &mut Effects, host: &HostName, new_boot: BootId) {
         let record = self.hosts.get_mut(host).expect("caller checked");
         let old_boot = record.boot_id.replace(new_boot.clone());
-        // Its pings, when they come back, count from the new boot.
+        // Its pings, when they come back, count from the new boot; a late one from the old
+        // boot is dropped like any ping from an earlier boot.
         record.last_ping_seq = None;
+        if let Some(old) = &old_boot {
+            record.past_boots.push(old.clone());
+            if record.past_boots.len() > PAST_BOOTS_MAX {
+                record.past_boots.remove(0);
+            }
+        }
         fx.audit(
             Some(host),
             None,

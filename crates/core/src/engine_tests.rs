@@ -1329,3 +1329,68 @@ fn turning_ha_off_while_a_vm_waits_for_capacity_stops_it_for_good() {
     let commands = harness.advance(2_000, &["host1", "host2", "host3"]);
     assert!(starts(&commands).iter().all(|(vm, _, _)| vm != "vm-low"), "{commands:?}");
 }
+
+// ----- hostile and reordered agent traffic (issue 10) -------------------------------------
+
+fn dropped(commands: &[Command]) -> Vec<String> {
+    commands
+        .iter()
+        .filter_map(|command| match command {
+            Command::Audit(AuditEvent { kind: AuditKind::Dropped, detail, .. }) => Some(detail.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Pings whose seq goes backwards (reordered, or replayed) neither count as a sign of
+/// life nor overwrite what a newer ping said: a silent host still becomes Suspect.
+#[test]
+fn pings_with_an_old_seq_do_not_keep_a_silent_host_up() {
+    let mut harness = Harness::new();
+    let stale_seq = harness.seq[&h("host1")] - 1;
+    let mut commands = Vec::new();
+    for _ in 0..8 {
+        commands.extend(harness.advance(100, &["host2", "host3"]));
+        let ping = Ping {
+            host: h("host1"),
+            boot_id: harness.boot("host1"),
+            seq: stale_seq,
+            vms: Vec::new(),
+            storage: StorageHealth::Ok,
+        };
+        commands.extend(harness.step(Event::Ping(ping)));
+    }
+    assert_eq!(transitions(&commands)[0], t("host1", Up, Suspect), "{commands:#?}");
+    // The stale pings listed no VM: had one counted, both VMs would be gone from host1.
+    assert_eq!(harness.vm("vm-low").host, Some(h("host1")));
+}
+
+/// A host never returns to an earlier boot: a ping from one is dropped with an audit
+/// line, does not change the host's boot, and does not keep the host alive.
+#[test]
+fn a_ping_from_an_earlier_boot_is_dropped_and_audited() {
+    let mut harness = Harness::new();
+    let first_boot = harness.boot("host1");
+    harness.reboot("host1");
+    harness.ping("host1");
+    let second_boot = harness.boot("host1");
+    assert_ne!(first_boot, second_boot);
+    let replayed = Ping {
+        host: h("host1"),
+        boot_id: first_boot.clone(),
+        seq: u64::MAX,
+        vms: Vec::new(),
+        storage: StorageHealth::Ok,
+    };
+    let commands = harness.step(Event::Ping(replayed.clone()));
+    let lines = dropped(&commands);
+    assert_eq!(lines.len(), 1, "{commands:#?}");
+    assert!(lines[0].contains("earlier boot") && lines[0].contains(&first_boot.to_string()), "{lines:?}");
+    assert_eq!(harness.engine.hosts()[&h("host1")].boot_id.as_ref(), Some(&second_boot));
+    let mut commands = Vec::new();
+    for _ in 0..8 {
+        commands.extend(harness.advance(100, &["host2", "host3"]));
+        commands.extend(harness.step(Event::Ping(replayed.clone())));
+    }
+    assert_eq!(transitions(&commands)[0], t("host1", Up, Suspect), "{commands:#?}");
+}

@@ -184,6 +184,11 @@ pub enum TimingError {
     Conflict { detail: String },
 }
 
+/// The longest any single timing setting may be.
+const TIMING_MAX_MS: u64 = 24 * 3600 * 1000;
+/// The largest count setting (rounds, attempts).
+const COUNT_MAX: u64 = 1000;
+
 impl Timing {
     /// Fills `overrides` from `profile` and checks every invariant.
     pub fn from_profile(profile: Profile, overrides: &TimingSettings) -> Result<Timing, TimingError> {
@@ -218,8 +223,22 @@ impl Timing {
                 Some(value) => Ok(value),
             }
         }
-        let ms = |field: &'static str, value: Option<u64>| required(field, value).map(Duration::from_millis);
-        let count = |field: &'static str, value: Option<u32>| required(field, value.map(u64::from));
+        // Upper limits keep every sum and product of timings far from overflow (a panic),
+        // and keep loops over attempts short; nothing sensible comes near them.
+        fn at_most(field: &'static str, value: u64, limit: u64, rule: &'static str) -> Result<u64, TimingError> {
+            if value > limit {
+                return Err(TimingError::OutOfRange { field, value, rule });
+            }
+            Ok(value)
+        }
+        let ms = |field: &'static str, value: Option<u64>| {
+            required(field, value)
+                .and_then(|value| at_most(field, value, TIMING_MAX_MS, "at most 86400000 (one day)"))
+                .map(Duration::from_millis)
+        };
+        let count = |field: &'static str, value: Option<u32>| {
+            required(field, value.map(u64::from)).and_then(|value| at_most(field, value, COUNT_MAX, "at most 1000"))
+        };
 
         let timing = Timing {
             ping_interval: ms("ping_interval_ms", settings.ping_interval_ms)?,
@@ -446,6 +465,19 @@ mod tests {
             let timing = Timing::from_profile(profile, &TimingSettings::default());
             assert!(timing.is_ok(), "{profile}: {timing:?}");
         }
+    }
+
+    /// Found by review for issue 10: `fence_attempts_max = 4000000000` looped four billion
+    /// times in `fencing_bound`, and huge timeouts overflowed its sum (a panic in the
+    /// engine, long after the config was accepted). Both are refused at load now.
+    #[test]
+    fn absurdly_large_timings_are_refused_naming_the_field() {
+        let attempts = TimingSettings { fence_attempts_max: Some(4_000_000_000), ..TimingSettings::default() };
+        let error = Timing::from_profile(Profile::Fast, &attempts).unwrap_err().to_string();
+        assert!(error.contains("fence_attempts_max"), "{error}");
+        let huge = TimingSettings { fence_attempt_timeout_ms: Some(i64::MAX as u64), ..TimingSettings::default() };
+        let error = Timing::from_profile(Profile::Conservative, &huge).unwrap_err().to_string();
+        assert!(error.contains("fence_attempt_timeout_ms") && error.contains("one day"), "{error}");
     }
 
     #[test]

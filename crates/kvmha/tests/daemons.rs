@@ -253,6 +253,7 @@ fn a_silent_host_nobody_can_reach_is_fenced_through_its_bmc_once() {
     let mut cluster = Cluster::init();
     let password_file = cluster.dir.path().join("manager/bmc-host3.pass");
     std::fs::write(&password_file, kvmha_bmc::sim::ADMIN_PASSWORD).expect("write");
+    std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
     let mut text = std::fs::read_to_string(cluster.config()).expect("config");
     text.push_str(&format!(
         "\n[hosts.host3.bmc]\nkind = \"ipmi\"\naddress = \"{}\"\nusername = \"{}\"\npassword_file = \"bmc-host3.pass\"\n",
@@ -296,6 +297,20 @@ fn a_silent_host_nobody_can_reach_is_fenced_through_its_bmc_once() {
     assert_eq!(fence_intents(&lines), intents_before, "a fence was repeated after the restart");
     let log = cluster.manager.as_ref().expect("manager").log_text();
     assert!(!log.contains(kvmha_bmc::sim::ADMIN_PASSWORD), "the BMC password is in the manager's log");
+    // Nor in the log of the run that fenced, nor in any API answer (issue 10).
+    let fencing_run = std::fs::read_to_string(cluster.dir.path().join("manager-1.log")).expect("first log");
+    assert!(fencing_run.contains("host3"), "not the fencing run's log");
+    assert!(!fencing_run.contains(kvmha_bmc::sim::ADMIN_PASSWORD), "the BMC password is in the fencing run's log");
+    for args in [
+        &["host", "list", "--json"][..],
+        &["host", "show", "host3", "--json"],
+        &["events", "--json"],
+        &["vm", "list", "--json"],
+    ] {
+        let output = cluster.api_output(args, &cluster.operator_token);
+        let shown = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(!shown.contains(kvmha_bmc::sim::ADMIN_PASSWORD), "{args:?} shows the BMC password");
+    }
 }
 
 #[test]

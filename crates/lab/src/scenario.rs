@@ -16,6 +16,9 @@ use crate::error::{LabError, Result};
 use crate::lab::NetSelector;
 use crate::topology::{host_name, HOSTS_MAX};
 
+/// The most generated VMs per host (`vms_per_host`); explicit `[[lab.vm]]` come on top.
+pub const VMS_PER_HOST_MAX: usize = 64;
+
 // ---------------------------------------------------------------- raw file
 
 #[derive(Debug, Deserialize)]
@@ -275,8 +278,14 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
             "h" => 3_600_000.0,
             _ => return Err(format!("`{text}` has unknown unit `{unit}` (ms, s, m, h)")),
         };
-        total += Duration::from_millis((value * unit_ms).round() as u64);
+        // Saturating: "99999999999999999999h" repeated would overflow a Duration sum
+        // (a panic); such a duration is refused below instead.
+        total = total.saturating_add(Duration::from_millis((value * unit_ms).round() as u64));
         rest = next;
+    }
+    // A scenario longer than a year is a typo, and keeps every later sum far from overflow.
+    if total > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("`{text}` is longer than a year"));
     }
     Ok(total)
 }
@@ -397,9 +406,15 @@ impl RawLab {
                 host.memory_mb = memory_mb;
             }
         }
+        // Bounded like `hosts`: `vms_per_host = 76547` on 80 hosts made six million VM
+        // specs and ran the parser out of memory (found by the `scenario` fuzz target).
+        let vms_per_host = self.vms_per_host.unwrap_or(0);
+        if vms_per_host > VMS_PER_HOST_MAX {
+            return Err(field_error("lab.vms_per_host", format!("must be 0..={VMS_PER_HOST_MAX}, got {vms_per_host}")));
+        }
         let mut vms = Vec::new();
         for index in 1..=self.hosts {
-            for number in 1..=self.vms_per_host.unwrap_or(0) {
+            for number in 1..=vms_per_host {
                 vms.push(VmSpec {
                     name: format!("{}-vm{number}", host_name(index)),
                     host: host_name(index),

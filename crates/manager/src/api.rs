@@ -25,6 +25,8 @@ use tokio::sync::watch;
 /// The longest a long-poll of `/v1/events` waits.
 const EVENTS_WAIT_MAX: Duration = Duration::from_secs(30);
 const EVENTS_PAGE_MAX: u32 = 1000;
+/// The largest request body the operator API reads.
+pub const API_BODY_MAX_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -160,6 +162,9 @@ pub fn router(api: Arc<OperatorApi>) -> Router {
         .route("/v1/cluster/arm", post(arm))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint (see /openapi.json)") })
+        // Operator bodies are a few bytes ({"on": true}): anything bigger is refused (413)
+        // before it is buffered.
+        .layer(axum::extract::DefaultBodyLimit::max(API_BODY_MAX_BYTES))
         .with_state(api)
 }
 
@@ -364,7 +369,14 @@ struct EnabledBody {
 }
 
 pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
-    serde_json::from_slice(body).map_err(|failure| refusal(StatusCode::BAD_REQUEST, format!("invalid body: {failure}")))
+    let invalid = |failure: serde_json::Error| refusal(StatusCode::BAD_REQUEST, format!("invalid body: {failure}"));
+    // Only an object: serde would also fill a struct from an array, so `[true]` turned
+    // maintenance on (found in issue 10).
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+    if !value.is_object() {
+        return Err(refusal(StatusCode::BAD_REQUEST, "invalid body: expected a JSON object"));
+    }
+    serde_json::from_value(value).map_err(invalid)
 }
 
 async fn maintenance(

@@ -219,9 +219,35 @@ impl ManagerConfig {
         }
         let mut hosts = BTreeMap::new();
         for (name, host) in raw.hosts {
+            // The names agents join under (see server::valid_host_name): a host that can
+            // never join would only ever be seen silent.
+            let valid_name = !name.is_empty()
+                && name.len() <= 63
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !name.starts_with('-')
+                && !name.ends_with('-');
+            if !valid_name {
+                return Err(field(&format!("hosts.{name}"), "letters, digits and '-' only, at most 63".into()));
+            }
+            for pool in &host.pools {
+                kvmha_storage::Name::new(pool)
+                    .map_err(|error| field(&format!("hosts.{name}.pools"), error.to_string()))?;
+            }
             let bmc = match host.bmc {
                 None => None,
                 Some(bmc) => {
+                    let address_field = format!("hosts.{name}.bmc.address");
+                    if bmc.address.contains('@') {
+                        // Never echoed: it may hold a password.
+                        return Err(field(
+                            &address_field,
+                            "embeds user credentials: use username and password_file".into(),
+                        ));
+                    }
+                    if !bmc.address.contains("://") {
+                        kvmha_bmc::split_host_port(&bmc.address, 623)
+                            .map_err(|error| field(&address_field, error.to_string()))?;
+                    }
                     let password_path = base.join(&bmc.password_file);
                     let password = Secret::from_file(&password_path).map_err(|error| {
                         field(

@@ -19,6 +19,9 @@ use kvmha_proto::{
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// The largest request body the agent-facing endpoints read.
+pub const AGENT_BODY_MAX_BYTES: usize = 1024 * 1024;
+
 #[derive(Debug)]
 pub struct AgentApi {
     pub controller: Controller,
@@ -36,6 +39,9 @@ pub fn router(api: Arc<AgentApi>) -> Router {
         .route(path::JOIN, post(join))
         .route(path::PING, post(ping))
         .route(path::GOODBYE, post(goodbye))
+        // A ping lists every VM of a host; a join carries a CSR. 1 MiB is far above both
+        // and bounds what one agent (or anyone with the join token) makes us buffer (413).
+        .layer(axum::extract::DefaultBodyLimit::max(AGENT_BODY_MAX_BYTES))
         .with_state(api)
 }
 

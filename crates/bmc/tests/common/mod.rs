@@ -69,5 +69,7 @@ impl SimBmcExt for SimBmc {
 pub fn password_file(dir: &Path, password: &str) -> PathBuf {
     let path = dir.join(format!("password-{}", free_udp_port()));
     std::fs::write(&path, format!("{password}\n")).unwrap();
+    // Secret::from_file refuses a world-readable password file.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     path
 }

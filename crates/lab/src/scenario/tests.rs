@@ -121,6 +121,28 @@ fn durations_take_the_usual_units() {
     }
 }
 
+/// Found by review for issue 10: a thousand huge terms summed past `Duration::MAX`
+/// and panicked instead of refusing the field.
+#[test]
+fn an_absurdly_long_duration_is_refused_not_a_panic() {
+    let huge = "99999999999999999999h".repeat(1001);
+    assert!(parse_duration(&huge).unwrap_err().contains("longer than a year"));
+    assert!(parse_duration("9999999h").is_err());
+    assert_eq!(parse_duration("365d").map_err(|_| ()), Err(()));
+    let scenario = MINIMAL.replace("duration = \"", "duration = \"99999999999999999999h");
+    assert!(Scenario::parse(&scenario).is_err());
+}
+
+/// Found by the `scenario` fuzz target (fuzz/corpus/scenario/oom-vms-per-host): six
+/// million generated VM specs ran the parser out of memory.
+#[test]
+fn a_huge_vms_per_host_is_refused_not_generated() {
+    let text = "name = \"m\"\n[lab]\nhosts = 80\nvms_per_host = 76547\n[expect]\nduration = \"20s\"\n";
+    assert_eq!(field_of(text), "lab.vms_per_host");
+    let at_the_limit = MINIMAL.replace("vms_per_host = 1", &format!("vms_per_host = {VMS_PER_HOST_MAX}"));
+    assert_eq!(Scenario::parse(&at_the_limit).expect("at the limit").lab.vms.len(), 2 * VMS_PER_HOST_MAX);
+}
+
 #[test]
 fn unknown_keys_are_rejected_naming_where() {
     assert_eq!(field_of(&format!("{MINIMAL}colour = 1\n")), "expect.colour");
