@@ -284,7 +284,8 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
         let _ = out.flush();
         running = Some((cluster, forwarder));
     } else {
-        println!("break it: kvmha lab fault power-off host1 | Ctrl-C tears it down");
+        // Whoever started us may have stopped reading: never panic on a closed stdout.
+        let _ = writeln!(std::io::stdout(), "break it: kvmha lab fault power-off host1 | Ctrl-C tears it down");
     }
     wait_for_stop(&stop);
     eprintln!("kvmha lab: stopping, tearing {} down", lab.id());

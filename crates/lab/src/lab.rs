@@ -1321,7 +1321,14 @@ impl Shared {
             // Powered off by its BMC (the chassis script): take its links down too.
             let links_were_up = std::mem::replace(&mut lock(&self.links_up)[index - 1], false);
             if links_were_up {
-                self.set_links(index, false)?;
+                // Under the power lock, as boots are: a boot that brought the links
+                // up and has not written its init file yet must keep them.
+                let _power = self.power_lock(index)?;
+                if self.init(index).is_none() {
+                    self.set_links(index, false)?;
+                } else {
+                    lock(&self.links_up)[index - 1] = true;
+                }
             }
             return Ok(());
         }

@@ -17,11 +17,12 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
-/// Starts `lab up` and returns it with the id it printed.
+/// Starts `lab up` (the plumbing only: the helper is not kvmha, it runs no cluster;
+/// `kvmha lab run`'s tests cover the cluster) and returns it with the id it printed.
 fn lab_up(hosts: usize) -> (Child, LabId) {
     assert!(nix::unistd::geteuid().is_root(), "needs root");
     let mut child = Command::new(HELPER)
-        .args(["lab", "up", "--hosts", &hosts.to_string()])
+        .args(["lab", "up", "--no-cluster", "--hosts", &hosts.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
