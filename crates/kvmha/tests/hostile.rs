@@ -328,6 +328,8 @@ fn an_agent_certificate_speaks_only_for_its_own_host() {
         Err(error) => assert!(format!("{error:?}").contains("BrokenPipe") || error.is_request(), "{error:?}"),
     }
     // host1's own ping is taken: the refusals above were about the name, not the channel.
+    // A fresh client: the pooled connection may be the one the 413 closed.
+    let identity = AgentIdentity::of(&host1);
     let (status, answer) = identity.post(kvmha_proto::path::PING, ping_body("host1", "boot-1", 1));
     assert_eq!(status, 200, "{answer}");
     cluster.wait_state("host1", &["Up"]);
