@@ -22,6 +22,7 @@ fn executor_with_bmc(
     };
     let output = kvmha_manager::init(&options).expect("init");
     std::fs::write(dir.join("bmc.pass"), ADMIN_PASSWORD).unwrap();
+    std::fs::set_permissions(dir.join("bmc.pass"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut text = std::fs::read_to_string(&output.config_file).unwrap();
     text.push_str(&format!(
         "\n[hosts.host1.bmc]\nkind = \"ipmi\"\naddress = \"{bmc_address}\"\nusername = \"{ADMIN_USER}\"\npassword_file = \"bmc.pass\"\n"
