@@ -1190,6 +1190,13 @@ impl Shared {
         let mut placeholder = self.host_command_at(index, "mount")?;
         placeholder.args(["-t", "tmpfs", "-o", "ro,size=4k", "kvmha-lab-no-storage"]).arg(&mount_point);
         run(&mut placeholder, None, COMMAND_TIMEOUT)?;
+        // Every boot gets its own boot id, as a real machine's kernel makes one: without it
+        // all lab hosts, and every boot of one, would share this machine's, and a reset
+        // would look to kvmha like no reboot at all.
+        if let Err(error) = self.fresh_boot_id(index, &dir) {
+            let mut console = console_clone()?;
+            let _ = writeln!(console, "kvmha-lab: no boot id of its own for this boot: {error}");
+        }
         // A host that cannot reach its storage still boots, as a real one would; but a
         // lab whose storage never worked is broken, so the first boot insists.
         if let Err(error) = self.mount_storage(index) {
@@ -1201,6 +1208,19 @@ impl Shared {
         }
         lock(&self.booted)[index - 1] = Some(init);
         self.spawn_boot_script(index)
+    }
+
+    /// Bind-mounts a new random boot id over the host's `/proc/sys/kernel/random/boot_id`
+    /// (its mount namespace is its own, and dies with its init).
+    fn fresh_boot_id(&self, index: usize, dir: &Path) -> Result<()> {
+        let uuid_path = Path::new("/proc/sys/kernel/random/uuid");
+        let uuid = std::fs::read_to_string(uuid_path).map_err(|error| LabError::io(uuid_path, error))?;
+        let file = dir.join("boot_id");
+        write_file(&file, &format!("{}\n", uuid.trim()))?;
+        let mut bind = self.host_command_at(index, "mount")?;
+        bind.arg("--bind").arg(&file).arg("/proc/sys/kernel/random/boot_id");
+        run(&mut bind, None, COMMAND_TIMEOUT)?;
+        Ok(())
     }
 
     /// Starts `boot.sh` inside the running host, if it has one (non-empty).
