@@ -175,6 +175,21 @@ pub struct VmRecord {
     stop: Option<StopWork>,
 }
 
+impl HostRecord {
+    /// The host now runs `boot`; the one it replaces joins the remembered earlier boots.
+    /// Returns the boot it had before.
+    fn set_boot(&mut self, boot: BootId) -> Option<BootId> {
+        let previous = self.boot_id.replace(boot);
+        if let Some(previous) = previous.as_ref().filter(|previous| Some(*previous) != self.boot_id.as_ref()) {
+            self.past_boots.push(previous.clone());
+            if self.past_boots.len() > PAST_BOOTS_MAX {
+                self.past_boots.remove(0);
+            }
+        }
+        previous
+    }
+}
+
 impl VmRecord {
     /// Starts (per host, summed) and relocations within the restart budget's window: what
     /// the budget has spent so far.
@@ -512,13 +527,7 @@ impl Engine {
             return;
         }
         record.last_ping_seq = Some(ping.seq);
-        let previous_boot = record.boot_id.replace(ping.boot_id.clone());
-        if let Some(previous) = previous_boot.as_ref().filter(|boot| **boot != ping.boot_id) {
-            record.past_boots.push(previous.clone());
-            if record.past_boots.len() > PAST_BOOTS_MAX {
-                record.past_boots.remove(0);
-            }
-        }
+        let previous_boot = record.set_boot(ping.boot_id.clone());
         let rebooted = previous_boot.as_ref().is_some_and(|boot| *boot != ping.boot_id);
         record.last_ping = Some(fx.now);
         record.silent_since = fx.now;
@@ -1080,16 +1089,10 @@ impl Engine {
     /// start elsewhere (their leases still guard the start), though the host is alive.
     fn rebooted_unheard(&mut self, fx: &mut Effects, host: &HostName, new_boot: BootId) {
         let record = self.hosts.get_mut(host).expect("caller checked");
-        let old_boot = record.boot_id.replace(new_boot.clone());
-        // Its pings, when they come back, count from the new boot; a late one from the old
-        // boot is dropped like any ping from an earlier boot.
+        // A late ping from the old boot is dropped like any ping from an earlier boot; pings,
+        // when they come back, count from the new boot.
+        let old_boot = record.set_boot(new_boot.clone());
         record.last_ping_seq = None;
-        if let Some(old) = &old_boot {
-            record.past_boots.push(old.clone());
-            if record.past_boots.len() > PAST_BOOTS_MAX {
-                record.past_boots.remove(0);
-            }
-        }
         fx.audit(
             Some(host),
             None,
