@@ -251,16 +251,7 @@ fn a_malformed_config_is_refused_with_the_field_and_file_named() {
 fn a_silent_host_nobody_can_reach_is_fenced_through_its_bmc_once() {
     let bmc = kvmha_bmc::sim::IpmiSim::start(true).expect("ipmi_sim (scripts/setup.sh installs openipmi)");
     let mut cluster = Cluster::init();
-    let password_file = cluster.dir.path().join("manager/bmc-host3.pass");
-    std::fs::write(&password_file, kvmha_bmc::sim::ADMIN_PASSWORD).expect("write");
-    std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
-    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
-    text.push_str(&format!(
-        "\n[hosts.host3.bmc]\nkind = \"ipmi\"\naddress = \"{}\"\nusername = \"{}\"\npassword_file = \"bmc-host3.pass\"\n",
-        bmc.address(),
-        kvmha_bmc::sim::ADMIN_USER
-    ));
-    std::fs::write(cluster.config(), text).expect("write");
+    cluster.add_ipmi_bmc("host3", &bmc);
     cluster.start_manager();
     cluster.join("host1");
     cluster.join("host2");

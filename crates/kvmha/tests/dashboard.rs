@@ -282,16 +282,7 @@ struct BmcCluster {
 fn bmc_cluster() -> BmcCluster {
     let bmc = kvmha_bmc::sim::IpmiSim::start(true).expect("ipmi_sim (scripts/setup.sh installs openipmi)");
     let mut cluster = Cluster::init();
-    let password_file = cluster.dir.path().join("manager/bmc-host3.pass");
-    std::fs::write(&password_file, kvmha_bmc::sim::ADMIN_PASSWORD).unwrap();
-    std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let mut text = std::fs::read_to_string(cluster.config()).expect("config");
-    text.push_str(&format!(
-        "\n[hosts.host3.bmc]\nkind = \"ipmi\"\naddress = \"{}\"\nusername = \"{}\"\npassword_file = \"bmc-host3.pass\"\n",
-        bmc.address(),
-        kvmha_bmc::sim::ADMIN_USER
-    ));
-    std::fs::write(cluster.config(), text).expect("write");
+    cluster.add_ipmi_bmc("host3", &bmc);
     cluster.start_manager();
     cluster.join("host1");
     cluster.join("host2");

@@ -595,3 +595,21 @@ impl Drop for LabVmsGuard {
         }
     }
 }
+
+impl Cluster {
+    /// Gives `host` an IPMI BMC (the simulator `bmc`) in manager.toml, its password in a
+    /// 0600 file as the manager demands. Call before the manager starts.
+    pub fn add_ipmi_bmc(&self, host: &str, bmc: &kvmha_bmc::sim::IpmiSim) {
+        let file_name = format!("bmc-{host}.pass");
+        let password_file = self.dir.path().join("manager").join(&file_name);
+        std::fs::write(&password_file, kvmha_bmc::sim::ADMIN_PASSWORD).expect("write");
+        std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        let mut text = std::fs::read_to_string(self.config()).expect("config");
+        text.push_str(&format!(
+            "\n[hosts.{host}.bmc]\nkind = \"ipmi\"\naddress = \"{}\"\nusername = \"{}\"\npassword_file = \"{file_name}\"\n",
+            bmc.address(),
+            kvmha_bmc::sim::ADMIN_USER
+        ));
+        std::fs::write(self.config(), text).expect("write");
+    }
+}
