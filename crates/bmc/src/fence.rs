@@ -135,6 +135,12 @@ impl Fencer {
         }
 
         loop {
+            // A status read that used up the whole budget (an unreachable BMC) must
+            // stay the reported cause: a power off sent with nothing left of the
+            // deadline could only time out at once and hide it.
+            if Instant::now() >= deadline {
+                break;
+            }
             let resend_due = match last_power_off_at {
                 None => true,
                 Some(at) => at.elapsed() >= self.resend_after,

@@ -126,6 +126,22 @@ async fn fencing_an_unreachable_bmc_fails_within_the_deadline() {
 }
 
 #[tokio::test]
+async fn a_bmc_silent_for_the_whole_deadline_is_reported_by_its_unanswered_read() {
+    // Seen in the soak: the first status read used up the fence deadline, then a power
+    // off was "sent" with nothing left and its instant timeout ("after 0 ms") became the
+    // reported cause, hiding the silent BMC.
+    let (_silent, port) = silent_udp_port();
+    let mut config = IpmiConfig::new(format!("127.0.0.1:{port}"), ADMIN_USER, Secret::new(ADMIN_PASSWORD));
+    config.attempt_timeout = Duration::from_secs(3);
+    config.operation_timeout = Duration::from_secs(10);
+    let client = IpmiClient::new(config).unwrap();
+    let fencer = Fencer { deadline: Duration::from_millis(800), ..quick_fencer() };
+    let error = fencer.fence(&client).await.unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("fence status") && !text.contains("after 0 ms"), "{text}");
+}
+
+#[tokio::test]
 async fn fencing_through_ipmitool_works_the_same() {
     let bmc = SimBmc::start(true).unwrap();
     let driver = Ipmitool::new(IpmitoolConfig::new(bmc.address(), ADMIN_USER, Secret::new(ADMIN_PASSWORD))).unwrap();
