@@ -211,8 +211,37 @@ fn assert_restarted_once(cluster: &Cluster, vm: &str, dead: &str) {
     assert_ne!(order[1].0, dead, "vm {vm}: restarted on the dead host: {order:?}");
 }
 
-fn kill_host(cluster: &mut Cluster, host: &str) {
+/// Connections to `address` hang as to a powered-off machine (as [`SilentAddress`], but on
+/// the address a killed agent listened on): a listener with a backlog of one whose queue
+/// is filled and never accepted from.
+fn silence(address: &str) -> SilentAddress {
+    let address: std::net::SocketAddr = address.parse().expect("IP:PORT");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime");
+    let listener = {
+        let _context = runtime.enter();
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(address).expect("bind the killed agent's address");
+        socket.listen(1).expect("listen")
+    };
+    let mut fillers = Vec::new();
+    while let Ok(stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)) {
+        fillers.push(stream);
+        assert!(fillers.len() < 64, "the accept queue never filled up");
+    }
+    SilentAddress { address, _listener: listener, _fillers: fillers, _runtime: runtime }
+}
+
+/// A host dies as a machine does: agent and VMs gone, its address silent.
+fn kill_host(cluster: &mut Cluster, host: &str) -> SilentAddress {
     cluster.agents.get_mut(host).expect("agent").kill();
+    let config = std::fs::read_to_string(cluster.agent_dir(host).join("agent.toml")).expect("agent.toml");
+    let listen = config
+        .lines()
+        .find_map(|line| line.strip_prefix("listen = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("listen in agent.toml")
+        .to_owned();
     let run = cluster.agent_dir(host).join("lab/run");
     for entry in std::fs::read_dir(run).into_iter().flatten().flatten() {
         if entry.path().extension().is_some_and(|extension| extension == "pid") {
@@ -225,6 +254,7 @@ fn kill_host(cluster: &mut Cluster, host: &str) {
             }
         }
     }
+    silence(&listen)
 }
 
 #[test]
@@ -272,7 +302,7 @@ fn the_leader_killed_mid_recovery_is_replaced_and_no_vm_starts_twice_nor_host_is
     assert!(stderr.contains("not the leader"), "{stderr}");
     point_at(&mut cluster, &managers[first]);
 
-    kill_host(&mut cluster, "host1");
+    let _silent = kill_host(&mut cluster, "host1");
     // The moment the first start is decided (recorded before it is sent), the leader dies.
     let deadline = Instant::now() + WAIT_LIMIT;
     while audit_lines(&cluster, "VmStartIntent").is_empty() {
@@ -304,6 +334,9 @@ fn the_leader_killed_mid_recovery_is_replaced_and_no_vm_starts_twice_nor_host_is
     let intents = audit_lines(&cluster, "host1 FenceIntent");
     assert_eq!(intents.len(), 1, "{intents:#?}");
     assert!(managers[second].log_text().contains("taking over as leader"));
+    let not_repeated = audit_lines(&cluster, "already confirmed by an earlier leader");
+    let resent = audit_lines(&cluster, "sent again");
+    eprintln!("after the takeover: {} actions not repeated, {} starts sent again", not_repeated.len(), resent.len());
     eprintln!(
         "takeover: leader SIGKILLed -> new leader elected {} ms, -> every VM running again {} ms (lease TTL {LEASE_TTL_MS} ms)",
         elected.as_millis(),
