@@ -485,7 +485,9 @@ async fn renew_leases(vms: Arc<vms::Vms>, every: Duration) {
 #[derive(Debug)]
 enum PostFailure {
     /// A follower (421): the leader's agent URL if it knows it.
-    NotLeader { leader: Option<String> },
+    NotLeader {
+        leader: Option<String>,
+    },
     Other(String),
 }
 

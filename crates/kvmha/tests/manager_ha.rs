@@ -86,7 +86,15 @@ impl Observer {
 
 fn set_line(text: &str, key: &str, value: &str) -> String {
     text.lines()
-        .map(|line| if line.starts_with(&format!("{key} = ")) { format!("{key} = \"{value}\"") } else { line.to_owned() })
+        .map(
+            |line| {
+                if line.starts_with(&format!("{key} = ")) {
+                    format!("{key} = \"{value}\"")
+                } else {
+                    line.to_owned()
+                }
+            },
+        )
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -398,9 +406,9 @@ fn a_leader_cut_off_from_etcd_stops_before_its_lease_expires_and_agents_follow_t
     cluster.wait("every agent pings the new leader", |cluster| {
         let Some(Value::Array(hosts)) = cluster.try_api(&["host", "list", "--json"]) else { return false };
         hosts.len() == 3
-            && hosts.iter().all(|host| {
-                host["state"] == "Up" && host["last_ping_ms_ago"].as_u64().is_some_and(|ago| ago < 1000)
-            })
+            && hosts
+                .iter()
+                .all(|host| host["state"] == "Up" && host["last_ping_ms_ago"].as_u64().is_some_and(|ago| ago < 1000))
     });
     let followed = cut.elapsed();
     assert!(audit_lines(&cluster, "FenceIntent").is_empty(), "the takeover fenced someone");
@@ -408,6 +416,18 @@ fn a_leader_cut_off_from_etcd_stops_before_its_lease_expires_and_agents_follow_t
         let log = cluster.agents[host].log_text();
         assert!(log.contains("switching to the leader") || log.contains("manager reachable again"), "{host}: {log}");
     }
+    // A clean stop hands over at once: the lease is revoked, not left to run out.
+    let stopping = Instant::now();
+    let leader = managers[second].guard.as_mut().expect("new leader");
+    leader.signal("TERM");
+    let status = leader.wait_exit();
+    assert!(status.success(), "a clean stop of the leader exited with {status:?}");
+    assert!(managers[second].log_text().contains("lease revoked"), "{}", managers[second].log_text());
+    let (third_epoch, third) = observer.wait_leader(Some(new_epoch));
+    assert!(third_epoch > new_epoch);
+    assert_eq!(leader_index(&managers, &third), 3 - first - second, "the one manager left leads");
+    let handed_over = stopping.elapsed();
+    eprintln!("clean stop of the leader -> next leader elected {} ms", handed_over.as_millis());
     eprintln!(
         "partition: leader cut off -> stepped down {} ms, new leader elected {} ms, every agent on it {} ms (lease TTL {LEASE_TTL_MS} ms)",
         exited_after.expect("exited").as_millis(),
@@ -486,7 +506,10 @@ fn the_etcd_store_round_trips_large_state_and_refuses_a_deposed_leaders_writes()
     assert_eq!(restored.hosts().len(), 4000);
     let lines = reader.events_after(0, 1000).expect("events");
     assert_eq!(lines.len(), 250);
-    assert!(lines.iter().enumerate().all(|(index, line)| line.id == index as i64 + 1 && line.line.ends_with(&format!("line {index}"))));
+    assert!(lines
+        .iter()
+        .enumerate()
+        .all(|(index, line)| line.id == index as i64 + 1 && line.line.ends_with(&format!("line {index}"))));
     assert_eq!(reader.events_after(200, 10).expect("events")[0].id, 201);
     assert_eq!(reader.last_event_id().expect("last"), 250);
     let mut row = kvmha_manager::registry::VmRow::new(kvmha_core::VmName::from("db1"));
@@ -496,11 +519,7 @@ fn the_etcd_store_round_trips_large_state_and_refuses_a_deposed_leaders_writes()
 
     // Deposed: the first leader's lease is revoked (as if it expired); a second manager
     // wins with a larger epoch; every write of the first fails, none lands.
-    let lease = runtime
-        .block_on(first.client().range("/store-test/leader", "", 1))
-        .expect("leader key")
-        .0[0]
-        .lease;
+    let lease = runtime.block_on(first.client().range("/store-test/leader", "", 1)).expect("leader key").0[0].lease;
     runtime.block_on(first.client().revoke(lease)).expect("revoke");
     let second = Leadership::new(&config("https://b")).expect("leadership");
     let second_epoch = runtime.block_on(second.elect());
@@ -510,7 +529,103 @@ fn the_etcd_store_round_trips_large_state_and_refuses_a_deposed_leaders_writes()
     assert!(matches!(refused, Err(kvmha_manager::ManagerError::NotLeader { .. })), "{refused:?}");
     assert_eq!(reader.load_engine().expect("read").expect("snapshot").1, 4343, "a deposed write landed");
     assert_eq!(reader.last_event_id().expect("last"), 250);
-    let _ = runtime.block_on(second.client().revoke(
-        runtime.block_on(second.client().range("/store-test/leader", "", 1)).expect("key").0[0].lease,
-    ));
+    let _ = runtime.block_on(
+        second
+            .client()
+            .revoke(runtime.block_on(second.client().range("/store-test/leader", "", 1)).expect("key").0[0].lease),
+    );
+}
+
+/// The executor's gate, with a real etcd: a fence a previous leader confirmed (same fence
+/// id, recorded outcome) is fed back without touching the BMC; a manager that does not
+/// lead fences nobody and feeds nothing.
+#[test]
+fn a_fence_an_earlier_leader_confirmed_is_not_repeated_and_a_follower_fences_nobody() {
+    use kvmha_core::event::{FenceOutcome, RequestId};
+    use kvmha_core::{Command, Event, HostName, Instant as EngineInstant};
+    use kvmha_manager::config::{EtcdConfig, ManagerConfig};
+    use kvmha_manager::controller::{Clock, Controller, Request, SharedDirectory};
+    use kvmha_manager::executor::{Executor, FenceIntent};
+
+    let etcd = Etcd::start();
+    let cluster = Cluster::init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let etcd_config = EtcdConfig {
+        settings: EtcdSettings {
+            endpoints: vec![etcd.client_url.clone()],
+            ca_pem: None,
+            identity_pem: None,
+            request_timeout: Duration::from_secs(5),
+        },
+        prefix: "/gate-test/".into(),
+        lease_ttl: Duration::from_secs(5),
+        agent_url: "https://127.0.0.1:1".into(),
+        api_url: "http://127.0.0.1:1".into(),
+    };
+    runtime.block_on(async {
+        let config = ManagerConfig::load(&cluster.config()).expect("manager config");
+        let executor = |leadership: &Leadership| {
+            let executor = std::sync::Arc::new(
+                Executor::new(config.clone(), Clock::starting_at(0), SharedDirectory::default(), Default::default())
+                    .expect("executor"),
+            );
+            executor.set_leadership(leadership.clone());
+            let (controller, requests) = Controller::detached();
+            executor.set_controller(controller);
+            (executor, requests)
+        };
+        let host = HostName::from("host9");
+        let fence = |id: u64| Command::Fence {
+            host: host.clone(),
+            fence: RequestId(id),
+            attempt: 1,
+            deadline: EngineInstant::from_millis(60_000),
+        };
+
+        // Not elected: the fence is refused before the BMC (none is configured: a call
+        // would feed back "no bmc configured").
+        let follower = Leadership::new(&etcd_config).expect("leadership");
+        let (refusing, mut fed) = executor(&follower);
+        refusing.clone().execute(fence(7)).await;
+        assert!(fed.try_recv().is_err(), "a manager that does not lead acted on a fence");
+
+        // Elected, and the fence id 7 is on record as confirmed by an earlier epoch.
+        let epoch = follower.elect().await;
+        let confirmed = FenceOutcome::PoweredOff { evidence: "power off read back".into() };
+        let record = FenceIntent { fence: RequestId(7), epoch: epoch - 1, outcome: Some(confirmed.clone()) };
+        follower.record("intent/fence/host9", serde_json::to_vec(&record).unwrap()).await.expect("recorded");
+        let (leading, mut fed) = executor(&follower);
+        let task = tokio::spawn(leading.clone().execute(fence(7)));
+        let next = |fed: &mut tokio::sync::mpsc::Receiver<Request>| {
+            let received = tokio::time::timeout(Duration::from_secs(20), fed.recv());
+            async move { received.await.expect("the executor fed nothing").expect("channel open") }
+        };
+        match next(&mut fed).await {
+            Request::Audit { notes, reply } => {
+                assert!(notes[0].detail.contains("already confirmed by an earlier leader"), "{:?}", notes[0].detail);
+                let _ = reply.send(Ok(()));
+            }
+            other => panic!("expected the audit line first, got {other:?}"),
+        }
+        match next(&mut fed).await {
+            Request::Step { event: Event::FenceResult(result), .. } => {
+                assert_eq!(result.outcome, confirmed);
+                assert_eq!(result.fence, RequestId(7));
+            }
+            other => panic!("expected the recorded outcome fed back, got {other:?}"),
+        }
+        task.await.expect("execute");
+        // Another fence id of the same host is a new fence: recorded, then tried (and it
+        // fails here for want of a BMC, which is fed back as such).
+        leading.clone().execute(fence(8)).await;
+        match fed.try_recv() {
+            Ok(Request::Step { event: Event::FenceResult(result), .. }) => {
+                assert!(matches!(result.outcome, FenceOutcome::Failed { .. }), "{:?}", result.outcome);
+            }
+            other => panic!("expected a fence attempt's result, got {other:?}"),
+        }
+        let recorded: FenceIntent =
+            serde_json::from_slice(&follower.read("intent/fence/host9").await.unwrap().unwrap()).unwrap();
+        assert_eq!((recorded.fence, recorded.epoch), (RequestId(8), epoch));
+    });
 }

@@ -365,7 +365,10 @@ impl ManagerConfig {
                 }
                 for endpoint in &settings.endpoints {
                     if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-                        return Err(field("store.endpoints", format!("{endpoint:?} must start with https:// or http://")));
+                        return Err(field(
+                            "store.endpoints",
+                            format!("{endpoint:?} must start with https:// or http://"),
+                        ));
                     }
                 }
                 let ca_pem = settings.ca_cert.as_ref().map(|path| read_pem("store.ca_cert", path)).transpose()?;

@@ -378,7 +378,11 @@ impl EngineThread {
     /// everything that would change it. Returns `true` once elected (the engine, the
     /// registry and the directory then hold the store's state as it is after the election:
     /// the old leader's epoch can no longer write), `false` on shutdown.
-    fn follow(&mut self, receiver: &mut mpsc::Receiver<Request>, leadership: &Leadership) -> Result<bool, ManagerError> {
+    fn follow(
+        &mut self,
+        receiver: &mut mpsc::Receiver<Request>,
+        leadership: &Leadership,
+    ) -> Result<bool, ManagerError> {
         let mut role = leadership.watch();
         let mut last_reload: Option<std::time::Instant> = None;
         loop {

@@ -59,10 +59,19 @@ pub struct KeyValue {
 /// One operation of a transaction.
 #[derive(Clone, Debug)]
 pub enum Op {
-    Put { key: String, value: Vec<u8>, lease: i64 },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: i64,
+    },
     /// Every key in `[key, range_end)`; `range_end` empty: `key` alone.
-    Delete { key: String, range_end: String },
-    Get { key: String },
+    Delete {
+        key: String,
+        range_end: String,
+    },
+    Get {
+        key: String,
+    },
 }
 
 /// A condition of a transaction.

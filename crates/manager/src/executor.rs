@@ -155,8 +155,7 @@ impl Executor {
             Ok(value) => value.and_then(|bytes| serde_json::from_slice::<FenceIntent>(&bytes).ok()),
             Err(error) => return Gate::Refused(format!("fence intent of {host} unreadable: {error}")),
         };
-        if let Some(FenceIntent { outcome: Some(outcome), epoch, .. }) =
-            recorded.filter(|intent| intent.fence == fence)
+        if let Some(FenceIntent { outcome: Some(outcome), epoch, .. }) = recorded.filter(|intent| intent.fence == fence)
         {
             if matches!(outcome, FenceOutcome::PoweredOff { .. } | FenceOutcome::AlreadyOff { .. }) {
                 tracing::info!(%host, %fence, epoch, "fence already confirmed under an earlier epoch: not repeated");
@@ -336,7 +335,9 @@ impl Executor {
                     match self.start_gate(leadership, &vm, work, &target).await {
                         Gate::Go(current) => epoch = Some(current),
                         Gate::Done(outcome) => {
-                            let detail = format!("start {work} on {target} already confirmed by an earlier leader: not sent again");
+                            let detail = format!(
+                                "start {work} on {target} already confirmed by an earlier leader: not sent again"
+                            );
                             self.note(Some(target.clone()), Some(vm.clone()), detail).await;
                             self.feed(Event::VmStartResult(VmStartResult { work, vm, host: target, outcome })).await;
                             return;

@@ -65,6 +65,10 @@ struct Inner {
     role: watch::Sender<Role>,
     /// Leader only: no action after this instant.
     act_until: Mutex<Option<Instant>>,
+    /// The lease our leader key is bound to, once elected.
+    lease: Mutex<Option<i64>>,
+    /// A clean stop is handing leadership over: losing it is expected, not a step-down.
+    resigning: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +98,8 @@ impl Leadership {
                 },
                 role,
                 act_until: Mutex::new(None),
+                lease: Mutex::new(None),
+                resigning: Default::default(),
             }),
         })
     }
@@ -137,6 +143,9 @@ impl Leadership {
     /// Ok with the epoch while this manager is the leader and its lease surely holds.
     pub fn may_act(&self) -> Result<i64, Refused> {
         let Some(epoch) = self.epoch() else { return Err(Refused("not the leader".into())) };
+        if self.inner.resigning.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Refused(format!("leader epoch {epoch}: stopping")));
+        }
         let until = *self.inner.act_until.lock().expect("deadline lock");
         match until {
             Some(until) if Instant::now() < until => Ok(epoch),
@@ -152,6 +161,10 @@ impl Leadership {
     /// Stops this manager for good: a deposed leader must not take one more action, and
     /// in-flight tasks die with the process. systemd restarts it as a follower.
     pub fn step_down(&self, reason: &str) -> ! {
+        if self.inner.resigning.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!(reason, "leadership handed over: stopping");
+            std::process::exit(0)
+        }
         tracing::error!(reason, "leadership lost: stepping down (exit {STEP_DOWN_EXIT_CODE}); no further action");
         eprintln!("kvmha manager: leadership lost ({reason}): stepping down");
         std::process::exit(STEP_DOWN_EXIT_CODE)
@@ -181,6 +194,20 @@ impl Leadership {
             Err(error) => return Err(Refused(format!("intent {key} not recorded: {error}"))),
         }
         self.may_act()
+    }
+
+    /// A clean stop: no more actions, then the lease is revoked so that another manager
+    /// takes over at once instead of after the TTL.
+    pub async fn resign(&self) {
+        // From here on `may_act` refuses: nothing of ours acts after the lease is gone.
+        self.inner.resigning.store(true, std::sync::atomic::Ordering::SeqCst);
+        let lease = self.inner.lease.lock().expect("lease lock").take();
+        if let Some(lease) = lease {
+            match self.inner.client.revoke(lease).await {
+                Ok(()) => tracing::info!("leadership handed over: lease revoked"),
+                Err(error) => tracing::warn!(%error, "lease not revoked: a successor waits for its TTL"),
+            }
+        }
     }
 
     /// Reads `<prefix><key>`.
@@ -253,6 +280,7 @@ impl Leadership {
             match client.txn(&[absent], &[put], &[Op::Get { key: key.clone() }]).await {
                 Ok(result) if result.succeeded => {
                     self.set_deadline(granted_at);
+                    *self.inner.lease.lock().expect("lease lock") = Some(id);
                     return result.revision;
                 }
                 Ok(result) => {
@@ -274,6 +302,7 @@ impl Leadership {
                     if let Ok((kvs, _)) = client.range(&key, "", 1).await {
                         if let Some(kv) = kvs.first().filter(|kv| kv.lease == id) {
                             self.set_deadline(granted_at);
+                            *self.inner.lease.lock().expect("lease lock") = Some(id);
                             return kv.create_revision;
                         }
                     }
@@ -299,6 +328,9 @@ impl Leadership {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    if leadership.inner.resigning.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
                     if let Err(refused) = leadership.may_act() {
                         leadership.step_down(&refused.0);
                     }

@@ -149,9 +149,9 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     let config = ManagerConfig::load(config_file)?;
     let ca = ClusterCa::load(&config.ca_cert_pem, &config.ca_key_pem)?;
     let leadership = match &config.store {
-        config::StoreConfig::Etcd(etcd) => Some(
-            leader::Leadership::new(etcd).map_err(|error| ManagerError::Etcd { reason: error.to_string() })?,
-        ),
+        config::StoreConfig::Etcd(etcd) => {
+            Some(leader::Leadership::new(etcd).map_err(|error| ManagerError::Etcd { reason: error.to_string() })?)
+        }
         config::StoreConfig::Sqlite { .. } => None,
     };
     let store = Store::open(&config.store, leadership.clone())?;
@@ -233,9 +233,11 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     let dashboard = dashboard::Dashboard::new(operator_api.clone(), &config);
     let mut app = api::router(operator_api).merge(dashboard::router(dashboard));
     if let Some(leadership) = leadership.clone() {
-        app = app.layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
-            server::writes_to_the_leader(leadership.clone(), request, next)
-        }));
+        app = app.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                server::writes_to_the_leader(leadership.clone(), request, next)
+            },
+        ));
     }
     let api_server = axum::serve(api_listener, app).with_graceful_shutdown(until_stopped(stopped.clone()));
     tokio::spawn(async move {
@@ -288,7 +290,11 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         None => {
             tracing::info!("stopping: final snapshot");
             controller.shutdown().await;
-            engine_done.await
+            let joined = engine_done.await;
+            if let Some(leadership) = &leadership {
+                leadership.resign().await;
+            }
+            joined
         }
     };
     if let (Some(leadership), Ok(Ok(Err(error)))) = (&leadership, &joined) {

@@ -97,7 +97,9 @@ impl EtcdStore {
 
     fn read_meta(&self) -> Result<Option<EngineMeta>, ManagerError> {
         let (kvs, _) = self.block(self.client.range(&self.key("engine/meta"), "", 1)).map_err(etcd)?;
-        kvs.first().map(|kv| serde_json::from_slice(&kv.value).map_err(|error| snapshot_error("engine/meta", error))).transpose()
+        kvs.first()
+            .map(|kv| serde_json::from_slice(&kv.value).map_err(|error| snapshot_error("engine/meta", error)))
+            .transpose()
     }
 
     pub fn load_engine(&self) -> Result<Option<(Engine, u64)>, ManagerError> {
@@ -212,14 +214,11 @@ impl EtcdStore {
             self.write(vec![Op::Delete { range_end: prefix_end(&fresh), key: fresh }])?;
         }
         let mut ops = Vec::new();
-        ops.extend(chunks
-            .iter()
-            .enumerate()
-            .map(|(index, chunk)| Op::Put {
-                key: self.key(&format!("engine/chunk/{new_generation:020}/{index:06}")),
-                value: chunk.to_vec(),
-                lease: 0,
-            }));
+        ops.extend(chunks.iter().enumerate().map(|(index, chunk)| Op::Put {
+            key: self.key(&format!("engine/chunk/{new_generation:020}/{index:06}")),
+            value: chunk.to_vec(),
+            lease: 0,
+        }));
         let (audit_ops, after) = self.audit_ops(next_id, audits)?;
         ops.extend(audit_ops);
         let meta = EngineMeta { generation: new_generation, chunks: chunks.len() as u32, clock_ms };
@@ -282,9 +281,7 @@ impl EtcdStore {
         let from = self.audit_key(after + 1);
         let end = prefix_end(&self.key("audit/"));
         let (kvs, _) = self.block(self.client.range(&from, &end, limit as i64)).map_err(etcd)?;
-        kvs.iter()
-            .map(|kv| serde_json::from_slice(&kv.value).map_err(|error| snapshot_error(&kv.key, error)))
-            .collect()
+        kvs.iter().map(|kv| serde_json::from_slice(&kv.value).map_err(|error| snapshot_error(&kv.key, error))).collect()
     }
 
     pub fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, ManagerError> {
