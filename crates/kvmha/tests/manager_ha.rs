@@ -536,6 +536,16 @@ fn the_etcd_store_round_trips_large_state_and_refuses_a_deposed_leaders_writes()
     );
 }
 
+/// The next request the executor sends its (detached) controller.
+async fn next(
+    fed: &mut tokio::sync::mpsc::Receiver<kvmha_manager::controller::Request>,
+) -> kvmha_manager::controller::Request {
+    tokio::time::timeout(Duration::from_secs(20), fed.recv())
+        .await
+        .expect("the executor fed nothing")
+        .expect("channel open")
+}
+
 /// The executor's gate, with a real etcd: a fence a previous leader confirmed (same fence
 /// id, recorded outcome) is fed back without touching the BMC; a manager that does not
 /// lead fences nobody and feeds nothing.
@@ -596,10 +606,6 @@ fn a_fence_an_earlier_leader_confirmed_is_not_repeated_and_a_follower_fences_nob
         follower.record("intent/fence/host9", serde_json::to_vec(&record).unwrap()).await.expect("recorded");
         let (leading, mut fed) = executor(&follower);
         let task = tokio::spawn(leading.clone().execute(fence(7)));
-        let next = |fed: &mut tokio::sync::mpsc::Receiver<Request>| {
-            let received = tokio::time::timeout(Duration::from_secs(20), fed.recv());
-            async move { received.await.expect("the executor fed nothing").expect("channel open") }
-        };
         match next(&mut fed).await {
             Request::Audit { notes, reply } => {
                 assert!(notes[0].detail.contains("already confirmed by an earlier leader"), "{:?}", notes[0].detail);
