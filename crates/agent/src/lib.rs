@@ -561,6 +561,21 @@ async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned + kvmha_proto:
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_agent_follows_a_followers_hint_only_to_a_manager_it_knows() {
+        let urls: Vec<String> = ["https://m1:7443", "https://m2:7443", "https://m3:7443"].map(String::from).to_vec();
+        let mut managers = Managers::new(&urls);
+        assert_eq!(managers.current(), "https://m1:7443");
+        managers.failed(PostFailure::NotLeader { leader: Some("https://m3:7443/".into()) });
+        assert_eq!(managers.current(), "https://m3:7443", "the hint (trailing slash and all) is followed");
+        managers.failed(PostFailure::NotLeader { leader: Some("https://elsewhere:7443".into()) });
+        assert_eq!(managers.current(), "https://m1:7443", "an unknown hint is not followed: next in the list");
+        managers.failed(PostFailure::Other("connection failed".into()));
+        assert_eq!(managers.current(), "https://m2:7443");
+        managers.failed(PostFailure::NotLeader { leader: None });
+        assert_eq!(managers.current(), "https://m3:7443");
+    }
+
     /// Sequence numbers follow the time since boot, which no clock step moves: a second
     /// run of the agent in the same boot starts above the first run's numbers even when
     /// the wall clock was set back in between.
