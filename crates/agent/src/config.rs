@@ -15,8 +15,13 @@ pub struct RawConfig {
     pub name: String,
     /// The cluster this agent joined (from the manager's certificate).
     pub cluster_id: String,
-    /// `https://HOST:PORT` of the manager.
+    /// `https://HOST:PORT` of the manager (with several managers: the first to try).
     pub manager_url: String,
+    /// Several managers (etcd backend, docs/manager-ha.md): every manager's
+    /// `https://HOST:PORT`. The agent pings one; a follower answers with the leader's URL
+    /// and the agent switches; an unreachable one makes it try the next.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manager_urls: Vec<String>,
     /// Where the agent takes manager commands (mutual TLS).
     pub listen: String,
     /// The hypervisor driver: a libvirt URI (`qemu:///system`, `test:///default`) or
@@ -78,6 +83,8 @@ pub struct AgentConfig {
     pub name: HostName,
     pub cluster_id: String,
     pub manager_url: String,
+    /// `manager_url` first, then the other `manager_urls`; no duplicates.
+    pub manager_urls: Vec<String>,
     pub listen: SocketAddr,
     pub hypervisor: Option<String>,
     /// The pool holding VM leases: `None` only when no pool is configured.
@@ -152,6 +159,16 @@ impl AgentConfig {
         if !raw.manager_url.starts_with("https://") {
             return Err(field("manager_url", format!("{:?} must start with https://", raw.manager_url)));
         }
+        let mut manager_urls = vec![raw.manager_url.trim_end_matches('/').to_owned()];
+        for url in &raw.manager_urls {
+            if !url.starts_with("https://") {
+                return Err(field("manager_urls", format!("{url:?} must start with https://")));
+            }
+            let url = url.trim_end_matches('/').to_owned();
+            if !manager_urls.contains(&url) {
+                manager_urls.push(url);
+            }
+        }
         let read = |name: &str, path: &Path| {
             let path = base.join(path);
             std::fs::read_to_string(&path).map_err(|error| field(name, format!("{}: {error}", path.display())))
@@ -201,6 +218,7 @@ impl AgentConfig {
             name: HostName::new(raw.name),
             cluster_id: raw.cluster_id,
             manager_url: raw.manager_url.trim_end_matches('/').to_owned(),
+            manager_urls,
             listen,
             hypervisor: raw.hypervisor,
             lease_pool,

@@ -156,6 +156,7 @@ pub async fn join(options: &JoinOptions) -> Result<PathBuf, AgentError> {
         name: options.name.clone(),
         cluster_id: answer.cluster_id,
         manager_url: url.clone(),
+        manager_urls: Vec::new(),
         listen: options.listen.to_string(),
         hypervisor: options.hypervisor.clone(),
         profile: answer.profile.name().to_owned(),
@@ -237,6 +238,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(name = %config.name, manager = %config.manager_url, listen = %config.listen, "agent running");
     let mut failing = false;
+    let mut managers = Managers::new(&config.manager_urls);
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -268,8 +270,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             },
         };
         let result =
-            post::<_, PingReply>(&client, &format!("{}{}", config.manager_url, path::PING), &message, ping_deadline)
+            post::<_, PingReply>(&client, &format!("{}{}", managers.current(), path::PING), &message, ping_deadline)
                 .await;
+        let result = result.map_err(|failure| managers.failed(failure));
         match result {
             Ok(reply) => {
                 if failing {
@@ -304,7 +307,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("stopping: goodbye to the manager");
     let goodbye = GoodbyeMessage { version: PROTOCOL_VERSION, host: config.name.clone(), boot_id };
-    let url = format!("{}{}", config.manager_url, path::GOODBYE);
+    let url = format!("{}{}", managers.current(), path::GOODBYE);
     let sent = client.post(url).timeout(GOODBYE_TIMEOUT).json(&goodbye).send().await;
     match sent {
         Ok(response) if response.status().is_success() => tracing::info!("goodbye acknowledged"),
@@ -478,24 +481,100 @@ async fn renew_leases(vms: Arc<vms::Vms>, every: Duration) {
     }
 }
 
+/// Why a request to a manager failed.
+#[derive(Debug)]
+enum PostFailure {
+    /// A follower (421): the leader's agent URL if it knows it.
+    NotLeader {
+        leader: Option<String>,
+    },
+    Other(String),
+}
+
+/// The managers this agent knows and the one it talks to. Several managers (etcd): one
+/// leader takes pings, followers answer 421 with the leader's URL.
+#[derive(Debug)]
+struct Managers {
+    urls: Vec<String>,
+    current: usize,
+}
+
+impl Managers {
+    fn new(urls: &[String]) -> Managers {
+        Managers { urls: urls.to_vec(), current: 0 }
+    }
+
+    fn current(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// Picks the manager to try next and returns what to log. A follower's hint is taken
+    /// only if it is one of the configured managers (TLS verifies any of them against the
+    /// cluster CA; the list keeps a follower from steering agents anywhere else).
+    fn failed(&mut self, failure: PostFailure) -> String {
+        let from = self.current().to_owned();
+        match failure {
+            PostFailure::NotLeader { leader: Some(leader) } => {
+                let leader = leader.trim_end_matches('/').to_owned();
+                match self.urls.iter().position(|url| *url == leader) {
+                    Some(index) => self.current = index,
+                    None => self.current = (self.current + 1) % self.urls.len(),
+                }
+                tracing::info!(from, to = self.current(), "manager is a follower: switching to the leader");
+                format!("{from} is not the leader")
+            }
+            PostFailure::NotLeader { leader: None } => {
+                self.current = (self.current + 1) % self.urls.len();
+                format!("{from} is not the leader and knows none yet")
+            }
+            PostFailure::Other(reason) => {
+                self.current = (self.current + 1) % self.urls.len();
+                format!("{from}: {reason}")
+            }
+        }
+    }
+}
+
 async fn post<T: serde::Serialize, R: serde::de::DeserializeOwned + kvmha_proto::Versioned>(
     client: &reqwest::Client,
     url: &str,
     body: &T,
     timeout: Duration,
-) -> Result<R, String> {
-    let response = client.post(url).timeout(timeout).json(body).send().await.map_err(|error| error.to_string())?;
+) -> Result<R, PostFailure> {
+    let other = |error: reqwest::Error| PostFailure::Other(error.to_string());
+    let response = client.post(url).timeout(timeout).json(body).send().await.map_err(other)?;
     let status = response.status();
-    let bytes = response.bytes().await.map_err(|error| error.to_string())?;
-    if !status.is_success() {
-        return Err(format!("http {status}: {}", String::from_utf8_lossy(&bytes)));
+    let bytes = response.bytes().await.map_err(other)?;
+    if status == reqwest::StatusCode::MISDIRECTED_REQUEST {
+        let leader = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|body| body.get("leader").and_then(|leader| leader.as_str().map(str::to_owned)));
+        return Err(PostFailure::NotLeader { leader });
     }
-    kvmha_proto::decode(&bytes).map_err(|error| error.to_string())
+    if !status.is_success() {
+        return Err(PostFailure::Other(format!("http {status}: {}", String::from_utf8_lossy(&bytes))));
+    }
+    kvmha_proto::decode(&bytes).map_err(|error| PostFailure::Other(error.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agent_follows_a_followers_hint_only_to_a_manager_it_knows() {
+        let urls: Vec<String> = ["https://m1:7443", "https://m2:7443", "https://m3:7443"].map(String::from).to_vec();
+        let mut managers = Managers::new(&urls);
+        assert_eq!(managers.current(), "https://m1:7443");
+        managers.failed(PostFailure::NotLeader { leader: Some("https://m3:7443/".into()) });
+        assert_eq!(managers.current(), "https://m3:7443", "the hint (trailing slash and all) is followed");
+        managers.failed(PostFailure::NotLeader { leader: Some("https://elsewhere:7443".into()) });
+        assert_eq!(managers.current(), "https://m1:7443", "an unknown hint is not followed: next in the list");
+        managers.failed(PostFailure::Other("connection failed".into()));
+        assert_eq!(managers.current(), "https://m2:7443");
+        managers.failed(PostFailure::NotLeader { leader: None });
+        assert_eq!(managers.current(), "https://m3:7443");
+    }
 
     /// Sequence numbers follow the time since boot, which no clock step moves: a second
     /// run of the agent in the same boot starts above the first run's numbers even when

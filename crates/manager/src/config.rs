@@ -43,6 +43,79 @@ pub struct RawConfig {
     /// Shared pools the manager mounts: it reads hosts' heartbeat records there.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pools: BTreeMap<String, RawPool>,
+    /// Where the engine state, the audit log and the registry live: the embedded SQLite
+    /// file (default, one manager) or etcd (several managers, one leader; docs/manager-ha.md).
+    #[serde(default, skip_serializing_if = "RawStore::is_default")]
+    pub store: RawStore,
+}
+
+/// `[store]`: the persistence backend.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `sqlite` (default: `manager.db` in `data_dir`, one manager) or `etcd` (any number of
+    /// managers; the one holding etcd's leader key acts, the others serve reads).
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// etcd only: client URLs, `https://HOST:2379` (or `http://` on a trusted loopback).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// etcd only: CA certificate (PEM) etcd's server certificate must chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// etcd only: client certificate (PEM) for etcd's client-certificate auth (with `key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// etcd only: the client certificate's private key (PEM, mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// etcd only: every key kvmha writes starts with this; default `/kvmha/<cluster_id>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// etcd only: TTL of the leader's etcd lease, in ms (whole seconds, at least 2000;
+    /// default 5000). A dead leader is replaced after about this long; a leader that
+    /// cannot renew stops acting before it runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl_ms: Option<u64>,
+    /// etcd only: the agent URL of this manager (`https://HOST:PORT`) that followers hand
+    /// to agents and clients as the leader's; default `https://<listen>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
+    /// etcd only: the operator API URL of this manager that followers name as the
+    /// leader's; default `http://<api_listen>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+}
+
+impl RawStore {
+    fn is_default(&self) -> bool {
+        *self == RawStore::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Sqlite,
+    Etcd,
+}
+
+/// The validated `[store]`.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    Sqlite { path: PathBuf },
+    Etcd(EtcdConfig),
+}
+
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    pub settings: crate::etcd::EtcdSettings,
+    /// Ends with `/`.
+    pub prefix: String,
+    pub lease_ttl: std::time::Duration,
+    pub agent_url: String,
+    pub api_url: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -141,6 +214,7 @@ pub struct ManagerConfig {
     pub pools: BTreeMap<PoolName, PathBuf>,
     /// The profile's lease numbers, checked by [`kvmha_storage::LeaseTimings::check`].
     pub lease: kvmha_storage::LeaseTimings,
+    pub store: StoreConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -276,12 +350,67 @@ impl ManagerConfig {
         if !pools.is_empty() {
             kvmha_storage::Name::new(&raw.cluster_id).map_err(|error| field("cluster_id", error.to_string()))?;
         }
+        let db_path = base.join(&raw.data_dir).join("manager.db");
+        let store = match raw.store.backend {
+            StoreBackend::Sqlite => {
+                if raw.store != (RawStore { backend: StoreBackend::Sqlite, ..RawStore::default() }) {
+                    return Err(field("store", "etcd settings given with backend = \"sqlite\"".into()));
+                }
+                StoreConfig::Sqlite { path: db_path.clone() }
+            }
+            StoreBackend::Etcd => {
+                let settings = &raw.store;
+                if settings.endpoints.is_empty() {
+                    return Err(field("store.endpoints", "backend = \"etcd\" needs at least one endpoint".into()));
+                }
+                for endpoint in &settings.endpoints {
+                    if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+                        return Err(field(
+                            "store.endpoints",
+                            format!("{endpoint:?} must start with https:// or http://"),
+                        ));
+                    }
+                }
+                let ca_pem = settings.ca_cert.as_ref().map(|path| read_pem("store.ca_cert", path)).transpose()?;
+                let identity_pem = match (&settings.cert, &settings.key) {
+                    (Some(cert), Some(key)) => Some((read_pem("store.cert", cert)?, read_pem("store.key", key)?)),
+                    (None, None) => None,
+                    _ => return Err(field("store.cert", "cert and key go together".into())),
+                };
+                let ttl_ms = settings.lease_ttl_ms.unwrap_or(5000);
+                if ttl_ms < 2000 || ttl_ms % 1000 != 0 {
+                    return Err(field("store.lease_ttl_ms", format!("{ttl_ms}: whole seconds, at least 2000")));
+                }
+                let lease_ttl = std::time::Duration::from_millis(ttl_ms);
+                let mut prefix = settings.prefix.clone().unwrap_or_else(|| format!("/kvmha/{}/", raw.cluster_id));
+                if !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                let agent_url = settings.agent_url.clone().unwrap_or_else(|| format!("https://{listen}"));
+                let api_url = settings.api_url.clone().unwrap_or_else(|| format!("http://{api_listen}"));
+                StoreConfig::Etcd(EtcdConfig {
+                    settings: crate::etcd::EtcdSettings {
+                        endpoints: settings.endpoints.clone(),
+                        ca_pem,
+                        identity_pem,
+                        // A request must end well inside the lease: an answer later than
+                        // that could not be acted on anyway.
+                        request_timeout: lease_ttl / 4,
+                    },
+                    prefix,
+                    lease_ttl,
+                    agent_url: agent_url.trim_end_matches('/').to_owned(),
+                    api_url: api_url.trim_end_matches('/').to_owned(),
+                })
+            }
+        };
         Ok(ManagerConfig {
+            store,
             file: file.into(),
             cluster_id: raw.cluster_id,
             listen,
             api_listen,
-            db_path: base.join(raw.data_dir).join("manager.db"),
+            db_path,
             profile,
             timing_overrides: raw.timing,
             shutdown_policy: raw.shutdown_policy,

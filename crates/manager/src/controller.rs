@@ -7,6 +7,7 @@
 
 use crate::error::ManagerError;
 use crate::executor::Executor;
+use crate::leader::Leadership;
 use crate::registry::{SharedRegistry, VmRow};
 use crate::store::{HostRow, Store};
 use kvmha_core::event::{AuditEvent, AuditKind, Directives};
@@ -25,23 +26,39 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// The engine's clock: monotonic across restarts. It continues from the clock value of
 /// the last snapshot, so time "stands still" between a crash and the restart rather than
 /// jumping: silence measured across a restart is never longer than real silence.
-#[derive(Clone, Copy, Debug)]
+///
+/// With etcd, a follower's clock is moved forward to each snapshot it loads
+/// ([`Clock::advance_to`]), so that the leader it becomes continues the old leader's clock
+/// rather than running behind the instants in the state it took over. Clones share that.
+#[derive(Clone, Debug)]
 pub struct Clock {
     base_ms: u64,
     started: std::time::Instant,
+    /// Added to `base_ms`; only grows.
+    skew_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Clock {
     pub fn starting_at(base_ms: u64) -> Clock {
-        Clock { base_ms, started: std::time::Instant::now() }
+        Clock { base_ms, started: std::time::Instant::now(), skew_ms: Default::default() }
+    }
+    fn base(&self) -> u64 {
+        self.base_ms + self.skew_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
     pub fn now(&self) -> Instant {
-        Instant::from_millis(self.base_ms + self.started.elapsed().as_millis() as u64)
+        Instant::from_millis(self.base() + self.started.elapsed().as_millis() as u64)
+    }
+    /// Moves the clock forward to `at_ms` if it is behind (never backward).
+    pub fn advance_to(&self, at_ms: u64) {
+        let now = self.now().as_millis();
+        if at_ms > now {
+            self.skew_ms.fetch_add(at_ms - now, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     /// The process's monotonic instant of `at` (instants before this process started
     /// map to its start: evidence from before then counts, which errs toward "alive").
     pub fn to_std(&self, at: Instant) -> std::time::Instant {
-        match at.as_millis().checked_sub(self.base_ms) {
+        match at.as_millis().checked_sub(self.base()) {
             Some(after) => self.started + Duration::from_millis(after),
             None => self.started,
         }
@@ -242,6 +259,7 @@ struct EngineThread {
     last_event: watch::Sender<i64>,
     dirty: bool,
     last_persist: std::time::Instant,
+    leadership: Option<Leadership>,
 }
 
 /// Everything the engine thread starts from.
@@ -254,7 +272,13 @@ pub struct Startup {
     pub registry: SharedRegistry,
     pub executor: Arc<Executor>,
     pub last_event: watch::Sender<i64>,
+    /// etcd backend: the engine thread follows (serves views of the stored state, acts on
+    /// nothing) until this manager is elected, then takes over from the store.
+    pub leadership: Option<Leadership>,
 }
+
+/// How often a follower reads the leader's state from the store.
+pub const FOLLOWER_RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the engine thread. It first re-adds hosts the store knows but the engine does
 /// not (a crash between the two writes of a join), tells the engine every registry VM's
@@ -278,6 +302,7 @@ pub fn spawn(startup: Startup) -> (Controller, std::thread::JoinHandle<Result<()
                 last_event: startup.last_event,
                 dirty: false,
                 last_persist: std::time::Instant::now(),
+                leadership: startup.leadership,
             };
             thread.run(receiver)
         })
@@ -287,6 +312,11 @@ pub fn spawn(startup: Startup) -> (Controller, std::thread::JoinHandle<Result<()
 
 impl EngineThread {
     fn run(&mut self, mut receiver: mpsc::Receiver<Request>) -> Result<(), ManagerError> {
+        if let Some(leadership) = self.leadership.clone() {
+            if !self.follow(&mut receiver, &leadership)? {
+                return Ok(());
+            }
+        }
         for row in self.store.hosts()? {
             self.directory.write().expect("directory lock").insert(row.clone());
             if !self.engine.hosts().contains_key(&row.name) {
@@ -341,6 +371,97 @@ impl EngineThread {
         if self.dirty {
             self.persist(&[])?;
         }
+        Ok(())
+    }
+
+    /// Follower mode: answers views from the state last read from the store and refuses
+    /// everything that would change it. Returns `true` once elected (the engine, the
+    /// registry and the directory then hold the store's state as it is after the election:
+    /// the old leader's epoch can no longer write), `false` on shutdown.
+    fn follow(
+        &mut self,
+        receiver: &mut mpsc::Receiver<Request>,
+        leadership: &Leadership,
+    ) -> Result<bool, ManagerError> {
+        let mut role = leadership.watch();
+        let mut last_reload: Option<std::time::Instant> = None;
+        loop {
+            if let Some(epoch) = leadership.epoch() {
+                let started = std::time::Instant::now();
+                self.reload()?;
+                tracing::info!(
+                    epoch,
+                    hosts = self.engine.hosts().len(),
+                    vms = self.engine.vms().len(),
+                    read_ms = started.elapsed().as_millis() as u64,
+                    "taking over as leader: engine rebuilt from the store"
+                );
+                return Ok(true);
+            }
+            if last_reload.is_none_or(|at| at.elapsed() >= FOLLOWER_RELOAD_EVERY) {
+                if let Err(error) = self.reload() {
+                    tracing::warn!(%error, "follower: could not read the leader's state");
+                }
+                last_reload = Some(std::time::Instant::now());
+            }
+            let next = self.runtime.block_on(async {
+                tokio::select! {
+                    request = receiver.recv() => Some(request),
+                    _ = role.changed() => None,
+                    _ = tokio::time::sleep(FOLLOWER_RELOAD_EVERY) => None,
+                }
+            });
+            let refusal = || {
+                let leader = leadership.follower_hint().flatten();
+                format!("not the leader (leader: {})", leader.map_or("unknown".to_owned(), |info| info.api_url))
+            };
+            match next {
+                None => {}
+                Some(None) | Some(Some(Request::Shutdown)) => return Ok(false),
+                Some(Some(request)) => match request {
+                    Request::View { reply } => {
+                        let _ = reply.send(self.view());
+                    }
+                    // Dropped unanswered: the caller sees the engine as unavailable (the
+                    // servers redirect agents and writes before they get here).
+                    Request::Step { .. } => {}
+                    Request::Join { reply, .. } => {
+                        let _ = reply.send(Err(refusal()));
+                    }
+                    Request::UpsertVm { reply, .. } => {
+                        let _ = reply.send(Err(refusal()));
+                    }
+                    Request::Audit { reply, .. } => {
+                        let _ = reply.send(Err(refusal()));
+                    }
+                    Request::Shutdown => return Ok(false),
+                },
+            }
+        }
+    }
+
+    /// Replaces the engine, the directory and the registry with what the store holds.
+    fn reload(&mut self) -> Result<(), ManagerError> {
+        if let Some((mut engine, clock_ms)) = self.store.load_engine()? {
+            engine.set_shutdown_policy(self.executor.config().shutdown_policy);
+            self.clock.advance_to(clock_ms);
+            self.engine = engine;
+        }
+        let hosts = self.store.hosts()?;
+        let vms = self.store.vms()?;
+        {
+            let mut directory = self.directory.write().expect("directory lock");
+            for row in hosts {
+                directory.insert(row);
+            }
+        }
+        {
+            let mut registry = self.registry.write().expect("registry lock");
+            for row in vms {
+                registry.insert(row.name.clone(), row);
+            }
+        }
+        self.last_event.send_replace(self.store.last_event_id()?);
         Ok(())
     }
 

@@ -16,6 +16,11 @@ pub enum ManagerError {
     Proto(#[from] kvmha_proto::ProtoError),
     #[error("{what}")]
     Io { what: String, source: std::io::Error },
+    #[error("etcd: {reason}")]
+    Etcd { reason: String },
+    /// A write fenced by an epoch that is no longer the leader's.
+    #[error("not the leader: {reason}")]
+    NotLeader { reason: String },
     #[error("the engine thread stopped")]
     EngineGone,
 }

@@ -7,12 +7,13 @@
 
 use crate::config::{BmcConfig, BmcKind, ManagerConfig};
 use crate::controller::{Clock, Controller, Note, SharedDirectory};
+use crate::leader::Leadership;
 use crate::registry::{SharedRegistry, VmRow};
 use crate::ManagerError;
 use kvmha_bmc::ipmi::{IpmiClient, IpmiConfig};
 use kvmha_bmc::redfish::{RedfishClient, RedfishConfig, RedfishTls};
 use kvmha_bmc::{PowerControl, PowerState};
-use kvmha_core::event::{AuditKind, Ping, Release, VmRunState};
+use kvmha_core::event::{AuditKind, Ping, Release, RequestId, VmRunState};
 use kvmha_core::event::{
     FenceOutcome, FenceResult, Finding, HeartbeatObservation, InvestigatorKind, InvestigatorReport, VmStartOutcome,
     VmStartResult, VmStopOutcome, VmStopResult,
@@ -20,6 +21,7 @@ use kvmha_core::event::{
 use kvmha_core::model::Resources;
 use kvmha_core::{Command, Event, HostName, HostSpec, Instant, VmName};
 use kvmha_proto::{AgentCommand, CommandRequest, CommandResponse, CommandResult, LeaseGrant, PROTOCOL_VERSION};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -58,6 +60,36 @@ pub struct Executor {
     start_queue: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
     /// When each host's inventory was last read (registry sync).
     synced: Mutex<BTreeMap<HostName, std::time::Instant>>,
+    /// etcd backend: every fence and VM start is first recorded under the leader's epoch.
+    leadership: OnceLock<Leadership>,
+}
+
+/// What the leader records (etcd `intent/fence/<host>`) before it fences, and after.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FenceIntent {
+    pub fence: RequestId,
+    pub epoch: i64,
+    /// `None`: about to fence (or fencing, or died while fencing: outcome unknown).
+    pub outcome: Option<FenceOutcome>,
+}
+
+/// What the leader records (etcd `intent/start/<vm>`) before it starts a VM, and after.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StartIntent {
+    pub work: RequestId,
+    pub target: HostName,
+    pub epoch: i64,
+    pub outcome: Option<VmStartOutcome>,
+}
+
+/// Whether the leader may go ahead with an action.
+#[derive(Debug)]
+enum Gate<T> {
+    /// Intent recorded under a current epoch: act.
+    Go(i64),
+    /// The same work item already has a confirmed outcome: feed it, do not act again.
+    Done(T),
+    Refused(String),
 }
 
 impl Executor {
@@ -94,6 +126,7 @@ impl Executor {
             starts,
             start_queue: Mutex::new(Some(start_queue)),
             synced: Mutex::new(BTreeMap::new()),
+            leadership: OnceLock::new(),
         })
     }
 
@@ -109,8 +142,91 @@ impl Executor {
         self.controller.get()
     }
 
+    /// With etcd: fences and starts are gated by this manager's leadership.
+    pub fn set_leadership(&self, leadership: Leadership) {
+        let _ = self.leadership.set(leadership);
+    }
+
+    /// The fence gate: reads the host's intent record first, so that a fence a previous
+    /// leader confirmed (same fence id) is fed back instead of repeated.
+    async fn fence_gate(&self, leadership: &Leadership, host: &HostName, fence: RequestId) -> Gate<FenceOutcome> {
+        let key = format!("intent/fence/{host}");
+        let recorded = match leadership.read(&key).await {
+            Ok(value) => value.and_then(|bytes| serde_json::from_slice::<FenceIntent>(&bytes).ok()),
+            Err(error) => return Gate::Refused(format!("fence intent of {host} unreadable: {error}")),
+        };
+        if let Some(FenceIntent { outcome: Some(outcome), epoch, .. }) = recorded.filter(|intent| intent.fence == fence)
+        {
+            if matches!(outcome, FenceOutcome::PoweredOff { .. } | FenceOutcome::AlreadyOff { .. }) {
+                tracing::info!(%host, %fence, epoch, "fence already confirmed under an earlier epoch: not repeated");
+                return Gate::Done(outcome);
+            }
+        }
+        let Ok(epoch) = leadership.may_act() else { return Gate::Refused("not acting: leadership".into()) };
+        let intent = FenceIntent { fence, epoch, outcome: None };
+        match leadership.record(&key, serde_json::to_vec(&intent).unwrap_or_default()).await {
+            Ok(epoch) => Gate::Go(epoch),
+            Err(refused) => Gate::Refused(refused.0),
+        }
+    }
+
+    /// The start gate: a start of the same work item a previous leader saw succeed is fed
+    /// back instead of sent again. A start recorded without an outcome (the leader died
+    /// or its answer was lost) is sent again: the agent answers `AlreadyRunning` if it did
+    /// start, and the VM's storage lease refuses a second instance anywhere else.
+    async fn start_gate(
+        &self,
+        leadership: &Leadership,
+        vm: &VmName,
+        work: RequestId,
+        target: &HostName,
+    ) -> Gate<VmStartOutcome> {
+        let key = format!("intent/start/{vm}");
+        let recorded = match leadership.read(&key).await {
+            Ok(value) => value.and_then(|bytes| serde_json::from_slice::<StartIntent>(&bytes).ok()),
+            Err(error) => return Gate::Refused(format!("start intent of {vm} unreadable: {error}")),
+        };
+        if let Some(StartIntent { outcome: Some(outcome), epoch, .. }) =
+            recorded.filter(|intent| intent.work == work && intent.target == *target)
+        {
+            if matches!(outcome, VmStartOutcome::Started | VmStartOutcome::AlreadyRunning) {
+                tracing::info!(%vm, %work, epoch, "start already confirmed under an earlier epoch: not sent again");
+                return Gate::Done(outcome);
+            }
+        }
+        let Ok(epoch) = leadership.may_act() else { return Gate::Refused("not acting: leadership".into()) };
+        let intent = StartIntent { work, target: target.clone(), epoch, outcome: None };
+        match leadership.record(&key, serde_json::to_vec(&intent).unwrap_or_default()).await {
+            Ok(epoch) => Gate::Go(epoch),
+            Err(refused) => Gate::Refused(refused.0),
+        }
+    }
+
+    /// Records an outcome next to its intent (best effort: a lost record only means the
+    /// next leader asks the BMC or the agent again, which answers "already off/running").
+    async fn record_outcome<T: Serialize>(&self, key: String, record: &T) {
+        if let Some(leadership) = self.leadership.get() {
+            if let Err(refused) = leadership.record(&key, serde_json::to_vec(record).unwrap_or_default()).await {
+                tracing::warn!(key, %refused, "outcome not recorded");
+            }
+        }
+    }
+
+    async fn note(&self, host: Option<HostName>, vm: Option<VmName>, detail: String) {
+        if let Some(controller) = self.controller.get() {
+            let note = Note { host, vm, kind: AuditKind::Manager, detail };
+            if let Err(error) = controller.audit(vec![note]).await {
+                tracing::warn!(%error, "audit line not written");
+            }
+        }
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
     pub fn clock(&self) -> Clock {
-        self.clock
+        self.clock.clone()
     }
 
     /// Runs one engine command. Called by the engine thread in the engine's order: VM
@@ -190,14 +306,57 @@ impl Executor {
                 }
             }
             Command::Fence { host, fence, attempt, deadline } => {
-                tracing::info!(%host, %fence, attempt, "fencing");
+                let mut epoch = None;
+                if let Some(leadership) = self.leadership.get() {
+                    match self.fence_gate(leadership, &host, fence).await {
+                        Gate::Go(current) => epoch = Some(current),
+                        Gate::Done(outcome) => {
+                            let detail = format!("fence {fence} already confirmed by an earlier leader: not repeated");
+                            self.note(Some(host.clone()), None, detail).await;
+                            self.feed(Event::FenceResult(FenceResult { host, fence, outcome })).await;
+                            return;
+                        }
+                        Gate::Refused(reason) => {
+                            return tracing::warn!(%host, %fence, %reason, "not fencing: intent not recorded");
+                        }
+                    }
+                }
+                tracing::info!(%host, %fence, attempt, ?epoch, "fencing");
                 let outcome = self.fence(&host, deadline).await;
+                if let Some(epoch) = epoch {
+                    let record = FenceIntent { fence, epoch, outcome: Some(outcome.clone()) };
+                    self.record_outcome(format!("intent/fence/{host}"), &record).await;
+                }
                 self.feed(Event::FenceResult(FenceResult { host, fence, outcome })).await;
             }
             Command::StartVm { work, vm, target, release, deadline } => {
-                self.start_vm(work, vm, target, release, deadline).await;
+                let mut epoch = None;
+                if let Some(leadership) = self.leadership.get() {
+                    match self.start_gate(leadership, &vm, work, &target).await {
+                        Gate::Go(current) => epoch = Some(current),
+                        Gate::Done(outcome) => {
+                            let detail = format!(
+                                "start {work} on {target} already confirmed by an earlier leader: not sent again"
+                            );
+                            self.note(Some(target.clone()), Some(vm.clone()), detail).await;
+                            self.feed(Event::VmStartResult(VmStartResult { work, vm, host: target, outcome })).await;
+                            return;
+                        }
+                        Gate::Refused(reason) => {
+                            return tracing::warn!(%vm, %work, %reason, "not starting: intent not recorded");
+                        }
+                    }
+                }
+                let outcome = self.start_vm(work, vm.clone(), target.clone(), release, deadline).await;
+                if let (Some(epoch), Some(outcome)) = (epoch, outcome) {
+                    let record = StartIntent { work, target, epoch, outcome: Some(outcome) };
+                    self.record_outcome(format!("intent/start/{vm}"), &record).await;
+                }
             }
             Command::StopVm { work, vm, host, deadline } => {
+                if let Some(Err(refused)) = self.leadership.get().map(Leadership::may_act) {
+                    return tracing::warn!(%vm, %host, %refused, "not stopping vm");
+                }
                 tracing::info!(%vm, %host, %work, "stopping vm to move it off for maintenance");
                 // Half the budget for the guest to shut down by itself; the agent then stops
                 // it hard, so it is off either way before the deadline.
@@ -235,7 +394,7 @@ impl Executor {
         target: HostName,
         release: Release,
         deadline: Instant,
-    ) {
+    ) -> Option<VmStartOutcome> {
         let xml = self.registry.read().expect("registry lock").get(&vm).and_then(|row| row.xml.clone());
         let lease = lease_grant(&release);
         tracing::info!(%vm, %target, %work, release = %release.describe(), definition = xml.is_some(), "starting vm");
@@ -244,13 +403,14 @@ impl Executor {
             Ok(answer) => start_outcome(answer),
             Err(reason) => {
                 tracing::warn!(%vm, %target, %work, %reason, "no answer to the start: the engine sends it again at its deadline");
-                return;
+                return None;
             }
         };
         if matches!(outcome, VmStartOutcome::Started | VmStartOutcome::AlreadyRunning) {
             self.remember_host(&vm, &target).await;
         }
-        self.feed(Event::VmStartResult(VmStartResult { work, vm, host: target, outcome })).await;
+        self.feed(Event::VmStartResult(VmStartResult { work, vm, host: target, outcome: outcome.clone() })).await;
+        Some(outcome)
     }
 
     /// The registry's last host of `vm` becomes `host` (where it was started).

@@ -10,15 +10,18 @@ pub mod config;
 pub mod controller;
 pub mod dashboard;
 pub mod error;
+pub mod etcd;
 pub mod executor;
 pub mod heartbeat;
 pub mod incident;
+pub mod leader;
 pub mod metrics;
 pub mod neighbour_heartbeat;
 pub mod notify;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod store_etcd;
 pub mod vm_activity;
 pub mod vm_api;
 
@@ -126,6 +129,7 @@ pub fn init(options: &InitOptions) -> Result<InitOutput, ManagerError> {
         },
         hosts: Default::default(),
         pools: Default::default(),
+        store: Default::default(),
     };
     let text = toml::to_string_pretty(&raw).map_err(|error| ManagerError::Snapshot { reason: error.to_string() })?;
     let header = "# kvmha manager configuration (docs/daemons.md).\n\
@@ -144,7 +148,13 @@ pub fn init(options: &InitOptions) -> Result<InitOutput, ManagerError> {
 pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     let config = ManagerConfig::load(config_file)?;
     let ca = ClusterCa::load(&config.ca_cert_pem, &config.ca_key_pem)?;
-    let store = Store::open(&config.db_path)?;
+    let leadership = match &config.store {
+        config::StoreConfig::Etcd(etcd) => {
+            Some(leader::Leadership::new(etcd).map_err(|error| ManagerError::Etcd { reason: error.to_string() })?)
+        }
+        config::StoreConfig::Sqlite { .. } => None,
+    };
+    let store = Store::open(&config.store, leadership.clone())?;
     let (mut engine, clock) = match store.load_engine()? {
         Some((engine, clock_ms)) => {
             tracing::info!(clock_ms, hosts = engine.hosts().len(), "engine state restored");
@@ -165,7 +175,11 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     let tick_every = config.timing.ping_interval() / 4;
     let directory = controller::SharedDirectory::default();
     let registry = registry::SharedRegistry::default();
-    let executor = Arc::new(executor::Executor::new(config.clone(), clock, directory.clone(), registry.clone())?);
+    let executor =
+        Arc::new(executor::Executor::new(config.clone(), clock.clone(), directory.clone(), registry.clone())?);
+    if let Some(leadership) = &leadership {
+        executor.set_leadership(leadership.clone());
+    }
     let (last_event_sender, last_event) = watch::channel(store.last_event_id()?);
     let (controller, engine_thread) = controller::spawn(Startup {
         engine,
@@ -175,6 +189,7 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         registry: registry.clone(),
         executor: executor.clone(),
         last_event: last_event_sender,
+        leadership: leadership.clone(),
     });
     executor.set_controller(controller.clone());
 
@@ -194,10 +209,11 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         manager_cert_sha256: pki::cert_fingerprint_pem(&config.cert_pem)?,
         config: config.clone(),
         host_spec: executor.clone(),
+        leadership: leadership.clone(),
     });
     let operator_api = Arc::new(api::OperatorApi {
         controller: controller.clone(),
-        store: Mutex::new(Store::open(&config.db_path)?),
+        store: Mutex::new(Store::open(&config.store, None)?),
         last_event,
         operator_token_sha256: config.operator_token_sha256.clone(),
         readonly_token_sha256: config.readonly_token_sha256.clone(),
@@ -215,8 +231,15 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         until_stopped(stopped.clone()),
     ));
     let dashboard = dashboard::Dashboard::new(operator_api.clone(), &config);
-    let api_server = axum::serve(api_listener, api::router(operator_api).merge(dashboard::router(dashboard)))
-        .with_graceful_shutdown(until_stopped(stopped.clone()));
+    let mut app = api::router(operator_api).merge(dashboard::router(dashboard));
+    if let Some(leadership) = leadership.clone() {
+        app = app.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                server::writes_to_the_leader(leadership.clone(), request, next)
+            },
+        ));
+    }
+    let api_server = axum::serve(api_listener, app).with_graceful_shutdown(until_stopped(stopped.clone()));
     tokio::spawn(async move {
         if let Err(error) = api_server.await {
             tracing::error!(%error, "operator api stopped");
@@ -231,6 +254,10 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
             ticker.feed(kvmha_core::Event::Tick).await;
         }
     });
+    if let Some(leadership) = leadership.clone() {
+        // Campaigns, then leads until the process ends (a lost lease ends it).
+        tokio::spawn(leadership.run());
+    }
     tracing::info!(listen = %config.listen, api_listen = %config.api_listen, profile = %config.profile, "manager running");
     println!("dashboard: {}", dashboard::url(config.api_listen));
     notify::notify_or_log("READY=1\nSTATUS=manager running");
@@ -263,9 +290,18 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
         None => {
             tracing::info!("stopping: final snapshot");
             controller.shutdown().await;
-            engine_done.await
+            let joined = engine_done.await;
+            if let Some(leadership) = &leadership {
+                leadership.resign().await;
+            }
+            joined
         }
     };
+    if let (Some(leadership), Ok(Ok(Err(error)))) = (&leadership, &joined) {
+        // With etcd, a store the engine cannot write to (a deposed epoch, etcd gone past
+        // the lease deadline) means this manager may no longer act.
+        leadership.step_down(&error.to_string());
+    }
     match joined {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(error))) => Err(error),

@@ -31,6 +31,41 @@ pub struct AgentApi {
     pub manager_cert_sha256: String,
     pub config: crate::config::ManagerConfig,
     pub host_spec: Arc<crate::executor::Executor>,
+    /// etcd backend: only the leader takes agents; followers point them at it.
+    pub leadership: Option<crate::leader::Leadership>,
+}
+
+/// A follower's answer to an agent: 421 with the leader's agent URL when known (agents
+/// switch to it, docs/manager-ha.md). `None` on the leader (and without etcd).
+fn not_the_leader(api: &AgentApi) -> Option<Response> {
+    let hint = api.leadership.as_ref()?.follower_hint()?;
+    let body = serde_json::json!({
+        "version": PROTOCOL_VERSION,
+        "error": "not the leader",
+        "leader": hint.map(|leader| leader.agent_url),
+    });
+    Some((StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response())
+}
+
+/// Operator API middleware on a follower: reads are served from the store; writes get
+/// 421 and the leader's API URL (logins to the dashboard stay local: read-only pages).
+pub async fn writes_to_the_leader(
+    leadership: crate::leader::Leadership,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let reads = request.method() == axum::http::Method::GET || request.method() == axum::http::Method::HEAD;
+    let session = matches!(request.uri().path(), "/login" | "/logout");
+    if let (false, false, Some(hint)) = (reads, session, leadership.follower_hint()) {
+        let leader = hint.map(|leader| leader.api_url);
+        let body = serde_json::json!({
+            "version": PROTOCOL_VERSION,
+            "error": format!("not the leader; send writes to {}", leader.as_deref().unwrap_or("the leader (not known yet)")),
+            "leader": leader,
+        });
+        return (StatusCode::MISDIRECTED_REQUEST, Json(body)).into_response();
+    }
+    next.run(request).await
 }
 
 pub fn router(api: Arc<AgentApi>) -> Router {
@@ -64,6 +99,9 @@ fn valid_host_name(name: &str) -> bool {
 }
 
 async fn join(State(api): State<Arc<AgentApi>>, Extension(peer): Extension<Peer>, body: Bytes) -> Response {
+    if let Some(redirect) = not_the_leader(&api) {
+        return redirect;
+    }
     let request: JoinRequest = match kvmha_proto::decode(&body) {
         Ok(request) => request,
         Err(error) => return refuse(StatusCode::BAD_REQUEST, error.to_string()),
@@ -134,6 +172,9 @@ fn authenticated_host(api: &AgentApi, peer: &Peer) -> Result<HostName, (StatusCo
 }
 
 async fn ping(State(api): State<Arc<AgentApi>>, Extension(peer): Extension<Peer>, body: Bytes) -> Response {
+    if let Some(redirect) = not_the_leader(&api) {
+        return redirect;
+    }
     let host = match authenticated_host(&api, &peer) {
         Ok(host) => host,
         Err((status, reason)) => return refuse(status, reason),
@@ -159,6 +200,9 @@ async fn ping(State(api): State<Arc<AgentApi>>, Extension(peer): Extension<Peer>
 }
 
 async fn goodbye(State(api): State<Arc<AgentApi>>, Extension(peer): Extension<Peer>, body: Bytes) -> Response {
+    if let Some(redirect) = not_the_leader(&api) {
+        return redirect;
+    }
     let host = match authenticated_host(&api, &peer) {
         Ok(host) => host,
         Err((status, reason)) => return refuse(status, reason),

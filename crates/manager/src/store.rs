@@ -23,13 +23,78 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     path: PathBuf,
     conn: Connection,
 }
 
+/// The persistence backend the controller and the API use: which one is
+/// `[store] backend` in manager.toml. Both keep the same records (see each module's header).
+#[derive(Debug)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Etcd(crate::store_etcd::EtcdStore),
+}
+
+macro_rules! each_backend {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($store) => $call,
+            Store::Etcd($store) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the configured backend. For etcd, `leader` is the epoch source every write
+    /// is fenced by (None: a reader that never writes).
+    pub fn open(
+        config: &crate::config::StoreConfig,
+        leader: Option<crate::leader::Leadership>,
+    ) -> Result<Store, ManagerError> {
+        match config {
+            crate::config::StoreConfig::Sqlite { path } => SqliteStore::open(path).map(Store::Sqlite),
+            crate::config::StoreConfig::Etcd(etcd) => crate::store_etcd::EtcdStore::open(etcd, leader).map(Store::Etcd),
+        }
+    }
+    pub fn load_engine(&self) -> Result<Option<(Engine, u64)>, ManagerError> {
+        each_backend!(self, store => store.load_engine())
+    }
+    pub fn commit(&mut self, engine: &Engine, clock_ms: u64, audits: &[&AuditEvent]) -> Result<i64, ManagerError> {
+        each_backend!(self, store => store.commit(engine, clock_ms, audits))
+    }
+    pub fn last_event_id(&self) -> Result<i64, ManagerError> {
+        each_backend!(self, store => store.last_event_id())
+    }
+    pub fn upsert_host(&self, host: &HostRow) -> Result<(), ManagerError> {
+        each_backend!(self, store => store.upsert_host(host))
+    }
+    pub fn hosts(&self) -> Result<Vec<HostRow>, ManagerError> {
+        each_backend!(self, store => store.hosts())
+    }
+    pub fn upsert_vm(&mut self, vm: &VmRow, audits: &[&AuditEvent]) -> Result<i64, ManagerError> {
+        each_backend!(self, store => store.upsert_vm(vm, audits))
+    }
+    pub fn append_audits(&mut self, audits: &[&AuditEvent]) -> Result<i64, ManagerError> {
+        each_backend!(self, store => store.append_audits(audits))
+    }
+    pub fn vms(&self) -> Result<Vec<VmRow>, ManagerError> {
+        each_backend!(self, store => store.vms())
+    }
+    pub fn events_after(&self, after: i64, limit: u32) -> Result<Vec<EventRow>, ManagerError> {
+        each_backend!(self, store => store.events_after(after, limit))
+    }
+    pub fn audit_records_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::incident::AuditRecord>, ManagerError> {
+        each_backend!(self, store => store.audit_records_after(after, limit))
+    }
+}
+
 /// One joined agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct HostRow {
     pub name: HostName,
     /// `IP:PORT` where the agent takes commands.
@@ -52,20 +117,24 @@ pub struct EventRow {
     pub line: String,
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as u64)
         .unwrap_or(0)
 }
 
+pub(crate) fn audit_kind(audit: &AuditEvent) -> String {
+    match &audit.kind {
+        kvmha_core::event::AuditKind::HostState { .. } => "HostState".to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
 fn insert_audits(transaction: &rusqlite::Transaction<'_>, audits: &[&AuditEvent]) -> Result<(), rusqlite::Error> {
     let now = unix_ms() as i64;
     for audit in audits {
-        let kind = match &audit.kind {
-            kvmha_core::event::AuditKind::HostState { .. } => "HostState".to_owned(),
-            other => format!("{other:?}"),
-        };
+        let kind = audit_kind(audit);
         let event = serde_json::to_string(audit).unwrap_or_default();
         transaction.execute(
             "INSERT INTO audit (at_ms, unix_ms, host, vm, kind, line, event) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -83,8 +152,8 @@ fn insert_audits(transaction: &rusqlite::Transaction<'_>, audits: &[&AuditEvent]
     Ok(())
 }
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Store, ManagerError> {
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, ManagerError> {
         let wrap = |source| ManagerError::Store { path: path.into(), source };
         let conn = Connection::open(path).map_err(wrap)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
@@ -98,7 +167,7 @@ impl Store {
              CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, row TEXT NOT NULL);",
         )
         .map_err(wrap)?;
-        Ok(Store { path: path.into(), conn })
+        Ok(SqliteStore { path: path.into(), conn })
     }
 
     fn wrap(&self, source: rusqlite::Error) -> ManagerError {
@@ -239,7 +308,7 @@ impl Store {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// At most `limit` audit lines after `after` with their structured event, oldest first
     /// (for incidents and metrics, which fold the log rather than read its text).
     pub fn audit_records_after(
@@ -303,7 +372,7 @@ mod tests {
         let (engine, audits) = engine_with_one_host();
         assert!(!audits.is_empty());
         {
-            let mut store = Store::open(&path).unwrap();
+            let mut store = SqliteStore::open(&path).unwrap();
             assert!(store.load_engine().unwrap().is_none());
             let references: Vec<&AuditEvent> = audits.iter().collect();
             let last = store.commit(&engine, 1234, &references).unwrap();
@@ -318,7 +387,7 @@ mod tests {
                 })
                 .unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         let (restored, clock_ms) = store.load_engine().unwrap().expect("a snapshot");
         assert_eq!(clock_ms, 2000);
         assert_eq!(restored.host_state(&HostName::from("host1")), engine.host_state(&HostName::from("host1")));
@@ -349,14 +418,14 @@ mod tests {
             detail: "HA enabled by operator-token".into(),
         };
         {
-            let mut store = Store::open(&path).unwrap();
+            let mut store = SqliteStore::open(&path).unwrap();
             store.upsert_vm(&row, &[&audit]).unwrap();
             row.ha.priority = 10;
             let last = store.upsert_vm(&row, &[]).unwrap();
             assert_eq!(last, 1);
             store.append_audits(&[&audit]).unwrap();
         }
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.vms().unwrap(), vec![row]);
         let lines = store.events_after(0, 10).unwrap();
         assert_eq!(lines.len(), 2);
@@ -368,7 +437,7 @@ mod tests {
     fn a_corrupt_snapshot_is_an_error_not_a_fresh_cluster() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("manager.db");
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         store.conn.execute("INSERT INTO engine (id, clock_ms, state) VALUES (1, 0, '{broken')", []).unwrap();
         assert!(matches!(store.load_engine(), Err(ManagerError::Snapshot { .. })));
     }

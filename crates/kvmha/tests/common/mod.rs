@@ -3,6 +3,8 @@
 //! is killed when its guard drops, also when a test panics.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod etcd;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
