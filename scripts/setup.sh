@@ -25,6 +25,11 @@ packages=(
   iputils-ping    # lab: reachability checks between lab namespaces (lab also needs openipmi, ipmitool, openssh-server, sshfs above)
   openssh-client  # lab: ssh-keygen for per-lab keys, the ssh under sshfs
   chromium        # dashboard: browser tests drive headless Chromium (crates/kvmha/tests/dashboard.rs)
+  qemu-system-x86             # lab vm_driver = "libvirt": real guests under TCG (crates/lab/src/guest.rs)
+  libvirt-daemon-system       # lab: libvirtd run by hand per lab host (and its libvirt-qemu user)
+  libvirt-daemon-driver-qemu  # lab: libvirtd's QEMU driver
+  busybox-static              # lab: the guest's initramfs userland
+  linux-image-cloud-amd64     # lab: the guest's kernel (+ its virtio modules); booted by QEMU only
 )
 
 missing=()
