@@ -14,7 +14,8 @@
  *
  * Time: a TCG guest's clock starts from the RTC (whole seconds) and drifts, so the
  * line's unix_ms is the host's: before each line the guest asks the lab's clock
- * server over a virtio-serial port (/dev/vport0p1) and gets "<unix_ms> <host>\n".
+ * server over a virtio-serial port (/dev/vport0p1), "t <n>\n", and gets
+ * "<unix_ms> <host> t <n>\n".
  * The host name comes from the same answer, as the domain XML is the same on every
  * host. Without an answer within 30 ms the guest uses its own clock plus the last
  * offset it learned; before the first answer it writes nothing.
@@ -84,29 +85,41 @@ static int ask_host(int *port, long long *unix_ms) {
     char answer[160];
     if (*port < 0) *port = open_clock();
     if (*port < 0) return -1;
+    static unsigned long long question;
+    char ask[32];
     while (read(*port, answer, sizeof answer) > 0) {
         /* a late answer to an earlier question: drop it */
     }
-    if (write(*port, "t\n", 2) != 2) return -1;
+    /* Numbered, so a late answer to an earlier question is never taken for this one. */
+    int ask_length = snprintf(ask, sizeof ask, "t %llu\n", ++question);
+    if (write(*port, ask, (size_t)ask_length) != ask_length) return -1;
     size_t have = 0;
     long long deadline = clock_ms(CLOCK_MONOTONIC) + ASK_TIMEOUT_MS;
     for (;;) {
+        char *end;
+        while ((end = memchr(answer, '\n', have)) != NULL) {
+            char name[64];
+            unsigned long long echoed = 0;
+            *end = 0;
+            if (sscanf(answer, "%lld %63s t %llu", unix_ms, name, &echoed) == 3 && echoed == question) {
+                snprintf(host, sizeof host, "%s", name);
+                offset_ms = *unix_ms - clock_ms(CLOCK_REALTIME);
+                return 0;
+            }
+            /* an earlier question's answer: drop it, look at the next line */
+            size_t rest = have - (size_t)(end + 1 - answer);
+            memmove(answer, end + 1, rest);
+            have = rest;
+        }
+        if (have >= sizeof answer) return -1;
         long long left = deadline - clock_ms(CLOCK_MONOTONIC);
         if (left <= 0) return -1;
         struct pollfd wait = {.fd = *port, .events = POLLIN};
         if (poll(&wait, 1, (int)left) <= 0) return -1;
-        ssize_t got = read(*port, answer + have, sizeof answer - 1 - have);
+        ssize_t got = read(*port, answer + have, sizeof answer - have);
         if (got <= 0) return -1;
         have += (size_t)got;
-        answer[have] = 0;
-        if (strchr(answer, '\n')) break;
-        if (have >= sizeof answer - 1) return -1;
     }
-    char name[64];
-    if (sscanf(answer, "%lld %63s", unix_ms, name) != 2) return -1;
-    snprintf(host, sizeof host, "%s", name);
-    offset_ms = *unix_ms - clock_ms(CLOCK_REALTIME);
-    return 0;
 }
 
 static void sleep_until(struct timespec *next) {
@@ -176,10 +189,6 @@ int main(void) {
     for (;; advance(&next), sleep_until(&next)) {
         long long unix_ms;
         if (ask_host(&port, &unix_ms) != 0) {
-            if (port >= 0 && errno != EAGAIN) {
-                close(port);
-                port = -1;
-            }
             if (host[0] == 0) continue; /* never heard the host: nothing honest to write */
             unix_ms = clock_ms(CLOCK_REALTIME) + offset_ms;
         }

@@ -15,8 +15,9 @@
 //!
 //! Time: under TCG a guest's clock starts from the RTC in whole seconds and drifts, so
 //! the lab runs a [`ClockServer`] per host (a thread of the lab process on a unix
-//! socket); the guest asks it over a virtio-serial port before every line and writes
-//! the host's `unix_ms` (and the host's name: the definition is the same everywhere).
+//! socket); the guest asks it over a virtio-serial port before every line ("t <n>",
+//! answered "<unix_ms> <host> t <n>") and writes the host's `unix_ms` and name (the
+//! definition is the same on every host, so the guest learns where it runs this way).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -354,7 +355,8 @@ pub fn libvirt_uri(socket_dir: &Path) -> String {
     format!("qemu:///system?socket={}", socket_dir.join("libvirt-sock").display())
 }
 
-/// Answers "<unix_ms> <host>\n" to every line a guest sends on one host's clock socket.
+/// Answers "<unix_ms> <host> <question>\n" to every line (question) a guest sends on
+/// one host's clock socket.
 #[derive(Debug)]
 pub struct ClockServer {
     path: PathBuf,
@@ -397,7 +399,9 @@ fn serve_guest(stream: UnixStream, host: &str) -> std::io::Result<()> {
         if reader.read_until(b'\n', &mut line)? == 0 {
             return Ok(());
         }
-        writer.write_all(format!("{} {host}\n", crate::lab::unix_ms_now()).as_bytes())?;
+        // The question ("t <n>") is echoed: the guest matches answers to questions.
+        let question = String::from_utf8_lossy(&line);
+        writer.write_all(format!("{} {host} {}\n", crate::lab::unix_ms_now(), question.trim()).as_bytes())?;
     }
 }
 
@@ -479,13 +483,13 @@ kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
         let mut reader = BufReader::new(stream);
         for _ in 0..2 {
             let before = crate::lab::unix_ms_now();
-            writer.write_all(b"t\n").expect("ask");
+            writer.write_all(b"t 42\n").expect("ask");
             let mut answer = String::new();
             reader.read_line(&mut answer).expect("answer");
-            let (ms, host) = answer.trim().split_once(' ').expect("two fields");
-            let ms: u64 = ms.parse().expect("unix_ms");
+            let fields: Vec<&str> = answer.trim().split(' ').collect();
+            let ms: u64 = fields[0].parse().expect("unix_ms");
             assert!(ms >= before && ms <= crate::lab::unix_ms_now(), "{answer}");
-            assert_eq!(host, "host7");
+            assert_eq!(fields[1..], ["host7", "t", "42"]);
         }
         drop(server);
         assert!(!path.exists());
