@@ -368,7 +368,9 @@ mount --bind "$libvirt/cache" /var/cache/libvirt
 mount --bind "$libvirt/log" /var/log/libvirt
 mount --bind "$libvirt/run" /run/libvirt
 libvirtd --pid-file "$libvirt/run/libvirtd.pid" -f /etc/libvirt/libvirtd.conf >> {log} 2>&1 &
-until [ -S {socket}/libvirt-sock ]; do sleep 0.1; done
+# The agent opens the hypervisor at start: wait for libvirtd (its log says why not).
+for _ in $(seq 300); do [ -S {socket}/libvirt-sock ] && break; sleep 0.1; done
+[ -S {socket}/libvirt-sock ] || echo "kvmha-lab: libvirtd did not start; see {log}"
 "#,
             view = quote(&self.lab_dir.join("view").display().to_string()),
             mount = quote(&lab.host_mount_dir(host)?.display().to_string()),
