@@ -82,7 +82,7 @@ cat > domain.xml <<XML
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>$work/vmlinuz</kernel>
     <initrd>$work/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet kvmha_vm=lab-guest</cmdline>
+    <cmdline>console=ttyS0 quiet printk.time=1 kvmha_vm=lab-guest</cmdline>
   </os>
   <features><acpi/></features>
   <on_crash>destroy</on_crash>

@@ -42,6 +42,7 @@
 
 static char host[64];
 static long long offset_ms; /* host clock minus guest clock, from the last answer */
+static unsigned long long question; /* the number of the last question to the clock */
 
 static long long clock_ms(clockid_t clock) {
     struct timespec now;
@@ -85,7 +86,6 @@ static int ask_host(int *port, long long *unix_ms) {
     char answer[160];
     if (*port < 0) *port = open_clock();
     if (*port < 0) return -1;
-    static unsigned long long question;
     char ask[32];
     while (read(*port, answer, sizeof answer) > 0) {
         /* a late answer to an earlier question: drop it */
@@ -188,7 +188,13 @@ int main(void) {
     clock_gettime(CLOCK_MONOTONIC, &next);
     for (;; advance(&next), sleep_until(&next)) {
         long long unix_ms;
-        if (ask_host(&port, &unix_ms) != 0) {
+        int had_host = host[0] != 0;
+        int answered = ask_host(&port, &unix_ms) == 0;
+        if (answered && !had_host) {
+            snprintf(text, sizeof text, "first clock answer (question %llu): on %s", question, host);
+            say(text);
+        }
+        if (!answered) {
             if (host[0] == 0) continue; /* never heard the host: nothing honest to write */
             unix_ms = clock_ms(CLOCK_REALTIME) + offset_ms;
         }
