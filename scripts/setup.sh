@@ -26,6 +26,11 @@ packages=(
   openssh-client  # lab: ssh-keygen for per-lab keys, the ssh under sshfs
   chromium        # dashboard: browser tests drive headless Chromium (crates/kvmha/tests/dashboard.rs)
   etcd-server     # manager HA: the etcd store backend tests start a real etcd (crates/kvmha/tests/manager_ha.rs)
+  qemu-system-x86             # lab vm_driver = "libvirt": real guests under TCG (crates/lab/src/guest.rs)
+  libvirt-daemon-system       # lab: libvirtd run by hand per lab host (and its libvirt-qemu user)
+  libvirt-daemon-driver-qemu  # lab: libvirtd's QEMU driver
+  busybox-static              # lab: the guest's initramfs userland
+  linux-image-cloud-amd64     # lab: the guest's kernel (+ its virtio modules); booted by QEMU only
 )
 
 missing=()

@@ -34,7 +34,8 @@ pub fn parse_disk_log(text: &str) -> ParsedLog {
     parsed
 }
 
-/// Reads every `vms/<vm>/disk.log` under the storage directory, keyed by VM name.
+/// Reads every `vms/<vm>/disk.log` (lab process VMs) or `vms/<vm>/disk.raw` (real
+/// QEMU guests, [`crate::guest`]) under the storage directory, keyed by VM name.
 pub fn read_disk_logs(storage_dir: &Path) -> Result<BTreeMap<String, ParsedLog>> {
     let vms_dir = storage_dir.join("vms");
     let mut logs = BTreeMap::new();
@@ -46,13 +47,45 @@ pub fn read_disk_logs(storage_dir: &Path) -> Result<BTreeMap<String, ParsedLog>>
     for entry in entries {
         let entry = entry.map_err(|error| LabError::io(&vms_dir, error))?;
         let path = entry.path().join("disk.log");
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                match read_disk_raw(&crate::guest::disk_path(storage_dir, &entry.file_name().to_string_lossy())) {
+                    Ok(bytes) => bytes,
+                    Err(_) => continue,
+                }
+            }
         };
         let vm = entry.file_name().to_string_lossy().into_owned();
         logs.insert(vm, parse_disk_log(&String::from_utf8_lossy(&bytes)));
     }
     Ok(logs)
+}
+
+/// The written part of a guest's disk: its regions (one per boot, see
+/// `crates/lab/guest/heartbeat.c`) up to the first one never written, NULs dropped.
+/// Reading only those keeps a poll cheap: the rest of the disk is sparse zeros.
+pub fn read_disk_raw(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut text = Vec::new();
+    let mut region = vec![0u8; crate::guest::REGION_BYTES];
+    loop {
+        let mut filled = 0;
+        while filled < region.len() {
+            match file.read(&mut region[filled..])? {
+                0 => break,
+                read => filled += read,
+            }
+        }
+        if filled == 0 || region[0] == 0 {
+            return Ok(text);
+        }
+        text.extend(region[..filled].iter().filter(|byte| **byte != 0));
+        if filled < region.len() {
+            return Ok(text);
+        }
+    }
 }
 
 /// One run of a VM: the writes of one boot id on one host.
@@ -296,5 +329,52 @@ mod tests {
         .records;
         assert_eq!(recovery_ms(&restarted, 5_000, None), Some(1_000));
         assert_eq!(recovery_ms(&restarted, 5_000, Some("host1")), None);
+    }
+
+    /// A guest disk as heartbeat.c leaves it: one region per boot, NUL-padded blocks.
+    fn guest_disk(dir: &Path, vm: &str, regions: &[String]) {
+        let path = crate::guest::disk_path(dir, vm);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut disk = vec![0u8; 4 * crate::guest::REGION_BYTES];
+        for (index, text) in regions.iter().enumerate() {
+            let start = index * crate::guest::REGION_BYTES;
+            // Whole 4 KiB blocks, each NUL-padded after its last full line.
+            let mut position = start;
+            let mut fill = 0;
+            for line in text.split_inclusive('\n') {
+                if fill + line.len() > 4096 {
+                    position += 4096;
+                    fill = 0;
+                }
+                disk[position + fill..position + fill + line.len()].copy_from_slice(line.as_bytes());
+                fill += line.len();
+            }
+        }
+        // A stray write past the first unused region is not read (nothing writes there).
+        disk[3 * crate::guest::REGION_BYTES] = b'x';
+        std::fs::write(path, disk).unwrap();
+    }
+
+    #[test]
+    fn guest_disks_are_read_region_by_region_and_two_overlapping_boots_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        guest_disk(
+            dir.path(),
+            "vm1",
+            &[run_lines("host1", "vm1", "aaaa", 1_000, 90_000), run_lines("host2", "vm1", "bbbb", 95_000, 99_000)],
+        );
+        guest_disk(
+            dir.path(),
+            "vm2",
+            &[run_lines("host1", "vm2", "cccc", 1_000, 9_000), run_lines("host2", "vm2", "dddd", 5_000, 12_000)],
+        );
+        let logs = read_disk_logs(dir.path()).unwrap();
+        assert_eq!(logs["vm1"].records.len(), 891 + 41);
+        assert_eq!(logs["vm1"].malformed_lines, 0);
+        assert_eq!(runs(&logs["vm1"].records).len(), 2);
+        let report = no_double_run(&logs);
+        assert!(!report.passed(), "vm2's boots overlap: {}", report.detail());
+        assert!(report.detail().contains("vm2"), "{}", report.detail());
+        assert!(!report.detail().contains("vm1"), "{}", report.detail());
     }
 }

@@ -17,7 +17,7 @@ use crate::error::{LabError, Result};
 use crate::lab::{clean_stale_labs, wait_for, BmcProtocol, Lab, LabConfig, LabHandle, DEFAULT_BASE_DIR};
 use crate::process::ProcessId;
 use crate::runner::RunOptions;
-use crate::scenario::{BmcKind, HostSpec, Profile, Scenario, ScenarioResult, VmSpec};
+use crate::scenario::{BmcKind, HostSpec, Profile, Scenario, ScenarioResult, VmDriver, VmSpec};
 use crate::topology::{LabId, Network, Node};
 use crate::NetSelector;
 
@@ -45,6 +45,10 @@ pub enum LabCommand {
         /// A host whose BMC speaks Redfish (sushy-emulator) instead of IPMI; repeatable.
         #[arg(long = "redfish", value_name = "HOST")]
         redfish_hosts: Vec<String>,
+        /// How VMs run: `process` (lab process VMs) or `libvirt` (real QEMU guests
+        /// through a libvirtd per host; docs/lab.md).
+        #[arg(long, default_value = "process")]
+        vm_driver: String,
     },
     /// Run one scenario file (SCENARIOS.md): build, wait until steady, play the faults,
     /// check, tear down. Exit 0 passed, 1 a check failed, 2 the lab could not be built.
@@ -109,8 +113,22 @@ pub enum LabCommand {
 
 pub fn run(command: LabCommand) -> Result<()> {
     match command {
-        LabCommand::Up { hosts, profile, vms_per_host, no_cluster, watchdog_timeout_ms, base_dir, redfish_hosts } => {
+        LabCommand::Up {
+            hosts,
+            profile,
+            vms_per_host,
+            no_cluster,
+            watchdog_timeout_ms,
+            base_dir,
+            redfish_hosts,
+            vm_driver,
+        } => {
             let profile = parse_profile(&profile)?;
+            let vm_driver = match vm_driver.as_str() {
+                "process" => VmDriver::Process,
+                "libvirt" => VmDriver::Libvirt,
+                other => return Err(LabError::Config(format!("--vm-driver {other:?}: expected process or libvirt"))),
+            };
             let watchdog_timeout = match watchdog_timeout_ms {
                 Some(ms) => Duration::from_millis(ms.max(1)),
                 None => crate::cluster::profile_watchdog_timeout(profile),
@@ -123,7 +141,7 @@ pub fn run(command: LabCommand) -> Result<()> {
                 boot_script: String::new(),
                 redfish_hosts: redfish_hosts.into_iter().collect(),
             };
-            up(config, (!no_cluster).then_some((profile, vms_per_host)))
+            up(config, (!no_cluster).then_some((profile, vms_per_host, vm_driver)))
         }
         LabCommand::Run { file, json, keep, base_dir } => {
             let code = run_file(&file, json, keep, base_dir);
@@ -190,7 +208,7 @@ fn wait_for_stop(stop: &AtomicBool) {
     }
 }
 
-fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
+fn up(config: LabConfig, cluster: Option<(Profile, usize, VmDriver)>) -> Result<()> {
     let stop = stop_flag()?;
     let hosts = config.hosts;
     let redfish = config.redfish_hosts.clone();
@@ -227,7 +245,7 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
     let _ = out.flush();
     drop(out);
     let mut running = None;
-    if let Some((profile, vms_per_host)) = cluster {
+    if let Some((profile, vms_per_host, vm_driver)) = cluster {
         let host_specs: Vec<HostSpec> = lab
             .host_names()
             .into_iter()
@@ -238,7 +256,7 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
                 memory_mb: 4096,
             })
             .collect();
-        let spec = ClusterSpec { kvmha: kvmha_binary()?, profile, hosts: host_specs, watchdog: true };
+        let spec = ClusterSpec { kvmha: kvmha_binary()?, profile, hosts: host_specs, watchdog: true, vm_driver };
         let cluster = Cluster::start(&lab, spec)?;
         let forwarder = Forwarder::start(
             &lab.namespace(&Node::Manager),

@@ -19,6 +19,19 @@
 //! hosts/hostN/agent.log      the agent's log
 //! ```
 //!
+//! With `vm_driver = "libvirt"` (see [`crate::guest`]) also:
+//!
+//! ```text
+//! view/                      empty here; inside each host a tmpfs of its own with
+//!                            `storage` (-> its mount) and `clock.sock` (-> its clock)
+//! hosts/hostN/clock.sock     the host's clock server (a thread of the lab process)
+//! hosts/hostN/libvirt-sock/  the host's libvirtd sockets (the agent's URI)
+//! hosts/hostN/libvirtd.log   the host's libvirtd log
+//! hosts/hostN/local/libvirt/ bind-mounted over /etc/libvirt, /var/lib/libvirt,
+//!                            /var/cache/libvirt, /var/log/libvirt and /run/libvirt
+//!                            (run/ is cleared at every boot)
+//! ```
+//!
 //! The manager reads the pool's heartbeats at the storage server's side
 //! (`<lab>/storage`): a manager on the storage network whose link is never cut
 //! (the scenarios cut hosts, not the manager). See docs/lab.md.
@@ -36,9 +49,10 @@ use serde_json::{json, Value};
 
 use crate::api::ApiClient;
 use crate::error::{LabError, Result};
+use crate::guest::{ClockServer, GuestImage};
 use crate::lab::{wait_for, BmcProtocol, Lab, LabHandle};
 use crate::process::ProcessId;
-use crate::scenario::{BmcKind, HostSpec, Profile, VmSpec};
+use crate::scenario::{BmcKind, HostSpec, Profile, VmDriver, VmSpec};
 use crate::topology::{host_index, Network, Node};
 
 /// The manager's agent listener (mgmt) and operator API (loopback of its namespace).
@@ -60,6 +74,8 @@ pub struct ClusterSpec {
     pub hosts: Vec<HostSpec>,
     /// Agents open the lab watchdog and self-fence; the manager may use lease expiry.
     pub watchdog: bool,
+    /// Lab process VMs, or real QEMU guests through a libvirtd per host.
+    pub vm_driver: VmDriver,
 }
 
 pub fn profile_name(profile: Profile) -> &'static str {
@@ -91,6 +107,12 @@ pub struct Cluster {
     manager: Mutex<Option<Child>>,
     operator_token: String,
     api: ApiClient,
+    storage_dir: PathBuf,
+    /// The guest image (`vm_driver = "libvirt"` only).
+    guest: Option<GuestImage>,
+    /// One per host (`vm_driver = "libvirt"` only); held so they answer until the
+    /// cluster is dropped.
+    _clocks: Vec<ClockServer>,
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<()> {
@@ -177,6 +199,27 @@ impl Cluster {
             SocketAddr::from((Ipv4Addr::LOCALHOST, API_PORT)),
             &operator_token,
         );
+        let (guest, clocks) = match spec.vm_driver {
+            VmDriver::Process => (None, Vec::new()),
+            VmDriver::Libvirt => {
+                let image = crate::guest::prepare_image(&crate::guest::cache_dir())?;
+                create_dir(&lab_dir.join("view"))?;
+                let mut clocks = Vec::new();
+                for host in &spec.hosts {
+                    let host_dir = lab_dir.join("hosts").join(&host.name);
+                    let etc = host_dir.join("local").join("libvirt").join("etc");
+                    create_dir(&etc)?;
+                    create_dir(&host_dir.join("libvirt-sock"))?;
+                    write_file(
+                        &etc.join("libvirtd.conf"),
+                        &crate::guest::libvirtd_conf(&host_dir.join("libvirt-sock")),
+                    )?;
+                    write_file(&etc.join("qemu.conf"), crate::guest::QEMU_CONF)?;
+                    clocks.push(ClockServer::start(&host_dir.join("clock.sock"), &host.name)?);
+                }
+                (Some(image), clocks)
+            }
+        };
         let cluster = Cluster {
             spec,
             dir,
@@ -185,6 +228,9 @@ impl Cluster {
             manager: Mutex::new(None),
             operator_token,
             api,
+            storage_dir: lab.storage_dir(),
+            guest,
+            _clocks: clocks,
         };
         cluster.start_manager()?;
         for host in &cluster.spec.hosts {
@@ -220,9 +266,13 @@ impl Cluster {
         Ok(entry)
     }
 
-    /// The hypervisor URI of a host's agent: the lab process driver on the host's mount.
+    /// The hypervisor URI of a host's agent: the lab process driver on the host's mount,
+    /// or the host's own libvirtd.
     fn hypervisor_uri(&self, lab: &LabHandle, host: &str) -> Result<String> {
         let host_dir = self.lab_dir.join("hosts").join(host);
+        if self.spec.vm_driver == VmDriver::Libvirt {
+            return Ok(crate::guest::libvirt_uri(&host_dir.join("libvirt-sock")));
+        }
         Ok(format!(
             "lab:{}?state={}&host={host}&vm_binary={}",
             lab.host_mount_dir(host)?.display(),
@@ -256,6 +306,10 @@ impl Cluster {
             log = quote(&host_dir.join("agent.log").display().to_string()),
         );
         write_file(&host_dir.join("agent.sh"), &agent_script)?;
+        let libvirt = match self.spec.vm_driver {
+            VmDriver::Process => String::new(),
+            VmDriver::Libvirt => self.libvirt_boot(lab, &host.name)?,
+        };
         let manager_url = format!("https://{}:{MANAGER_PORT}", address(Node::Manager, Network::Mgmt));
         let advertise = SocketAddr::from((address(Node::Host(index), Network::Mgmt), AGENT_PORT));
         let boot = format!(
@@ -265,7 +319,7 @@ local={local}
 mkdir -p "$local/vmstate"
 # /run does not survive a power cycle: no VM of an earlier boot runs now.
 rm -rf "$local/vmstate/run"
-if [ ! -s "$local/agent/agent.toml" ]; then
+{libvirt}if [ ! -s "$local/agent/agent.toml" ]; then
   # Join once; the manager may not be reachable yet.
   until KVMHA_JOIN_TOKEN="$(cat {token})" {kvmha} agent join --manager {manager_url} --name {name} \
       --dir "$local/agent" --listen 0.0.0.0:{AGENT_PORT} --advertise {advertise} \
@@ -288,6 +342,43 @@ exec bash {agent_script}
         );
         create_dir(&agent_dir)?;
         lab.set_boot_script(&host.name, &boot)
+    }
+
+    /// The part of a host's boot.sh that starts its libvirtd (before the agent): the
+    /// host's view of the lab (same paths on every host), libvirt's directories bound
+    /// from the host's own disk, libvirtd, and a wait for its socket.
+    fn libvirt_boot(&self, lab: &LabHandle, host: &str) -> Result<String> {
+        let host_dir = self.lab_dir.join("hosts").join(host);
+        let libvirt = host_dir.join("local").join("libvirt");
+        let socket = host_dir.join("libvirt-sock");
+        Ok(format!(
+            r#"# The lab's view from this host: the same paths on every host, for the guests.
+view={view}
+mount -t tmpfs -o size=64k,mode=0755 kvmha-lab-view "$view"
+ln -s {mount} "$view/storage"
+ln -s {clock} "$view/clock.sock"
+# libvirt's directories on this host's own disk; /run/libvirt does not survive a power cycle.
+libvirt={libvirt}
+rm -rf "$libvirt/run" {socket}/*
+for dir in lib cache log run; do mkdir -p "$libvirt/$dir"; done
+mkdir -p /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /run/libvirt
+mount --bind "$libvirt/etc" /etc/libvirt
+mount --bind "$libvirt/lib" /var/lib/libvirt
+mount --bind "$libvirt/cache" /var/cache/libvirt
+mount --bind "$libvirt/log" /var/log/libvirt
+mount --bind "$libvirt/run" /run/libvirt
+libvirtd --pid-file "$libvirt/run/libvirtd.pid" -f /etc/libvirt/libvirtd.conf >> {log} 2>&1 &
+# The agent opens the hypervisor at start: wait for libvirtd (its log says why not).
+for _ in $(seq 300); do [ -S {socket}/libvirt-sock ] && break; sleep 0.1; done
+[ -S {socket}/libvirt-sock ] || echo "kvmha-lab: libvirtd did not start; see {log}"
+"#,
+            view = quote(&self.lab_dir.join("view").display().to_string()),
+            mount = quote(&lab.host_mount_dir(host)?.display().to_string()),
+            clock = quote(&host_dir.join("clock.sock").display().to_string()),
+            libvirt = quote(&libvirt.display().to_string()),
+            socket = quote(&socket.display().to_string()),
+            log = quote(&host_dir.join("libvirtd.log").display().to_string()),
+        ))
     }
 
     /// Starts `kvmha manager run` in the manager namespace and waits for its API.
@@ -375,8 +466,14 @@ exec bash {agent_script}
         for host in lab.host_names() {
             for process in lab.host_processes(&host)? {
                 let words = cmdline(process.pid);
-                let is_vm = words.windows(2).any(|pair| pair[0] == "--vm" && pair[1] == vm)
+                let is_lab_vm = words.windows(2).any(|pair| pair[0] == "--vm" && pair[1] == vm)
                     && words.first().is_some_and(|program| program.ends_with(LAB_VM_NAME));
+                // QEMU as libvirt starts it: `-name guest=<vm>,debug-threads=on`.
+                let is_guest = words.first().is_some_and(|program| program == crate::guest::EMULATOR)
+                    && words
+                        .windows(2)
+                        .any(|pair| pair[0] == "-name" && pair[1].split(',').any(|part| part == format!("guest={vm}")));
+                let is_vm = is_lab_vm || is_guest;
                 if is_vm {
                     process.signal(Signal::SIGKILL)?;
                     return Ok(host);
@@ -388,7 +485,13 @@ exec bash {agent_script}
 
     /// Creates a VM on its host through the operator API, started, and sets its HA.
     pub fn create_vm(&self, vm: &VmSpec) -> Result<()> {
-        let xml = kvmha_hypervisor::definition::lab_domain_xml(&vm.name, vm.cpus, vm.memory_mb);
+        let xml = match &self.guest {
+            None => kvmha_hypervisor::definition::lab_domain_xml(&vm.name, vm.cpus, vm.memory_mb),
+            Some(image) => {
+                crate::guest::create_disk(&self.storage_dir, &vm.name)?;
+                crate::guest::domain_xml(&vm.name, vm.cpus, vm.memory_mb, image, &self.lab_dir.join("view"))
+            }
+        };
         self.api.post_ok("/v1/vms", &json!({ "host": vm.host, "xml": xml, "start": true }))?;
         if vm.ha {
             let mut body = json!({ "enabled": true, "priority": vm.priority });
@@ -433,7 +536,8 @@ exec bash {agent_script}
         }
     }
 
-    /// Kills the manager; the lab's teardown takes everything else.
+    /// Kills the manager; the lab's teardown takes everything else (agents, libvirtds
+    /// and QEMU die with their host's init; the clock servers with the cluster).
     pub fn stop(&self) {
         let _ = self.kill_manager();
     }

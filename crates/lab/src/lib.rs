@@ -37,6 +37,8 @@
 //! - [`watchdog`]: the lab watchdog behind a /dev/watchdog-like file.
 //! - the lab VM (`kvmha lab vm-writer`) is `kvmha_hypervisor::lab::writer`, the
 //!   writer the hypervisor crate's lab driver runs; one disk line every 100 ms.
+//! - [`guest`]: `vm_driver = "libvirt"`: a real QEMU guest (TCG) per VM through a
+//!   libvirtd per host; the guest image, domain XML, disks and the host-fed clock.
 //! - [`checker`]: `no_double_run`, `recovery_ms`, where VMs run, from disk logs.
 //! - [`scenario`]: scenario files and the JSON result of SCENARIOS.md.
 //! - [`cluster`]: the kvmha cluster inside a lab (manager, agents, VMs through the
@@ -51,6 +53,7 @@ pub mod checker;
 pub mod cli;
 pub mod cluster;
 mod error;
+pub mod guest;
 pub mod lab;
 pub mod process;
 pub mod runner;

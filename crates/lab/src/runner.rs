@@ -21,7 +21,7 @@ use crate::error::LabError;
 use crate::lab::{unix_ms_now, Lab, LabConfig};
 use crate::scenario::{
     apart_check, final_host_check, no_double_run_check, not_moved_check, recovered_within_check, BmcKind, CheckResult,
-    Fault, FaultAction, Scenario, ScenarioResult, VmDriver,
+    Fault, FaultAction, Scenario, ScenarioResult,
 };
 
 /// How long the hosts may take to join and come `Up`, and the VMs to run.
@@ -87,12 +87,6 @@ fn not_built(error: impl std::fmt::Display) -> RunError {
 
 /// Runs `scenario` and tears everything down, whatever happens.
 pub fn run(scenario: &Scenario, options: &RunOptions, stop: &AtomicBool) -> Result<ScenarioResult, RunError> {
-    if scenario.lab.vm_driver == VmDriver::Libvirt {
-        return Err(RunError::NotBuilt(
-            "lab.vm_driver = \"libvirt\" (QEMU guests through a libvirtd per host) is not built yet; use \"process\""
-                .to_string(),
-        ));
-    }
     let redfish_hosts =
         scenario.lab.hosts.iter().filter(|host| host.bmc == BmcKind::Redfish).map(|host| host.name.clone()).collect();
     note(options, &format!("building a lab of {} hosts", scenario.lab.hosts.len()));
@@ -126,6 +120,7 @@ fn run_in_lab(
             profile: scenario.lab.profile,
             hosts: scenario.lab.hosts.clone(),
             watchdog: scenario.lab.watchdog,
+            vm_driver: scenario.lab.vm_driver,
         },
     )
     .map_err(not_built)?;
