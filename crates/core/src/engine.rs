@@ -658,7 +658,9 @@ impl Engine {
         };
         let owner = record.host.clone();
         match report.state {
-            VmRunState::Running if record.operator_stop.as_ref().is_some_and(|stop| stop.instance == report.instance) => {
+            VmRunState::Running
+                if record.operator_stop.as_ref().is_some_and(|stop| stop.instance == report.instance) =>
+            {
                 // Built before the operator's stop landed: not news.
             }
             VmRunState::Running => match owner {

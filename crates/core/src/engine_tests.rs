@@ -1443,7 +1443,8 @@ fn an_operator_stop_refused_by_the_host_leaves_the_vm_protected_and_one_in_fligh
     let mut harness = Harness::new();
     harness.operator(vm_stop("vm-high"));
     let refused = Some("domain is locked".to_owned());
-    let commands = harness.operator(OperatorAction::VmStopOutcome { vm: v("vm-high"), by: "alice".to_owned(), refused });
+    let commands =
+        harness.operator(OperatorAction::VmStopOutcome { vm: v("vm-high"), by: "alice".to_owned(), refused });
     assert_eq!(harness.vm("vm-high").state, VmState::Running, "{commands:#?}");
     let commands = harness.drive_to_fenced("host1");
     let commands: Vec<Command> =

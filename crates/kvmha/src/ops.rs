@@ -292,7 +292,9 @@ pub fn host(api_args: ApiArgs, command: HostCommand) -> anyhow::Result<()> {
                     api.post(&format!("/v1/hosts/{name}/maintenance"), serde_json::json!({ "on": on })).await?;
                 print_outcome(&api, &outcome)?;
                 match after {
-                    Some(after) => follow_evacuation(&api, &name, &outcome, after, Duration::from_secs(wait_timeout_s)).await,
+                    Some(after) => {
+                        follow_evacuation(&api, &name, &outcome, after, Duration::from_secs(wait_timeout_s)).await
+                    }
                     None => Ok(()),
                 }
             }

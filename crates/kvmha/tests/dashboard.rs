@@ -686,12 +686,32 @@ fn an_incident_with_ha_vms_shows_verdicts_the_fence_and_each_vm_restart_with_its
         (row["state"].as_str().unwrap_or("-").to_owned(), row["host"].as_str().unwrap_or("-").to_owned())
     };
     for vm in ["db", "web"] {
-        cluster.wait(&format!("{vm} running on host3"), |cluster| vm_host(cluster, vm) == ("Running".into(), "host3".into()));
+        cluster.wait(&format!("{vm} running on host3"), |cluster| {
+            vm_host(cluster, vm) == ("Running".into(), "host3".into())
+        });
         wait_disk_grows(&cluster, vm);
     }
 
-    // host3 hangs: its agent freezes, its VMs die.
-    cluster.agents["host3"].signal("STOP");
+    // From now on host3 is advertised where connections hang, as they do to a machine
+    // that is off (a closed port answers at once, which neighbours take as "alive"): it
+    // joins again with that address and its agent restarts, re-taking its VMs' leases.
+    cluster.agents.get_mut("host3").expect("host3").kill();
+    let silent = SilentAddress::new();
+    let uri = format!(
+        "lab:{}?state={}&host=host3&vm_binary={}",
+        lab_storage(&cluster).display(),
+        cluster.agent_dir("host3").join("lab").display(),
+        lab_vm_binary().display()
+    );
+    cluster.join_with("host3", &["--hypervisor", &uri, "--advertise", &silent.address.to_string()]);
+    add_agent_pools(&cluster, "host3");
+    cluster.start_agent("host3");
+    cluster.wait("host3's agent re-took both leases", |cluster| {
+        cluster.agents["host3"].log_text().matches("lease re-taken after the agent restart").count() == 2
+    });
+    cluster.wait_state("host3", &["Up"]);
+    // host3 dies: its agent and its VMs.
+    cluster.agents.get_mut("host3").expect("host3").kill();
     for vm in ["db", "web"] {
         let pid_file = cluster.agent_dir("host3").join("lab/run").join(format!("{vm}.pid"));
         assert!(kill_lab_vm_group(&pid_file, &cluster.marker), "{vm} was not running");
@@ -728,7 +748,8 @@ fn an_incident_with_ha_vms_shows_verdicts_the_fence_and_each_vm_restart_with_its
 
     let mut browser = Browser::start();
     browser.open(&format!("{url}login"));
-    browser.wait("the token field", |browser| browser.try_eval("!!document.getElementById('token')") == Some(json!(true)));
+    browser
+        .wait("the token field", |browser| browser.try_eval("!!document.getElementById('token')") == Some(json!(true)));
     browser.eval("document.getElementById('token').focus()");
     browser.call("Input.insertText", json!({ "text": cluster.operator_token }));
     browser.key("Enter", "Enter", 13, Some("\r"));

@@ -274,7 +274,10 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize)>) -> Result<()> {
                 match cluster.create_vm(&vm) {
                     Ok(()) => {
                         vms_started += 1;
-                        crate::lab::progress(&format!("VMs started: {vms_started}/{vms_total} ({} on {host})", vm.name));
+                        crate::lab::progress(&format!(
+                            "VMs started: {vms_started}/{vms_total} ({} on {host})",
+                            vm.name
+                        ));
                     }
                     Err(error) => {
                         crate::lab::progress(&format!("VM {} not started: {error}", vm.name));

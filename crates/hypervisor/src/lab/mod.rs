@@ -655,9 +655,7 @@ pub fn kill_all(state_dir: &Path) -> Vec<i32> {
         let Some(record) = fs::read_to_string(&path).ok().and_then(|text| RunRecord::parse(&text)) else {
             continue;
         };
-        if process_is_alive(record.pid, record.start_ticks)
-            && kill_vm_group(record.pid, Signal::KILL).is_ok()
-        {
+        if process_is_alive(record.pid, record.start_ticks) && kill_vm_group(record.pid, Signal::KILL).is_ok() {
             killed.push(record.pid);
         }
     }
