@@ -470,11 +470,10 @@ async fn follow_evacuation(api: &Api, host: &str, outcome: &Value, after: i64, l
         for event in page.get("events").and_then(Value::as_array).into_iter().flatten() {
             let line = text(event, "line");
             let ours = line.starts_with(&format!("{host} "));
-            if ours && line.contains(" Evacuation: ") && line.contains(" moved to ") {
-                moved += 1;
-                let step = line.split(" Evacuation: ").nth(1).unwrap_or_default();
-                eprintln!("maintenance {host}: [{moved}/{total}] {step}");
-            } else if ours && line.contains(" Evacuation: ") && line.contains("left the host") {
+            // A VM moved, or left the host without running elsewhere yet (it waits like
+            // any HA restart): either way one step of the evacuation.
+            let step_done = line.contains(" moved to ") || line.contains("left the host");
+            if ours && line.contains(" Evacuation: ") && step_done {
                 moved += 1;
                 let step = line.split(" Evacuation: ").nth(1).unwrap_or_default();
                 eprintln!("maintenance {host}: [{moved}/{total}] {step}");
