@@ -1450,7 +1450,9 @@ fn an_operator_stop_refused_by_the_host_leaves_the_vm_protected_and_one_in_fligh
     let commands: Vec<Command> =
         commands.into_iter().chain(harness.advance(5_000, &["host2", "host3"])).collect::<Vec<_>>();
     let mut started: Vec<String> = starts(&commands).into_iter().map(|(vm, _, _)| vm).collect();
+    // Unanswered starts are sent again at their deadline: the same work, counted once.
     started.sort();
+    started.dedup();
     assert_eq!(started, vec!["vm-high".to_owned(), "vm-low".to_owned()], "{commands:#?}");
     // A start in flight is not interrupted: refused, retried by the operator later.
     assert_eq!(harness.vm("vm-high").state, VmState::Starting);
