@@ -38,6 +38,10 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on the goodbye at a clean stop: a manager that does not answer must not keep
 /// the host from stopping.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long each HA VM is given to shut down gracefully at a planned stop under the
+/// `failover` policy before it is destroyed: the stop must finish well inside a service
+/// manager's stop timeout (systemd's default is 90 s).
+const SHUTDOWN_GRACEFUL: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct JoinOptions {
@@ -239,6 +243,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     tracing::info!(name = %config.name, manager = %config.manager_url, listen = %config.listen, "agent running");
     let mut failing = false;
     let mut managers = Managers::new(&config.manager_urls);
+    // What to do with the VMs at a planned stop: the manager's word from the last ping
+    // answered (freeze until one is).
+    let mut shutdown_policy = kvmha_core::model::ShutdownPolicy::Freeze;
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -280,6 +287,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     failing = false;
                 }
                 tracing::trace!(manager_time_ms = reply.manager_time_ms, ?reply.directives, "ping answered");
+                shutdown_policy = reply.directives.shutdown_policy;
                 guard.obey(&reply.directives, &heartbeats, &config).await;
             }
             Err(reason) if !failing => {
@@ -288,6 +296,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             }
             Err(reason) => tracing::debug!(%reason, "ping failed"),
         }
+    }
+    if shutdown_policy == kvmha_core::model::ShutdownPolicy::Failover {
+        seq += 1;
+        shutdown_failover(&config, managers.current(), &client, &vms, &boot_id, seq, ping_deadline).await;
     }
     guard_task.abort();
     let _ = guard_task.await;
@@ -317,6 +329,44 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let _ = stop.send(true);
     let _ = server.await;
     Ok(())
+}
+
+/// The planned stop under the `failover` policy: the HA VMs are stopped here (graceful,
+/// then hard), their leases released, and a last ping reports them `StoppedForShutdown`
+/// so that the manager restarts them elsewhere at once; the goodbye follows. A VM that
+/// could not be stopped keeps its lease and stays reported running: it is not moved.
+async fn shutdown_failover(
+    config: &AgentConfig,
+    manager_url: &str,
+    client: &reqwest::Client,
+    vms: &Arc<vms::Vms>,
+    boot_id: &BootId,
+    seq: u64,
+    deadline: Duration,
+) {
+    tracing::info!("stopping under the failover shutdown policy: stopping this host's HA VMs for a restart elsewhere");
+    let (stopped, failed) = vms.stop_for_shutdown(SHUTDOWN_GRACEFUL).await;
+    if !failed.is_empty() {
+        tracing::error!(?failed, "these HA VMs could not be stopped: they stay on this host");
+    }
+    let message = PingMessage {
+        version: PROTOCOL_VERSION,
+        ping: Ping {
+            host: config.name.clone(),
+            boot_id: boot_id.clone(),
+            seq,
+            vms: vms.reports().await,
+            // The heartbeats keep running until the goodbye: the host is fine.
+            storage: StorageHealth::Ok,
+        },
+    };
+    let url = format!("{manager_url}{}", path::PING);
+    match post::<_, PingReply>(client, &url, &message, deadline).await {
+        Ok(_) => tracing::info!(?stopped, "the manager was told: these VMs restart elsewhere"),
+        // Their leases are released: the manager restarts them once it hears of the stop
+        // (a restart of this agent reports them the same way) or proves the host down.
+        Err(reason) => tracing::warn!(?reason, ?stopped, "the last ping with the stopped VMs was not delivered"),
+    }
 }
 
 /// The watchdog and the self-fence decision. Keepalives come from their own task, so a

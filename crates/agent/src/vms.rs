@@ -36,6 +36,9 @@ pub enum Expect {
     OperatorStopped,
     /// Stopped by this agent because its lease could not be kept.
     SelfFenced,
+    /// Stopped by this agent, lease released, for a planned stop of the agent under the
+    /// `failover` shutdown policy: reported `StoppedForShutdown`, restarted elsewhere.
+    ShutdownFailover,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +103,9 @@ pub struct Vms {
     retakes: Mutex<Vec<Retake>>,
     /// Set once the agent self-fenced: no VM starts here any more.
     fenced: AtomicBool,
+    /// Set once the agent stops its VMs for a planned stop (failover policy): no VM
+    /// starts here any more in this run.
+    leaving: AtomicBool,
     /// One VM command at a time: starts and stops are rare, and this keeps a start and a
     /// stop of one VM (or two starts) from interleaving.
     commands: tokio::sync::Mutex<()>,
@@ -126,6 +132,7 @@ pub fn run_state(state: DomainState, mark: Option<Mark>) -> VmRunState {
         state if state.may_be_running() => VmRunState::Running,
         _ => match mark.map(|mark| mark.expect) {
             Some(Expect::SelfFenced) => VmRunState::SelfFenced,
+            Some(Expect::ShutdownFailover) => VmRunState::StoppedForShutdown,
             Some(Expect::Running) => VmRunState::Crashed,
             Some(Expect::OperatorStopped) | None => VmRunState::Stopped,
         },
@@ -189,6 +196,7 @@ impl Vms {
             busy: Mutex::new(BTreeSet::new()),
             retakes: Mutex::new(Vec::new()),
             fenced: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             commands: tokio::sync::Mutex::new(()),
             self_fence_deadline: config.lease.self_fence_deadline,
         };
@@ -359,6 +367,11 @@ impl Vms {
         };
         if self.is_fenced() {
             return CommandResult::Failed { reason: "this agent self-fenced: it starts no VM until restarted".into() };
+        }
+        if self.leaving.load(Ordering::SeqCst) {
+            return CommandResult::Failed {
+                reason: "this agent is stopping (failover shutdown policy): it starts no VM".into(),
+            };
         }
         let Some(leases) = &self.leases else {
             return CommandResult::Failed {
@@ -728,6 +741,81 @@ impl Vms {
         None
     }
 
+    /// The planned stop under the `failover` shutdown policy: every VM holding a lease
+    /// here (the HA VMs kvmha started) is shut down, gracefully for up to `graceful`, then
+    /// hard, all at once; each lease is released after its VM is off, and the VM is
+    /// remembered as stopped for the shutdown (`StoppedForShutdown` in the final ping).
+    /// No VM starts here afterwards. Returns the VMs stopped and those that could not be.
+    pub async fn stop_for_shutdown(self: &Arc<Self>, graceful: Duration) -> (Vec<String>, Vec<String>) {
+        self.leaving.store(true, Ordering::SeqCst);
+        let (Some(hypervisor), Some(_)) = (self.hypervisor.clone(), self.leases.as_ref()) else {
+            return (Vec::new(), Vec::new());
+        };
+        // Starts and stops already running finish first; none begins after this.
+        let _no_more_commands = self.commands.lock().await;
+        let mut vms: Vec<String> = self.held.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
+        // A lease not re-taken yet after an agent restart: its VM runs and is ours.
+        vms.extend(self.retakes.lock().unwrap_or_else(PoisonError::into_inner).drain(..).map(|retake| retake.vm));
+        let mut stops = tokio::task::JoinSet::new();
+        for vm in vms {
+            let (vms, hypervisor) = (self.clone(), hypervisor.clone());
+            stops.spawn(async move {
+                let stopped = vms.stop_one_for_shutdown(&hypervisor, &vm, graceful).await;
+                (vm, stopped)
+            });
+        }
+        let (mut stopped, mut failed) = (Vec::new(), Vec::new());
+        for (vm, ok) in stops.join_all().await {
+            if ok {
+                stopped.push(vm);
+            } else {
+                failed.push(vm);
+            }
+        }
+        stopped.sort();
+        failed.sort();
+        (stopped, failed)
+    }
+
+    async fn stop_one_for_shutdown(&self, hypervisor: &Arc<dyn Hypervisor>, vm: &str, graceful: Duration) -> bool {
+        let _busy = self.busy(vm);
+        let previous = self.mark(vm);
+        let instance = previous.and_then(|mark| mark.instance);
+        // Said first, so that no ping reports the VM crashed while it goes down.
+        if let Err(reason) = self.set_mark(vm, Some(Mark { instance, expect: Expect::ShutdownFailover })) {
+            tracing::error!(%vm, %reason, "not stopped for the shutdown: its stop could not be remembered");
+            return false;
+        }
+        let request = ShutdownRequest { timeout: graceful, destroy_on_timeout: true };
+        let outcome = match hypervisor.domain(vm).await {
+            Ok(domain) if domain.state.may_be_running() || domain.active => {
+                hypervisor.shutdown(vm, request).await.map(Some)
+            }
+            Ok(_) | Err(kvmha_hypervisor::Error::NoSuchDomain { .. }) => Ok(None),
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(how) => {
+                // Off: the lease goes so that another host may start it at once.
+                if let (Some(leases), Some(held)) = (&self.leases, self.take_held(vm)) {
+                    let lease = held.lock().await.clone();
+                    if let Err(error) = leases.release(lease).await {
+                        tracing::warn!(%vm, %error, "lease not released: it will expire");
+                    }
+                }
+                tracing::info!(%vm, ?how, "vm stopped for the planned shutdown (failover policy); lease released");
+                true
+            }
+            Err(error) => {
+                // Still running (or unknown): it keeps its lease and its mark, and the
+                // manager keeps it here.
+                let _ = self.set_mark(vm, previous);
+                tracing::error!(%vm, %error, "vm could not be stopped for the shutdown: it stays here");
+                false
+            }
+        }
+    }
+
     /// The self-fence: every VM holding a lease here is stopped hard and reported
     /// `SelfFenced`; no VM starts here afterwards. True if every one is known stopped.
     pub async fn self_fence(&self) -> bool {
@@ -756,6 +844,7 @@ mod tests {
         assert_eq!(run_state(off, mark(Expect::Running)), VmRunState::Crashed, "off without being asked");
         assert_eq!(run_state(off, mark(Expect::OperatorStopped)), VmRunState::Stopped);
         assert_eq!(run_state(off, mark(Expect::SelfFenced)), VmRunState::SelfFenced);
+        assert_eq!(run_state(off, mark(Expect::ShutdownFailover)), VmRunState::StoppedForShutdown);
         assert_eq!(run_state(off, None), VmRunState::Stopped, "never started by kvmha");
         assert_eq!(run_state(DomainState::Running, mark(Expect::OperatorStopped)), VmRunState::Running);
         assert_eq!(run_state(DomainState::Paused, None), VmRunState::Running, "a paused guest holds its disks");

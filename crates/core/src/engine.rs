@@ -173,6 +173,16 @@ pub struct VmRecord {
     /// A stop for maintenance evacuation in flight.
     #[serde(default)]
     stop: Option<StopWork>,
+    /// An operator stop sent to the VM's host whose outcome is not known yet: reports of
+    /// this instance running are older than the stop and do not bring it back.
+    #[serde(default)]
+    operator_stop: Option<OperatorStop>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct OperatorStop {
+    by: String,
+    instance: Option<RequestId>,
 }
 
 impl HostRecord {
@@ -496,6 +506,7 @@ impl Engine {
             relocations: Vec::new(),
             not_before: None,
             stop: None,
+            operator_stop: None,
             spec,
         };
         self.vms.insert(record.spec.name.clone(), record);
@@ -647,6 +658,11 @@ impl Engine {
         };
         let owner = record.host.clone();
         match report.state {
+            VmRunState::Running
+                if record.operator_stop.as_ref().is_some_and(|stop| stop.instance == report.instance) =>
+            {
+                // Built before the operator's stop landed: not news.
+            }
             VmRunState::Running => match owner {
                 Some(owner) if owner == *host => {
                     if record.state != VmState::Running {
@@ -691,6 +707,13 @@ impl Engine {
                 None => self.found_running(fx, vm, host, report.instance),
             },
             VmRunState::Crashed | VmRunState::SelfFenced | VmRunState::Stopped | VmRunState::StoppedForShutdown => {
+                if owner.as_ref() == Some(host)
+                    && record.operator_stop.as_ref().is_some_and(|stop| stop.instance == report.instance)
+                {
+                    // The operator's stop landed.
+                    self.vms.get_mut(vm).expect("checked").operator_stop = None;
+                    return;
+                }
                 // Only news about the instance we believe runs there counts; while a start
                 // is in flight its outcome decides, not a report that may predate it.
                 let current = owner.as_ref() == Some(host)
@@ -2200,7 +2223,137 @@ impl Engine {
                 fx.audit(None, None, AuditKind::Operator, format!("cluster armed by {by}: protection restored"));
                 fx.commands.push(Command::Directives(self.directives()));
             }
+            OperatorAction::VmStop { vm, by } => self.operator_vm_stop(fx, &vm, by),
+            OperatorAction::RemoveHost { host, by } => self.remove_host(fx, &host, &by),
+            OperatorAction::VmStopOutcome { vm, by, refused } => self.operator_vm_stop_outcome(fx, &vm, &by, refused),
         }
+    }
+
+    /// `kvmha host remove`: forgets the host. Only one that no VM depends on: a VM bound
+    /// to it may run there (or its restart waits for the host's proof of death), and a
+    /// fence or an evacuation in flight must finish first.
+    fn remove_host(&mut self, fx: &mut Effects, host: &HostName, by: &str) {
+        let Some(record) = self.hosts.get(host) else {
+            fx.audit(Some(host), None, AuditKind::OperatorRefused, format!("remove by {by}: no such host"));
+            return;
+        };
+        let state = record.state;
+        let bound: Vec<&str> =
+            self.vms.iter().filter(|(_, vm)| vm.host.as_ref() == Some(host)).map(|(name, _)| name.as_str()).collect();
+        let refusal = if !bound.is_empty() {
+            Some(format!(
+                "VMs are bound to it ({}): move them off (maintenance), stop them, or prove the host dead first",
+                bound.join(", ")
+            ))
+        } else if record.evacuation.is_some() {
+            Some("it is being evacuated".to_owned())
+        } else if state == HostState::Fencing {
+            Some("it is being fenced".to_owned())
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            fx.audit(Some(host), None, AuditKind::OperatorRefused, format!("remove by {by} refused: {why}"));
+            return;
+        }
+        self.hosts.remove(host);
+        fx.audit(
+            Some(host),
+            None,
+            AuditKind::Operator,
+            format!("host removed from the cluster by {by} (was {state}); its agent certificate is revoked"),
+        );
+    }
+
+    /// `kvmha vm stop`, before the stop goes to the host. A running VM becomes `Stopped`
+    /// at once, still bound to its host (it may run there until the stop lands): if the
+    /// host dies now, fencing finds it `Stopped` and restarts nothing. A VM whose restart
+    /// is pending (its host failed) has that restart cancelled. A start in flight or an
+    /// evacuation move is not interrupted: refused, to be retried once it settled.
+    fn operator_vm_stop(&mut self, fx: &mut Effects, vm: &VmName, by: String) {
+        let Some(record) = self.vms.get_mut(vm) else {
+            fx.audit(None, Some(vm), AuditKind::OperatorRefused, format!("stop by {by}: no such vm"));
+            return;
+        };
+        let host = record.host.clone();
+        let state = record.state;
+        match state {
+            VmState::Running if record.stop.is_some() => {
+                fx.audit(
+                    host.as_ref(),
+                    Some(vm),
+                    AuditKind::OperatorRefused,
+                    format!("stop by {by} refused: it is being moved off its host for maintenance; retry once moved"),
+                );
+            }
+            VmState::Running => {
+                record.operator_stop = Some(OperatorStop { by: by.clone(), instance: record.instance });
+                let on = host.as_ref().map_or_else(|| "its host".to_owned(), ToString::to_string);
+                self.set_vm_state(
+                    fx,
+                    vm,
+                    VmState::Stopped,
+                    format!("stop by {by} sent to {on}: not restarted, whatever happens to {on}, until started again"),
+                );
+            }
+            VmState::Starting => {
+                let target = record.work.as_ref().map(|work| work.target.to_string()).unwrap_or_default();
+                fx.audit(
+                    host.as_ref(),
+                    Some(vm),
+                    AuditKind::OperatorRefused,
+                    format!("stop by {by} refused: a start on {target} is in flight; retry once it settled"),
+                );
+            }
+            VmState::AwaitingProof | VmState::PendingCapacity => {
+                // Nothing runs anywhere that kvmha started (its old host is failed or said
+                // it is off): cancelling means not starting it. The binding to a failed host
+                // stays until that host is fenced or back.
+                let release = record.release.as_ref().map(Release::describe);
+                record.work = None;
+                record.not_before = None;
+                let why = match release {
+                    Some(release) => format!("released: {release}"),
+                    None => "waiting for its failed host to be proven dead".to_owned(),
+                };
+                fx.audit(
+                    host.as_ref(),
+                    Some(vm),
+                    AuditKind::Operator,
+                    format!("pending restart cancelled by an operator stop by {by} (was {state}, {why})"),
+                );
+                self.set_vm_state(fx, vm, VmState::Stopped, format!("stopped by {by}: its restart is cancelled"));
+            }
+            VmState::Stopped | VmState::Error => {
+                fx.audit(host.as_ref(), Some(vm), AuditKind::Operator, format!("stop by {by}: already {state}"));
+            }
+        }
+    }
+
+    fn operator_vm_stop_outcome(&mut self, fx: &mut Effects, vm: &VmName, by: &str, refused: Option<String>) {
+        let Some(record) = self.vms.get_mut(vm) else {
+            return;
+        };
+        let Some(stop) = record.operator_stop.take() else {
+            return;
+        };
+        let Some(reason) = refused else {
+            return;
+        };
+        // The host answered that the VM still runs: bound to it as before, protected again.
+        let still_bound = record.state == VmState::Stopped && record.host.is_some();
+        if !still_bound {
+            return;
+        }
+        record.instance = stop.instance;
+        let host = record.host.clone();
+        fx.audit(
+            host.as_ref(),
+            Some(vm),
+            AuditKind::Operator,
+            format!("stop by {by} failed on its host ({reason}): it still runs there and HA protects it again"),
+        );
+        self.set_vm_state(fx, vm, VmState::Running, "an operator stop failed: still running");
     }
 }
 

@@ -1394,3 +1394,89 @@ fn a_ping_from_an_earlier_boot_is_dropped_and_audited() {
     }
     assert_eq!(transitions(&commands)[0], t("host1", Up, Suspect), "{commands:#?}");
 }
+
+fn vm_stop(vm: &str) -> OperatorAction {
+    OperatorAction::VmStop { vm: v(vm), by: "alice".to_owned() }
+}
+
+#[test]
+fn an_operator_stop_wins_over_a_host_death_right_after_it() {
+    let mut harness = Harness::new();
+    let commands = harness.operator(vm_stop("vm-high"));
+    assert_eq!(harness.vm("vm-high").state, VmState::Stopped, "{commands:#?}");
+    // The stop is in flight; a ping built before it landed still says running.
+    let running = VmReport { name: v("vm-high"), state: VmRunState::Running, instance: None };
+    harness.ping_with("host1", vec![running], StorageHealth::Ok);
+    assert_eq!(harness.vm("vm-high").state, VmState::Stopped, "a stale running report undid the stop");
+    // No answer to the stop: the host died with it in flight.
+    harness.operator(OperatorAction::VmStopOutcome { vm: v("vm-high"), by: "alice".to_owned(), refused: None });
+    let commands = harness.drive_to_fenced("host1");
+    let started: Vec<String> = starts(&commands).into_iter().map(|(vm, _, _)| vm).collect();
+    assert_eq!(started, vec!["vm-low".to_owned()], "the stopped VM was restarted: {commands:#?}");
+    assert_eq!(harness.vm("vm-high").state, VmState::Stopped);
+    assert_eq!(harness.vm("vm-high").host, None);
+}
+
+#[test]
+fn an_operator_stop_during_recovery_cancels_the_pending_restart_with_an_audit_event() {
+    let mut harness = Harness::new();
+    harness.drive_to_fencing("host1");
+    assert_eq!(harness.vm("vm-high").state, VmState::AwaitingProof);
+    let commands = harness.operator(vm_stop("vm-high"));
+    let cancelled = details(&commands, |kind| *kind == AuditKind::Operator);
+    assert!(
+        cancelled.iter().any(|line| line.contains("pending restart cancelled by an operator stop by alice")),
+        "{commands:#?}"
+    );
+    assert_eq!(harness.vm("vm-high").state, VmState::Stopped);
+    let commands = harness.fence_result("host1", FenceOutcome::PoweredOff { evidence: "read back off".to_owned() });
+    let started: Vec<String> = starts(&commands).into_iter().map(|(vm, _, _)| vm).collect();
+    assert_eq!(started, vec!["vm-low".to_owned()], "{commands:#?}");
+    // Nothing later brings it back: ticks, capacity, pings.
+    let commands = harness.advance(60_000, &["host2", "host3"]);
+    assert!(starts(&commands).iter().all(|(vm, _, _)| vm != "vm-high"), "{commands:#?}");
+    assert_eq!(harness.vm("vm-high").state, VmState::Stopped);
+}
+
+#[test]
+fn an_operator_stop_refused_by_the_host_leaves_the_vm_protected_and_one_in_flight_start_refuses_it() {
+    let mut harness = Harness::new();
+    harness.operator(vm_stop("vm-high"));
+    let refused = Some("domain is locked".to_owned());
+    let commands =
+        harness.operator(OperatorAction::VmStopOutcome { vm: v("vm-high"), by: "alice".to_owned(), refused });
+    assert_eq!(harness.vm("vm-high").state, VmState::Running, "{commands:#?}");
+    let commands = harness.drive_to_fenced("host1");
+    let commands: Vec<Command> =
+        commands.into_iter().chain(harness.advance(5_000, &["host2", "host3"])).collect::<Vec<_>>();
+    let mut started: Vec<String> = starts(&commands).into_iter().map(|(vm, _, _)| vm).collect();
+    // Unanswered starts are sent again at their deadline: the same work, counted once.
+    started.sort();
+    started.dedup();
+    assert_eq!(started, vec!["vm-high".to_owned(), "vm-low".to_owned()], "{commands:#?}");
+    // A start in flight is not interrupted: refused, retried by the operator later.
+    assert_eq!(harness.vm("vm-high").state, VmState::Starting);
+    let commands = harness.operator(vm_stop("vm-high"));
+    assert_eq!(details(&commands, |kind| *kind == AuditKind::OperatorRefused).len(), 1, "{commands:#?}");
+    assert_eq!(harness.vm("vm-high").state, VmState::Starting);
+}
+
+#[test]
+fn a_host_is_removed_only_once_no_vm_depends_on_it() {
+    let mut harness = Harness::new();
+    let remove = |host: &str| OperatorAction::RemoveHost { host: h(host), by: "alice".to_owned() };
+    let commands = harness.operator(remove("host1"));
+    let refused = details(&commands, |kind| *kind == AuditKind::OperatorRefused);
+    assert!(refused.len() == 1 && refused[0].contains("vm-high, vm-low"), "{commands:#?}");
+    assert!(harness.engine.hosts().contains_key(&h("host1")));
+    let commands = harness.operator(remove("host3"));
+    assert_eq!(details(&commands, |kind| *kind == AuditKind::OperatorRefused), Vec::<String>::new());
+    assert!(!harness.engine.hosts().contains_key(&h("host3")));
+    // Its pings, reports and silence mean nothing now; nothing is placed on it.
+    let commands = harness.advance(30_000, &["host1", "host2"]);
+    assert_eq!(transitions(&commands), vec![], "{commands:#?}");
+    let commands = harness.drive_to_fenced("host1");
+    assert!(starts(&commands).iter().all(|(_, target, _)| target == "host2"), "{commands:#?}");
+    let commands = harness.operator(remove("nohost"));
+    assert_eq!(details(&commands, |kind| *kind == AuditKind::OperatorRefused).len(), 1);
+}

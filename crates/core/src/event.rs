@@ -257,6 +257,29 @@ pub enum OperatorAction {
     Arm {
         by: String,
     },
+    /// An operator stops a VM (`kvmha vm stop`), stepped *before* the stop is sent to its
+    /// host: from here on the VM is `Stopped` and nothing restarts it, whatever happens to
+    /// its host (operator intent wins). A restart still waiting for proof or capacity is
+    /// cancelled.
+    VmStop {
+        vm: VmName,
+        by: String,
+    },
+    /// `kvmha host remove`: the host leaves the cluster (its agent certificate is revoked
+    /// by the manager). Refused while any VM is bound to it or it is being fenced or
+    /// evacuated: its VMs must be elsewhere, or proven off, first.
+    RemoveHost {
+        host: HostName,
+        by: String,
+    },
+    /// How that stop ended on the host. `refused`: the agent answered that it could not
+    /// stop the VM, which still runs there and is protected again. `None`: stopped, or no
+    /// answer (the host may have died with it): it stays `Stopped`.
+    VmStopOutcome {
+        vm: VmName,
+        by: String,
+        refused: Option<String>,
+    },
 }
 
 /// Everything the engine asks the world to do.

@@ -30,10 +30,17 @@ pub enum HostCommand {
     Show {
         name: String,
     },
-    /// Take a host out of HA (on) or put it back (off).
+    /// Take a host out of HA (on) or put it back (off). `on` moves the host's VMs off
+    /// first and shows each move on stderr until the host is in Maintenance.
     Maintenance {
         name: String,
         mode: OnOff,
+        /// Return once the manager accepted it, without following the evacuation.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up following (not the evacuation) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_timeout_s: u64,
     },
     /// Declare a host off after checking it yourself: its VMs may then start elsewhere.
     ConfirmDown {
@@ -42,6 +49,12 @@ pub enum HostCommand {
     Ha {
         name: String,
         mode: EnableDisable,
+    },
+    /// Remove a host from the cluster and revoke its agent certificate for good (refused
+    /// while VMs depend on it). Its agent is refused from then on, also after a manager
+    /// restart; joining it again needs the join token.
+    Remove {
+        name: String,
     },
 }
 
@@ -271,10 +284,22 @@ pub fn host(api_args: ApiArgs, command: HostCommand) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            HostCommand::Maintenance { name, mode } => {
+            HostCommand::Maintenance { name, mode, no_wait, wait_timeout_s } => {
                 let on = matches!(mode, OnOff::On);
+                // Only what happens after the request counts as its progress.
+                let after = if on && !no_wait { Some(last_event_id(&api).await?) } else { None };
                 let outcome =
                     api.post(&format!("/v1/hosts/{name}/maintenance"), serde_json::json!({ "on": on })).await?;
+                print_outcome(&api, &outcome)?;
+                match after {
+                    Some(after) => {
+                        follow_evacuation(&api, &name, &outcome, after, Duration::from_secs(wait_timeout_s)).await
+                    }
+                    None => Ok(()),
+                }
+            }
+            HostCommand::Remove { name } => {
+                let outcome = api.post(&format!("/v1/hosts/{name}/remove"), serde_json::json!({})).await?;
                 print_outcome(&api, &outcome)
             }
             HostCommand::ConfirmDown { name } => {
@@ -384,6 +409,83 @@ pub fn vm(api_args: ApiArgs, command: VmCommand) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The id of the newest audit line.
+async fn last_event_id(api: &Api) -> anyhow::Result<i64> {
+    let mut after = 0;
+    loop {
+        let page = api.get(&format!("/v1/events?after={after}&limit=1000")).await?;
+        let count = page.get("events").and_then(Value::as_array).map_or(0, Vec::len);
+        after = page.get("last_id").and_then(Value::as_i64).unwrap_or(after);
+        if count < 1000 {
+            return Ok(after);
+        }
+    }
+}
+
+/// Prints the evacuation of `host` as it happens, one plain line per step on stderr (no
+/// colours, no cursor movement: it reads the same in a terminal, a pipe or a log), until
+/// the host is in Maintenance. An evacuation the manager gives up fails the command.
+async fn follow_evacuation(api: &Api, host: &str, outcome: &Value, after: i64, limit: Duration) -> anyhow::Result<()> {
+    let lines: Vec<String> = outcome
+        .get("audit")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|line| line.as_str().map(str::to_owned))
+        .collect();
+    let entered = |line: &str| line.starts_with(&format!("{host} ")) && line.contains("-> Maintenance:");
+    if lines.iter().any(|line| entered(line)) {
+        eprintln!("maintenance {host}: no VM to move; in Maintenance");
+        return Ok(());
+    }
+    // "moving N VMs off first, highest priority first: a, b"
+    let total = lines.iter().find_map(|line| {
+        let rest = line.split("moving ").nth(1)?;
+        rest.split(' ').next()?.parse::<usize>().ok()
+    });
+    let Some(total) = total else {
+        // Not an evacuation we can follow (already evacuating, or nothing was accepted).
+        return Ok(());
+    };
+    if let Some(order) = lines.iter().find_map(|line| line.split("highest priority first: ").nth(1)) {
+        eprintln!("maintenance {host}: moving {total} VMs off first: {order}");
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut after = after;
+    let mut moved = 0;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            bail!(
+                "maintenance {host}: stopped following after {}s with {moved} of {total} VMs moved; \
+                 the evacuation goes on (`kvmha events --follow`)",
+                limit.as_secs()
+            );
+        }
+        let wait_ms = remaining.as_millis().min(u128::from(FOLLOW_WAIT_MS)) as u64;
+        let page = api.get(&format!("/v1/events?after={after}&wait_ms={wait_ms}")).await?;
+        after = page.get("last_id").and_then(Value::as_i64).unwrap_or(after);
+        for event in page.get("events").and_then(Value::as_array).into_iter().flatten() {
+            let line = text(event, "line");
+            let ours = line.starts_with(&format!("{host} "));
+            // A VM moved, or left the host without running elsewhere yet (it waits like
+            // any HA restart): either way one step of the evacuation.
+            let step_done = line.contains(" moved to ") || line.contains("left the host");
+            if ours && line.contains(" Evacuation: ") && step_done {
+                moved += 1;
+                let step = line.split(" Evacuation: ").nth(1).unwrap_or_default();
+                eprintln!("maintenance {host}: [{moved}/{total}] {step}");
+            } else if entered(&line) {
+                let detail = line.split("-> Maintenance: ").nth(1).unwrap_or_default();
+                eprintln!("maintenance {host}: in Maintenance ({detail})");
+                return Ok(());
+            } else if line.contains(&format!("maintenance evacuation of {host} ")) && line.contains("stopped:") {
+                bail!("maintenance {host}: evacuation stopped after {moved} of {total} VMs: {line}");
+            }
+        }
+    }
 }
 
 pub fn cluster(api_args: ApiArgs, command: ClusterCommand) -> anyhow::Result<()> {

@@ -37,10 +37,7 @@ fn inventory(commander: &Commander, cluster: &Cluster, host: &str, vm: &str) -> 
 /// Kills a lab VM's process group, as a host's death would.
 fn kill_lab_vm(cluster: &Cluster, host: &str, vm: &str) {
     let pid_file = cluster.agent_dir(host).join("lab/run").join(format!("{vm}.pid"));
-    let text = std::fs::read_to_string(&pid_file).expect("pid file");
-    let pid = text.split_whitespace().next().expect("pid");
-    let status = std::process::Command::new("kill").args(["-KILL", &format!("-{pid}")]).status().expect("kill");
-    assert!(status.success(), "kill of {vm}'s group failed");
+    assert!(kill_lab_vm_group(&pid_file, &cluster.marker), "{vm} is not running as a lab vm of this cluster");
 }
 
 fn stop_vm(commander: &Commander, cluster: &Cluster, host: &str, vm: &str) -> CommandResult {
@@ -398,4 +395,48 @@ fn a_host_whose_vm_leases_advance_is_alive_by_vm_activity_in_the_audit_log() {
     wait_disk_grows(&cluster, "vm1");
     assert_eq!(disk_writers(&cluster, "vm1").len(), 1, "vm1 was restarted");
     eprintln!("verdict: {verdict}");
+}
+
+/// Test hygiene: every process a test starts (manager, agents, the lab VMs the agents
+/// spawned in their own process groups) is gone once its cluster is dropped, also when
+/// the test panics with the VMs running; and a stale pid file never becomes a group kill
+/// of a group that is not a lab VM of this cluster (once this killed the shell that ran
+/// the tests).
+#[test]
+fn a_panicking_test_leaves_no_process_behind_and_stale_pid_files_kill_nothing() {
+    let marker = std::sync::Mutex::new(String::new());
+    let pid_file = std::sync::Mutex::new(std::path::PathBuf::new());
+    let outcome = std::panic::catch_unwind(|| {
+        let cluster = cluster_with_vm_hosts(&["host1"]);
+        *marker.lock().unwrap() = cluster.marker.clone();
+        let commander = Commander::new(&cluster);
+        assert_eq!(commander.start_vm(&cluster, "host1", "vm1", 1, LeaseGrant::IfFree), CommandResult::Done);
+        wait_disk_grows(&cluster, "vm1");
+        *pid_file.lock().unwrap() = cluster.agent_dir("host1").join("lab/run/vm1.pid");
+        // manager, agent, vm1.
+        assert!(marked_processes(&cluster.marker).len() >= 3, "{:?}", marked_processes(&cluster.marker));
+        panic!("a test failing with its VMs running");
+    });
+    assert!(outcome.is_err());
+    let marker = marker.into_inner().unwrap();
+    assert!(!marker.is_empty(), "the cluster never came up");
+    assert_eq!(marked_processes(&marker), Vec::new(), "processes outlived their test");
+
+    // Pid files that name no lab VM of this cluster: ours (our own group), init's, a
+    // process that is not a group leader, a live lab VM of another marker.
+    let directory = tempfile::tempdir().unwrap();
+    let stale = directory.path().join("stale.pid");
+    let own = Recorded::of(std::process::id() as i32).expect("own stat");
+    for (pid, start_ticks) in [(own.pid, own.start_ticks), (1, 0), (0, 0), (-1, 0)] {
+        std::fs::write(&stale, format!("{pid} {start_ticks} 0123456789abcdef 1\n")).unwrap();
+        assert!(!kill_lab_vm_group(&stale, &marker), "pid {pid}: a group kill of what is not ours");
+    }
+    let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+    let sleeper_process = Recorded::of(sleeper.id() as i32).expect("sleep runs");
+    std::fs::write(&stale, format!("{} {} 0123456789abcdef 1\n", sleeper_process.pid, sleeper_process.start_ticks))
+        .unwrap();
+    assert!(!kill_lab_vm_group(&stale, &marker), "a process of our own group, without the marker");
+    assert!(sleeper_process.is_alive());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }

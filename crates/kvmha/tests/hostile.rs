@@ -434,3 +434,43 @@ fn damaged_foreign_and_clock_skewed_heartbeat_records() {
         );
     }
 }
+
+/// `kvmha host remove` (issue 10): a host no VM depends on leaves the cluster and its agent
+/// certificate is revoked for good: the running agent's pings are refused with the reason,
+/// and after a manager restart too (the revocation is in the store, read before the
+/// manager listens). The removal is an audit line; a read-only token cannot do it.
+#[test]
+fn a_removed_hosts_agent_is_refused_also_after_a_manager_restart() {
+    let mut cluster = Cluster::three_up();
+    let unknown = cluster.api_output(&["host", "remove", "nohost"], &cluster.operator_token);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"), "{unknown:?}");
+    let read_only = cluster.api_output(&["host", "remove", "host3"], &cluster.readonly_token);
+    assert!(!read_only.status.success());
+    assert_eq!(cluster.states().get("host3").map(String::as_str), Some("Up"));
+
+    let removed = cluster.api_output(&["host", "remove", "host3"], &cluster.operator_token);
+    let stdout = String::from_utf8_lossy(&removed.stdout);
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    assert!(stdout.contains("host removed from the cluster by operator-token"), "{stdout}");
+    assert!(!cluster.states().contains_key("host3"));
+    let agent = &cluster.agents["host3"];
+    cluster.wait("host3's agent is told its certificate is revoked", |_| {
+        agent.log_text().contains("certificate revoked: this host was removed from the cluster")
+    });
+
+    cluster.manager.as_mut().expect("manager").kill();
+    cluster.start_manager();
+    cluster.wait_state("host1", &["Up"]);
+    cluster.wait_state("host2", &["Up"]);
+    let identity = AgentIdentity::of(&cluster.agent_dir("host3").join("agent.toml"));
+    let (status, answer) = identity.post(kvmha_proto::path::PING, ping_body("host3", "boot-9", u64::MAX / 2));
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("certificate revoked"), "{answer}");
+    cluster.wait("the restarted manager refuses host3's running agent too", |cluster| {
+        cluster.manager.as_ref().expect("manager").log_text().contains("the certificate of a removed host")
+    });
+    assert!(!cluster.states().contains_key("host3"), "{:?}", cluster.states());
+    assert!(cluster.has_event("host removed from the cluster by operator-token (was Up)"));
+    // The other agents were not touched.
+    assert_eq!(cluster.states().get("host1").map(String::as_str), Some("Up"));
+}

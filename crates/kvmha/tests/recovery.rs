@@ -152,13 +152,10 @@ fn wait_disk_lines(cluster: &Cluster, vm: &str, host: &str, at_least: usize) {
     });
 }
 
-/// SIGKILLs every lab VM process group recorded in `host`'s state directory.
+/// SIGKILLs every live lab VM process group recorded in `host`'s state directory (only
+/// groups the lab driver made for this cluster: see `kill_lab_vm_group`).
 fn kill_lab_vms(cluster: &Cluster, host: &str, only: Option<&str>) {
-    kill_lab_vms_in(&lab_state(cluster, host), only);
-}
-
-fn kill_lab_vms_in(state: &Path, only: Option<&str>) {
-    let Ok(entries) = std::fs::read_dir(state.join("run")) else { return };
+    let Ok(entries) = std::fs::read_dir(lab_state(cluster, host).join("run")) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().and_then(|extension| extension.to_str()) != Some("pid") {
@@ -167,12 +164,7 @@ fn kill_lab_vms_in(state: &Path, only: Option<&str>) {
         if only.is_some_and(|vm| path.file_stem().and_then(|stem| stem.to_str()) != Some(vm)) {
             continue;
         }
-        let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|text| text.split(' ').next().map(str::to_owned))
-        else {
-            continue;
-        };
-        let _ =
-            Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).stderr(std::process::Stdio::null()).status();
+        kill_lab_vm_group(&path, &cluster.marker);
     }
 }
 
@@ -488,7 +480,21 @@ fn maintenance_moves_every_vm_off_the_host_by_priority_each_exactly_once() {
         wait_disk_lines(&cluster, vm, "host1", 3);
     }
 
-    cli(&cluster, &["host", "maintenance", "host1", "on"]);
+    // Without --json: the progress on stderr, one plain line per VM moved, until the host
+    // is in Maintenance (stderr is a pipe here: no terminal escapes).
+    let output = cluster.api_output(&["host", "maintenance", "host1", "on"], &cluster.operator_token);
+    let progress = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{progress}");
+    assert_eq!(cluster.states()["host1"], "Maintenance", "the command returned before the host was: {progress}");
+    let lines: Vec<&str> = progress.lines().collect();
+    assert!(lines.first().is_some_and(|line| line.contains("moving 3 VMs off first: m1, m2, m3")), "{progress}");
+    for (step, vm) in [(1, "m1"), (2, "m2"), (3, "m3")] {
+        let target = vms(&cluster)[vm].1.clone();
+        let expected = format!("maintenance host1: [{step}/3] {vm} moved to {target}");
+        assert!(lines.contains(&expected.as_str()), "no {expected:?} in:\n{progress}");
+    }
+    assert!(lines.last().is_some_and(|line| line.starts_with("maintenance host1: in Maintenance (")), "{progress}");
+    assert!(!progress.contains('\u{1b}'), "terminal escapes in piped output: {progress:?}");
     for vm in ["m1", "m2", "m3"] {
         wait_vm(&cluster, vm, |state, host| state == "Running" && host != "host1");
     }
@@ -515,4 +521,132 @@ fn maintenance_moves_every_vm_off_the_host_by_priority_each_exactly_once() {
     std::thread::sleep(Duration::from_secs(1));
     let still: Vec<String> = ["m1", "m2", "m3"].iter().map(|vm| vms(&cluster)[*vm].1.clone()).collect();
     assert_eq!(placed, still);
+}
+
+/// Sets the cluster's `shutdown_policy` in manager.toml; call before the manager starts.
+fn set_shutdown_policy(cluster: &Cluster, policy: &str) {
+    let text = std::fs::read_to_string(cluster.config()).expect("config");
+    let line = format!("shutdown_policy = \"{policy}\"");
+    let text = if text.lines().any(|existing| existing.starts_with("shutdown_policy")) {
+        text.lines()
+            .map(|existing| if existing.starts_with("shutdown_policy") { line.clone() } else { existing.to_owned() })
+            .collect::<Vec<_>>()
+            .join("\n")
+    } else {
+        // A top-level key: before every table.
+        format!("{line}\n{text}")
+    };
+    std::fs::write(cluster.config(), text).expect("write");
+}
+
+/// A manager with `policy` and three lab agents, all `Up`; `web` (HA) runs on host1.
+fn cluster_for_a_planned_stop(policy: &str) -> Cluster {
+    let mut cluster = Cluster::init();
+    set_shutdown_policy(&cluster, policy);
+    cluster.start_manager();
+    for host in ["host1", "host2", "host3"] {
+        join_lab(&cluster, host);
+        cluster.start_agent(host);
+    }
+    for host in ["host1", "host2", "host3"] {
+        cluster.wait_state(host, &["Up"]);
+    }
+    define(&cluster, "web", "host1", 1);
+    cli(&cluster, &["vm", "ha", "web", "enable", "--priority", "5"]);
+    wait_vm(&cluster, "web", |state, host| state == "Running" && host == "host1");
+    wait_disk_lines(&cluster, "web", "host1", 3);
+    cluster
+}
+
+/// Audit ids of host state changes into `to` (e.g. "-> Fenced").
+fn transitions_into(cluster: &Cluster, host: &str, to: &str) -> Vec<i64> {
+    audit(cluster, &format!("-> {to}:"))
+        .into_iter()
+        .filter(|(_, line)| line.starts_with(&format!("{host} ")))
+        .map(|(id, _)| id)
+        .collect()
+}
+
+#[test]
+fn under_the_failover_policy_a_stopped_agents_ha_vm_runs_on_another_host_exactly_once_and_nobody_is_fenced() {
+    let mut cluster = cluster_for_a_planned_stop("failover");
+    let agent = cluster.agents.get_mut("host1").expect("agent");
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success(), "the agent's stop failed:\n{}", agent.log_text());
+    let log = cluster.agents["host1"].log_text();
+    assert!(log.contains("failover shutdown policy"), "{log}");
+
+    wait_vm(&cluster, "web", |state, host| state == "Running" && host != "host1");
+    let (_, target) = vms(&cluster)["web"].clone();
+    wait_disk_lines(&cluster, "web", &target, 3);
+    assert_eq!(assert_restarted_once(&cluster, "web", "host1"), target);
+    // Moved on the agent's word, before any suspicion: the restart's audit line comes
+    // before host1 was ever suspect, and nobody was fenced.
+    let restarted = audit(&cluster, "vm web VmState: Running")
+        .into_iter()
+        .filter(|(_, line)| !line.starts_with("host1 "))
+        .map(|(id, _)| id)
+        .next()
+        .expect("the restart's audit line");
+    let suspected = transitions_into(&cluster, "host1", "Suspect");
+    assert!(suspected.iter().all(|id| *id > restarted), "suspected before the restart: {suspected:?} {restarted}");
+    assert!(audit(&cluster, "stopped for a planned stop").len() + audit(&cluster, "failover").len() > 0);
+    for host in ["host1", "host2", "host3"] {
+        assert_eq!(transitions_into(&cluster, host, "Fenced"), Vec::<i64>::new(), "{host} fenced");
+        assert_eq!(transitions_into(&cluster, host, "Fencing"), Vec::<i64>::new(), "{host} being fenced");
+    }
+}
+
+#[test]
+fn under_the_freeze_policy_a_stopped_agents_vm_stays_where_it_is() {
+    let mut cluster = cluster_for_a_planned_stop("freeze");
+    let agent = cluster.agents.get_mut("host1").expect("agent");
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success(), "the agent's stop failed:\n{}", agent.log_text());
+    // The VM writes on without its agent, and the manager works through its silence.
+    cluster.wait_state("host1", &["Suspect", "Investigating", "Degraded", "FenceFailed"]);
+    let lines_now = disk(&cluster, "web").len();
+    wait_disk_lines(&cluster, "web", "host1", lines_now + 10);
+    let (order, overlapped) = instances(&disk(&cluster, "web"));
+    assert!(!overlapped);
+    assert_eq!(order.len(), 1, "web moved or restarted under the freeze policy: {order:?}");
+    let (state, host) = vms(&cluster)["web"].clone();
+    assert_eq!(host, "host1", "web is {state} on {host}");
+    assert!(transitions_into(&cluster, "host1", "Fenced").is_empty());
+}
+
+/// Operator intent wins over recovery: a host dies, and while it is being investigated
+/// (its VMs still bound to it) an operator stops one. The stop cannot reach the dead host
+/// (the command fails), but the engine took it first: once the host is proven dead the
+/// recovery worker restarts the other VM and nothing for the stopped one.
+#[test]
+fn an_operator_stop_during_recovery_cancels_that_vms_restart() {
+    let mut cluster = lab_cluster(&["host1", "host2", "host3"]);
+    for vm in ["db", "web"] {
+        define(&cluster, vm, "host1", 1);
+        cli(&cluster, &["vm", "ha", vm, "enable", "--priority", "5"]);
+        wait_vm(&cluster, vm, |state, host| state == "Running" && host == "host1");
+        wait_disk_lines(&cluster, vm, "host1", 3);
+    }
+    kill_host(&mut cluster, "host1");
+    cluster.wait_state("host1", &["Investigating", "Degraded", "Fencing", "FenceFailed"]);
+    // Sent to a dead host: no answer, so the command reports the failure; the engine
+    // keeps the operator's word either way.
+    let stop = cluster.api_output(&["vm", "stop", "web"], &cluster.operator_token);
+    let said = format!("{}{}", String::from_utf8_lossy(&stop.stdout), String::from_utf8_lossy(&stop.stderr));
+    wait_vm(&cluster, "web", |state, _| state == "Stopped");
+    let intent = audit(&cluster, "vm web VmState: Stopped: stop by operator-token");
+    let cancelled = audit(&cluster, "pending restart cancelled by an operator stop");
+    assert!(!intent.is_empty() || !cancelled.is_empty(), "{said}");
+    cli(&cluster, &["host", "confirm-down", "host1"]);
+    cluster.wait_state("host1", &["Fenced"]);
+    wait_vm(&cluster, "db", |state, host| state == "Running" && host != "host1");
+    let (_, db_host) = vms(&cluster)["db"].clone();
+    wait_disk_lines(&cluster, "db", &db_host, 3);
+    assert_restarted_once(&cluster, "db", "host1");
+    // The manager's recovery worker started nothing for web.
+    assert_eq!(vms(&cluster)["web"].0, "Stopped");
+    let (order, _) = instances(&disk(&cluster, "web"));
+    assert_eq!(order.len(), 1, "web was restarted after the operator stopped it: {order:?}");
+    assert!(audit(&cluster, "vm web VmStartIntent").is_empty());
 }

@@ -210,6 +210,7 @@ fn wait_for_stop(stop: &AtomicBool) {
 
 fn up(config: LabConfig, cluster: Option<(Profile, usize, VmDriver)>) -> Result<()> {
     let stop = stop_flag()?;
+    crate::lab::show_progress(true);
     let hosts = config.hosts;
     let redfish = config.redfish_hosts.clone();
     let lab = Lab::build(config)?;
@@ -257,18 +258,25 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize, VmDriver)>) -> Result<
             })
             .collect();
         let spec = ClusterSpec { kvmha: kvmha_binary()?, profile, hosts: host_specs, watchdog: true, vm_driver };
+        crate::lab::progress("manager: init and start; agents: join and start on every host");
         let cluster = Cluster::start(&lab, spec)?;
+        crate::lab::progress("manager: the operator API answers");
         let forwarder = Forwarder::start(
             &lab.namespace(&Node::Manager),
             std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, crate::cluster::API_PORT)),
             crate::cluster::API_PORT,
         )?;
-        eprintln!("kvmha lab: waiting for {hosts} agents to join and come Up...");
+        let mut shown = usize::MAX;
         wait_for("every host Up", Duration::from_secs(120), || {
-            cluster
-                .host_states()
-                .is_ok_and(|states| states.len() == hosts && states.values().all(|state| state == "Up"))
+            let up = cluster.host_states().map_or(0, |states| states.values().filter(|state| *state == "Up").count());
+            if up != shown {
+                crate::lab::progress(&format!("agents joined and Up: {up}/{hosts}"));
+                shown = up;
+            }
+            up == hosts
         })?;
+        let vms_total = hosts * vms_per_host;
+        let mut vms_started = 0;
         let mut vm_errors = Vec::new();
         for host in lab.host_names() {
             for number in 1..=vms_per_host {
@@ -281,8 +289,18 @@ fn up(config: LabConfig, cluster: Option<(Profile, usize, VmDriver)>) -> Result<
                     memory_mb: 256,
                     group: None,
                 };
-                if let Err(error) = cluster.create_vm(&vm) {
-                    vm_errors.push(format!("{}: {error}", vm.name));
+                match cluster.create_vm(&vm) {
+                    Ok(()) => {
+                        vms_started += 1;
+                        crate::lab::progress(&format!(
+                            "VMs started: {vms_started}/{vms_total} ({} on {host})",
+                            vm.name
+                        ));
+                    }
+                    Err(error) => {
+                        crate::lab::progress(&format!("VM {} not started: {error}", vm.name));
+                        vm_errors.push(format!("{}: {error}", vm.name));
+                    }
                 }
             }
         }

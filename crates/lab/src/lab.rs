@@ -312,6 +312,7 @@ impl Lab {
     /// Builds a lab: namespaces, bridges, storage server, BMCs, and boots every host.
     /// On failure everything already created is torn down before the error returns.
     pub fn build(config: LabConfig) -> Result<Lab> {
+        let started = std::time::Instant::now();
         let uid = nix::unistd::geteuid().as_raw();
         if uid != 0 {
             return Err(LabError::NotRoot { uid });
@@ -351,18 +352,25 @@ impl Lab {
         });
         // From here on, Drop cleans up whatever the build got to.
         let mut lab = Lab { shared, threads: Vec::new(), keep_in: config.keep_in.clone(), torn_down: false };
+        let hosts = lab.shared.hosts;
+        progress(&format!("lab {}: networks (management, storage, out-of-band bridges)", lab.shared.id));
         lab.shared.build_networks()?;
+        progress("shared storage (sshd in the storage namespace)");
         lab.shared.start_storage()?;
-        for index in 1..=lab.shared.hosts {
+        for index in 1..=hosts {
+            progress(&format!("host{index} ({index}/{hosts}): namespaces and BMC simulator"));
             lab.shared.prepare_host(index, &config.boot_script)?;
             lab.shared.start_bmc(index)?;
         }
-        for index in 1..=lab.shared.hosts {
+        for index in 1..=hosts {
+            progress(&format!("host{index} ({index}/{hosts}): booting (storage mount, boot script)"));
             lab.shared.boot_at(index, StorageAtBoot::Required)?;
         }
-        for index in 1..=lab.shared.hosts {
+        for index in 1..=hosts {
             lab.shared.wait_bmc_ready(index)?;
+            progress(&format!("BMCs answering: {index}/{hosts}"));
         }
+        progress(&format!("plumbing up in {:.1}s", started.elapsed().as_secs_f64()));
         let shared = Arc::clone(&lab.shared);
         lab.threads.push(
             thread::Builder::new()
@@ -1494,6 +1502,22 @@ fn remove_lab_namespaces(id: &LabId) -> Result<()> {
     match first_error {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+static PROGRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the progress lines of long operations (`kvmha lab up`) on.
+pub fn show_progress(on: bool) {
+    PROGRESS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// One step of a long operation, when progress is on: a plain line on stderr
+/// (`kvmha lab: ...`), never colours or cursor movement, so that a pipe, a log file and a
+/// terminal read the same.
+pub fn progress(step: &str) {
+    if PROGRESS.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("kvmha lab: {step}");
     }
 }
 

@@ -21,15 +21,25 @@ use nix::unistd::Pid;
 /// `kvmha lab run`'s tests cover the cluster) and returns it with the id it printed.
 fn lab_up(hosts: usize) -> (Child, LabId) {
     assert!(nix::unistd::geteuid().is_root(), "needs root");
+    // Progress goes to stderr, here a file (not a terminal): plain lines, no escapes.
+    let stderr_path = std::env::temp_dir().join(format!("kvmha-lab-up-{}-{hosts}.stderr", std::process::id()));
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
     let mut child = Command::new(HELPER)
         .args(["lab", "up", "--no-cluster", "--hosts", &hosts.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("lab up starts");
     let stdout = child.stdout.take().expect("piped");
     let mut first_line = String::new();
     BufReader::new(stdout).read_line(&mut first_line).expect("lab up prints");
+    let progress = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr_path);
+    for step in ["networks", "shared storage", &format!("host{hosts} ({hosts}/{hosts}): booting"), "BMCs answering"] {
+        assert!(progress.contains(step), "no progress step {step:?} on stderr:\n{progress}");
+    }
+    assert!(!progress.contains('\u{1b}'), "terminal escapes in non-terminal output:\n{progress}");
     let id = first_line
         .split_whitespace()
         .nth(1)

@@ -37,6 +37,8 @@ pub enum Role {
 #[derive(Debug)]
 pub struct OperatorApi {
     pub controller: Controller,
+    /// Joined agents and revoked certificates (`host remove` changes both).
+    pub directory: crate::controller::SharedDirectory,
     /// A second connection for reads (WAL lets it read while the engine thread writes).
     pub store: Mutex<Store>,
     pub last_event: watch::Receiver<i64>,
@@ -122,6 +124,13 @@ pub const ROUTES: &[RouteDoc] = &[
     },
     RouteDoc {
         method: "post",
+        path: "/v1/hosts/{name}/remove",
+        role: Role::Operator,
+        summary: "remove a host no VM depends on from the cluster and revoke its agent certificate for good",
+        body: None,
+    },
+    RouteDoc {
+        method: "post",
         path: "/v1/hosts/{name}/ha",
         role: Role::Operator,
         summary: "HA for one host on or off",
@@ -158,6 +167,7 @@ pub fn router(api: Arc<OperatorApi>) -> Router {
         .route("/v1/hosts/{name}/maintenance", post(maintenance))
         .route("/v1/hosts/{name}/confirm-down", post(confirm_down))
         .route("/v1/hosts/{name}/ha", post(host_ha))
+        .route("/v1/hosts/{name}/remove", post(remove_host))
         .route("/v1/cluster/disarm", post(disarm))
         .route("/v1/cluster/arm", post(arm))
         .route("/openapi.json", get(openapi))
@@ -395,6 +405,51 @@ async fn maintenance(
     };
     let action = OperatorAction::Maintenance { host: HostName::new(name.clone()), on: body.on, by: actor(role) };
     operator_action(&api, Some(&name), action).await
+}
+
+/// `kvmha host remove`: the engine forgets the host (it refuses while VMs depend on it),
+/// then the host's row goes and its certificate is revoked in one store transaction, then
+/// the TLS server refuses the certificate. A restart reads the revocation back first.
+async fn remove_host(State(api): State<Arc<OperatorApi>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let role = match authorize(&api, &headers, Role::Operator) {
+        Ok(role) => role,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let host = HostName::new(name.clone());
+    let cert_sha256 =
+        api.directory.read().expect("directory lock").by_name.get(&host).map(|row| row.cert_sha256.clone());
+    let in_engine = match view(&api).await {
+        Ok(view) => view.hosts.iter().any(|known| known.name == name),
+        Err(refusal) => return refusal.into_response(),
+    };
+    if !in_engine && cert_sha256.is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no host named {name:?}"));
+    }
+    let mut lines = Vec::new();
+    if in_engine {
+        let action = OperatorAction::RemoveHost { host: host.clone(), by: actor(role) };
+        let outcome = match api.controller.step(Event::Operator(action)).await {
+            Ok(outcome) => outcome,
+            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "manager is stopping"),
+        };
+        lines.extend(outcome.audits.iter().map(|audit| audit.describe()));
+        if let Some(refused) = outcome.audits.iter().find(|audit| audit.kind == AuditKind::OperatorRefused) {
+            return (StatusCode::CONFLICT, Json(json!({ "error": refused.detail, "audit": lines }))).into_response();
+        }
+    }
+    let store_api = api.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        store_api.store.lock().expect("store lock").remove_host_and_revoke(&host, cert_sha256.as_deref())
+    })
+    .await;
+    match removed {
+        Ok(Ok(())) => {}
+        Ok(Err(failure)) => return error(StatusCode::INTERNAL_SERVER_ERROR, failure.to_string()),
+        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "revocation write failed"),
+    }
+    api.directory.write().expect("directory lock").remove(&HostName::new(name.clone()));
+    tracing::warn!(host = %name, "host removed; its agent certificate is revoked");
+    Json(json!({ "ok": true, "audit": lines })).into_response()
 }
 
 async fn confirm_down(State(api): State<Arc<OperatorApi>>, headers: HeaderMap, Path(name): Path<String>) -> Response {

@@ -74,6 +74,8 @@ impl Clock {
 pub struct Directory {
     pub by_name: HashMap<HostName, HostRow>,
     pub by_cert: HashMap<String, HostName>,
+    /// Certificates of removed hosts (`kvmha host remove`), refused for good.
+    pub revoked: HashMap<String, HostName>,
 }
 
 impl Directory {
@@ -81,6 +83,14 @@ impl Directory {
         self.by_cert.retain(|_, name| *name != row.name);
         self.by_cert.insert(row.cert_sha256.clone(), row.name.clone());
         self.by_name.insert(row.name.clone(), row);
+    }
+
+    /// A removed host: its certificate is no longer a joined agent's, and is revoked.
+    pub fn remove(&mut self, name: &HostName) {
+        if let Some(row) = self.by_name.remove(name) {
+            self.revoked.insert(row.cert_sha256, name.clone());
+        }
+        self.by_cert.retain(|_, known| known != name);
     }
 }
 

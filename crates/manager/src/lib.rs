@@ -174,6 +174,9 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     engine.set_shutdown_policy(config.shutdown_policy);
     let tick_every = config.timing.ping_interval() / 4;
     let directory = controller::SharedDirectory::default();
+    // Revoked before anything listens: a removed host's agent is refused from the first
+    // request after a restart.
+    directory.write().expect("directory lock").revoked = store.revoked_certs()?.into_iter().collect();
     let registry = registry::SharedRegistry::default();
     let executor =
         Arc::new(executor::Executor::new(config.clone(), clock.clone(), directory.clone(), registry.clone())?);
@@ -213,6 +216,7 @@ pub async fn run(config_file: &Path) -> Result<(), ManagerError> {
     });
     let operator_api = Arc::new(api::OperatorApi {
         controller: controller.clone(),
+        directory: agent_api.directory.clone(),
         store: Mutex::new(Store::open(&config.store, None)?),
         last_event,
         operator_token_sha256: config.operator_token_sha256.clone(),

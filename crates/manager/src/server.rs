@@ -164,6 +164,14 @@ fn authenticated_host(api: &AgentApi, peer: &Peer) -> Result<HostName, (StatusCo
         return Err((StatusCode::UNAUTHORIZED, "a client certificate is required"));
     };
     let directory = api.directory.read().expect("directory lock");
+    if let Some(host) = directory.revoked.get(fingerprint) {
+        tracing::warn!(%host, remote = %peer.remote, "refused: the certificate of a removed host");
+        return Err((
+            StatusCode::FORBIDDEN,
+            "certificate revoked: this host was removed from the cluster (kvmha host remove); \
+             an operator must join it again (kvmha agent join) before it may take part",
+        ));
+    }
     directory
         .by_cert
         .get(fingerprint)

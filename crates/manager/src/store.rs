@@ -72,6 +72,12 @@ impl Store {
     pub fn hosts(&self) -> Result<Vec<HostRow>, ManagerError> {
         each_backend!(self, store => store.hosts())
     }
+    pub fn remove_host_and_revoke(&mut self, name: &HostName, cert_sha256: Option<&str>) -> Result<(), ManagerError> {
+        each_backend!(self, store => store.remove_host_and_revoke(name, cert_sha256))
+    }
+    pub fn revoked_certs(&self) -> Result<Vec<(String, HostName)>, ManagerError> {
+        each_backend!(self, store => store.revoked_certs())
+    }
     pub fn upsert_vm(&mut self, vm: &VmRow, audits: &[&AuditEvent]) -> Result<i64, ManagerError> {
         each_backend!(self, store => store.upsert_vm(vm, audits))
     }
@@ -164,7 +170,8 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, unix_ms INTEGER NOT NULL,
                  host TEXT, vm TEXT, kind TEXT NOT NULL, line TEXT NOT NULL, event TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS hosts (name TEXT PRIMARY KEY, address TEXT NOT NULL, cert_sha256 TEXT NOT NULL, hypervisor TEXT);
-             CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, row TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS vms (name TEXT PRIMARY KEY, row TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS revoked_certs (cert_sha256 TEXT PRIMARY KEY, host TEXT NOT NULL, unix_ms INTEGER NOT NULL);",
         )
         .map_err(wrap)?;
         Ok(SqliteStore { path: path.into(), conn })
@@ -239,6 +246,36 @@ impl SqliteStore {
                     hypervisor: row.get(3)?,
                 })
             })
+            .map_err(|error| self.wrap(error))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|error| self.wrap(error))
+    }
+
+    /// `kvmha host remove`: the host's row goes and its certificate is revoked for good,
+    /// in one transaction (a restart must neither re-add the host nor accept its agent).
+    pub fn remove_host_and_revoke(&mut self, name: &HostName, cert_sha256: Option<&str>) -> Result<(), ManagerError> {
+        let path = self.path.clone();
+        let wrap = |source| ManagerError::Store { path: path.clone(), source };
+        let transaction = self.conn.transaction().map_err(wrap)?;
+        if let Some(fingerprint) = cert_sha256 {
+            transaction
+                .execute(
+                    "INSERT OR REPLACE INTO revoked_certs (cert_sha256, host, unix_ms) VALUES (?1, ?2, ?3)",
+                    params![fingerprint, name.as_str(), unix_ms() as i64],
+                )
+                .map_err(wrap)?;
+        }
+        transaction.execute("DELETE FROM hosts WHERE name = ?1", params![name.as_str()]).map_err(wrap)?;
+        transaction.commit().map_err(wrap)
+    }
+
+    /// Revoked agent certificates: fingerprint -> the host it belonged to.
+    pub fn revoked_certs(&self) -> Result<Vec<(String, HostName)>, ManagerError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT cert_sha256, host FROM revoked_certs ORDER BY unix_ms")
+            .map_err(|error| self.wrap(error))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, HostName::new(row.get::<_, String>(1)?))))
             .map_err(|error| self.wrap(error))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|error| self.wrap(error))
     }
@@ -431,6 +468,25 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].line, "host1 vm db1 Operator: HA enabled by operator-token");
         assert_eq!(lines[0].vm.as_deref(), Some("db1"));
+    }
+
+    #[test]
+    fn a_removed_hosts_certificate_stays_revoked_after_a_reopen() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("kvmha.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let row = HostRow {
+            name: HostName::from("host1"),
+            address: "127.0.0.1:1".to_owned(),
+            cert_sha256: "ab".repeat(32),
+            hypervisor: None,
+        };
+        store.upsert_host(&row).unwrap();
+        store.remove_host_and_revoke(&row.name, Some(&row.cert_sha256)).unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.hosts().unwrap(), Vec::new());
+        assert_eq!(store.revoked_certs().unwrap(), vec![("ab".repeat(32), HostName::from("host1"))]);
     }
 
     #[test]

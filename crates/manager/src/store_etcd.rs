@@ -23,6 +23,7 @@ use crate::registry::VmRow;
 use crate::store::{audit_kind, unix_ms, EventRow, HostRow};
 use kvmha_core::event::AuditEvent;
 use kvmha_core::Engine;
+use kvmha_core::HostName;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
@@ -248,6 +249,31 @@ impl EtcdStore {
         self.range_under("hosts/")?
             .iter()
             .map(|kv| serde_json::from_slice(&kv.value).map_err(|error| snapshot_error(&kv.key, error)))
+            .collect()
+    }
+
+    /// `kvmha host remove`: the host's key goes and its certificate is revoked, in one
+    /// epoch-fenced transaction (`revoked/<fingerprint>` holds the host it belonged to).
+    pub fn remove_host_and_revoke(&mut self, name: &HostName, cert_sha256: Option<&str>) -> Result<(), ManagerError> {
+        let mut ops = Vec::new();
+        if let Some(fingerprint) = cert_sha256 {
+            let value = serde_json::to_vec(name).map_err(|error| snapshot_error("revoked certificate", error))?;
+            ops.push(Op::Put { key: self.key(&format!("revoked/{fingerprint}")), value, lease: 0 });
+        }
+        ops.push(Op::Delete { key: self.key(&format!("hosts/{name}")), range_end: String::new() });
+        self.write(ops)
+    }
+
+    /// Revoked agent certificates: fingerprint -> the host it belonged to.
+    pub fn revoked_certs(&self) -> Result<Vec<(String, HostName)>, ManagerError> {
+        let prefix = self.key("revoked/");
+        self.range_under("revoked/")?
+            .iter()
+            .map(|kv| {
+                let host: HostName =
+                    serde_json::from_slice(&kv.value).map_err(|error| snapshot_error(&kv.key, error))?;
+                Ok((kv.key.strip_prefix(&prefix).unwrap_or(&kv.key).to_owned(), host))
+            })
             .collect()
     }
 

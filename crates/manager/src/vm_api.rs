@@ -14,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kvmha_core::event::AuditKind;
+use kvmha_core::event::{AuditKind, Event, OperatorAction};
 use kvmha_core::{HostName, HostState, VmName, VmState};
 use kvmha_proto::{AgentCommand, CommandResult, LeaseGrant};
 use serde::Deserialize;
@@ -338,22 +338,32 @@ pub async fn stop(
     if !known.exists() {
         return error(StatusCode::NOT_FOUND, format!("no vm named {name:?}"));
     }
-    if let Some(state) = known
-        .state()
-        .filter(|state| matches!(state, VmState::Starting | VmState::AwaitingProof | VmState::PendingCapacity))
-    {
-        return error(
-            StatusCode::CONFLICT,
-            format!("vm {name} is {state}: kvmha is restarting it; disable its HA first (`vm ha {name} disable`)"),
-        );
+    let graceful_ms = body.graceful_ms.unwrap_or(0);
+    let by = actor(role);
+    let mut lines = Vec::new();
+    let before = known.state();
+    if before.is_some() {
+        // The engine hears of the stop before the host does: a host dying between the
+        // stop and its next ping must not get the VM restarted elsewhere (operator intent
+        // wins), and a restart still pending is cancelled here.
+        let action = OperatorAction::VmStop { vm: vm.clone(), by: by.clone() };
+        let outcome = match api.controller.step(Event::Operator(action)).await {
+            Ok(outcome) => outcome,
+            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "manager is stopping"),
+        };
+        lines.extend(outcome.audits.iter().map(|audit| audit.describe()));
+        if let Some(refusal) = outcome.audits.iter().find(|audit| audit.kind == AuditKind::OperatorRefused) {
+            return refused(StatusCode::CONFLICT, refusal.detail.clone(), lines);
+        }
+        if matches!(before, Some(VmState::AwaitingProof | VmState::PendingCapacity)) {
+            // Nothing of it runs that kvmha started: the cancelled restart was the stop.
+            return answer(&api, &name, lines).await;
+        }
     }
     let Some(host) = known.host() else {
         return error(StatusCode::CONFLICT, format!("vm {name} has no host to stop it on"));
     };
     let host = HostName::from(host.as_str());
-    let graceful_ms = body.graceful_ms.unwrap_or(0);
-    let by = actor(role);
-    let mut lines = Vec::new();
     let intent = format!("stop on {host} by {by} (graceful {graceful_ms} ms, then hard)");
     lines.push(format!("{host} vm {name} Operator: {intent}"));
     if let Err(refusal) = write_notes(&api, vec![note(Some(&host), &vm, AuditKind::Operator, intent)]).await {
@@ -361,12 +371,22 @@ pub async fn stop(
     }
     let deadline = api.executor.clock().now() + Duration::from_millis(graceful_ms) + OPERATOR_CALL_BUDGET;
     let result = api.executor.send(&host, AgentCommand::StopVm { vm: vm.clone(), graceful_ms }, deadline).await;
-    let failure = match result {
-        Ok(CommandResult::Done) => None,
-        Ok(CommandResult::Failed { reason }) | Ok(CommandResult::Unsupported { reason }) => Some(reason),
-        Ok(other) => Some(format!("unexpected answer {other:?}")),
-        Err(reason) => Some(reason),
+    // Refused: the agent answered and the VM still runs there. No answer: the host may
+    // have died with the stop in flight; the VM stays stopped for kvmha either way.
+    let (failure, agent_refusal) = match result {
+        Ok(CommandResult::Done) => (None, None),
+        Ok(CommandResult::Failed { reason }) | Ok(CommandResult::Unsupported { reason }) => {
+            (Some(reason.clone()), Some(reason))
+        }
+        Ok(other) => (Some(format!("unexpected answer {other:?}")), Some(format!("unexpected answer {other:?}"))),
+        Err(reason) => (Some(reason), None),
     };
+    if before.is_some() {
+        let action = OperatorAction::VmStopOutcome { vm: vm.clone(), by: by.clone(), refused: agent_refusal };
+        if let Ok(outcome) = api.controller.step(Event::Operator(action)).await {
+            lines.extend(outcome.audits.iter().map(|audit| audit.describe()));
+        }
+    }
     let detail = match &failure {
         None => format!("stopped on {host}: not restarted until an operator starts it"),
         Some(reason) => format!("stop on {host} failed: {reason}"),

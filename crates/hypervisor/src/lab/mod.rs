@@ -174,7 +174,9 @@ impl RunRecord {
             boot_id: fields.next()?.to_string(),
             started_unix_ms: fields.next()?.parse().ok()?,
         };
-        (record.pid > 0 && fields.next().is_none()).then_some(record)
+        // Never 0 or 1: kill(-1) signals every process we may signal, and a VM is never
+        // anyone's init.
+        (record.pid > 1 && fields.next().is_none()).then_some(record)
     }
 }
 
@@ -452,7 +454,7 @@ impl Inner {
         let pid_path = self.config.run_path(name, "pid");
         if let Err(error) = write_atomically(&pid_path, record.render().as_bytes()) {
             // Without a pid file nobody could find it again: do not leave it running.
-            let _ = kill_process_group(pid_of(pid), Signal::KILL);
+            let _ = kill_vm_group(pid, Signal::KILL);
             let mut child = child;
             let _ = child.wait();
             return Err(error);
@@ -493,7 +495,7 @@ impl Inner {
             StopIntent::Destroyed => Signal::KILL,
             StopIntent::Shutdown => Signal::TERM,
         };
-        match kill_process_group(pid_of(record.pid), signal) {
+        match kill_vm_group(record.pid, signal) {
             Ok(()) => {}
             // Gone between the check and the signal.
             Err(rustix::io::Errno::SRCH) => {}
@@ -653,9 +655,7 @@ pub fn kill_all(state_dir: &Path) -> Vec<i32> {
         let Some(record) = fs::read_to_string(&path).ok().and_then(|text| RunRecord::parse(&text)) else {
             continue;
         };
-        if process_is_alive(record.pid, record.start_ticks)
-            && kill_process_group(pid_of(record.pid), Signal::KILL).is_ok()
-        {
+        if process_is_alive(record.pid, record.start_ticks) && kill_vm_group(record.pid, Signal::KILL).is_ok() {
             killed.push(record.pid);
         }
     }
@@ -664,6 +664,17 @@ pub fn kill_all(state_dir: &Path) -> Vec<i32> {
 
 fn pid_of(pid: i32) -> Pid {
     Pid::from_raw(pid).expect("pid files hold positive pids")
+}
+
+/// Signals the process group of a VM: the group `start` made (its leader's pid). Never
+/// group 0 or 1, never our own group (that would hit the agent and whoever started it,
+/// e.g. an operator's shell or a test runner).
+fn kill_vm_group(pid: i32, signal: Signal) -> std::result::Result<(), rustix::io::Errno> {
+    let own_group = rustix::process::getpgrp();
+    if pid <= 1 || pid == own_group.as_raw_nonzero().get() {
+        return Err(rustix::io::Errno::PERM);
+    }
+    kill_process_group(pid_of(pid), signal)
 }
 
 /// Start time (clock ticks since boot) of a live, non-zombie process.
@@ -757,7 +768,19 @@ mod tests {
             RunRecord { pid: 42, start_ticks: 123456, boot_id: "00ff".into(), started_unix_ms: 1_700_000_000_000 };
         assert_eq!(RunRecord::parse(&record.render()), Some(record));
         assert_eq!(RunRecord::parse("0 1 a 2"), None);
+        assert_eq!(RunRecord::parse("1 1 a 2"), None, "pid 1: a group kill of it would signal everything");
+        assert_eq!(RunRecord::parse("-7 1 a 2"), None);
         assert_eq!(RunRecord::parse("1 2 a"), None);
+    }
+
+    /// A stale or forged record never turns into a signal to every process (-1) or to the
+    /// group of whoever runs the driver (an operator's shell, a test runner).
+    #[test]
+    fn vm_group_kills_refuse_init_and_our_own_group() {
+        let own_group = rustix::process::getpgrp().as_raw_nonzero().get();
+        assert_eq!(kill_vm_group(own_group, Signal::CONT), Err(rustix::io::Errno::PERM));
+        assert_eq!(kill_vm_group(1, Signal::CONT), Err(rustix::io::Errno::PERM));
+        assert_eq!(kill_vm_group(0, Signal::CONT), Err(rustix::io::Errno::PERM));
     }
 
     #[test]

@@ -16,33 +16,165 @@ pub const KVMHA: &str = env!("CARGO_BIN_EXE_kvmha");
 pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
 pub const POLL: Duration = Duration::from_millis(100);
 
-/// A child process that is killed (SIGKILL) and reaped when dropped.
+/// Set on every process a test starts (and inherited by everything those start: the lab
+/// VMs an agent spawns, a manager's helpers). Cleanup finds them by it in
+/// `/proc/PID/environ` and kills each by its recorded pid, never by process group or name.
+pub const MARKER_ENV: &str = "KVMHA_TEST_MARKER";
+
+/// A process as recorded at a scan: its pid and start time (`/proc/PID/stat` field 22), so
+/// that a pid reused by another process since is never signalled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+/// `(process group, start ticks)` of a live, non-zombie process.
+pub fn proc_group_and_start(pid: i32) -> Option<(i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // fields[0] is field 3 (state), fields[2] field 5 (pgrp), fields[19] field 22 (starttime).
+    if matches!(*fields.first()?, "Z" | "X") {
+        return None;
+    }
+    Some((fields.get(2)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+impl Recorded {
+    pub fn of(pid: i32) -> Option<Recorded> {
+        proc_group_and_start(pid).map(|(_, start_ticks)| Recorded { pid, start_ticks })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        proc_group_and_start(self.pid).is_some_and(|(_, start)| start == self.start_ticks)
+    }
+
+    /// SIGKILLs this one process if it is still the one recorded.
+    pub fn kill(&self) {
+        if self.pid > 1 && self.pid != std::process::id() as i32 && self.is_alive() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Live processes (not this test process) whose environment carries `MARKER_ENV=marker`.
+pub fn marked_processes(marker: &str) -> Vec<Recorded> {
+    let needle = format!("{MARKER_ENV}={marker}\0");
+    let own = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid == own {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        if !environ.windows(needle.len()).any(|window| window == needle.as_bytes()) {
+            continue;
+        }
+        if let Some(recorded) = Recorded::of(pid) {
+            found.push(recorded);
+        }
+    }
+    found
+}
+
+/// Kills every process carrying `marker`, one recorded pid at a time, until none is
+/// left (an agent still alive at one pass may start a VM before the next). Bounded.
+/// Returns how many were killed.
+pub fn reap_marked(marker: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut killed = 0;
+    loop {
+        let found = marked_processes(marker);
+        if found.is_empty() || Instant::now() > deadline {
+            return killed;
+        }
+        for process in &found {
+            process.kill();
+        }
+        killed += found.len();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fresh marker: unique on this machine for the life of a test.
+pub fn new_marker(what: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let next = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{what}-{}-{next}-{nanos}", std::process::id())
+}
+
+/// SIGKILLs the process group a lab VM's pid file names, only if that group is the one
+/// the lab driver made: the pid file's process is alive with the recorded start time, it
+/// leads its own group, the group is not this test's own, and the process carries
+/// `marker`. A stale pid file (the VM crashed, its pid since reused, on a busy machine
+/// with pid_max 32768 within minutes) must never turn into a kill of somebody's group:
+/// that is how a test once killed the interactive shell that ran it. True if killed.
+pub fn kill_lab_vm_group(pid_file: &Path, marker: &str) -> bool {
+    let text = std::fs::read_to_string(pid_file).unwrap_or_default();
+    let mut fields = text.split_whitespace();
+    let (Some(Ok(pid)), Some(Ok(start_ticks))) =
+        (fields.next().map(str::parse::<i32>), fields.next().map(str::parse::<u64>))
+    else {
+        return false;
+    };
+    let own_group = nix::unistd::getpgrp().as_raw();
+    let Some((group, start)) = proc_group_and_start(pid) else { return false };
+    if pid <= 1 || group != pid || group == own_group || start != start_ticks {
+        return false;
+    }
+    if !marked_processes(marker).iter().any(|process| process.pid == pid) {
+        return false;
+    }
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group), nix::sys::signal::Signal::SIGKILL).is_ok()
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped. It runs in a process
+/// group of its own, so nothing it or its children do to their group reaches the test.
+/// With a private marker (`spawn`), whatever it started is reaped on drop too; a cluster's
+/// processes share the cluster's marker and the cluster reaps them.
 pub struct Guard {
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// Reaped on drop: set when the marker is this guard's alone.
+    pub private_marker: Option<String>,
 }
 
 impl Guard {
     pub fn spawn(args: &[&str], log: PathBuf) -> Guard {
+        let marker = new_marker("guard");
+        let mut guard = Guard::spawn_marked(args, log, &marker);
+        guard.private_marker = Some(marker);
+        guard
+    }
+
+    /// Spawned with `MARKER_ENV=marker`; the owner of the marker reaps what it started.
+    pub fn spawn_marked(args: &[&str], log: PathBuf, marker: &str) -> Guard {
+        use std::os::unix::process::CommandExt;
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(KVMHA)
             .args(args)
             .env("KVMHA_LOG", "info")
+            .env(MARKER_ENV, marker)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
+            .process_group(0)
             .spawn()
             .expect("spawning kvmha");
-        Guard { child: Some(child), log }
+        Guard { child: Some(child), log, private_marker: None }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Sends a signal to this one process (never a group).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().expect("kill");
-        assert!(status.success(), "kill -{name} failed");
+        let signal: nix::sys::signal::Signal = format!("SIG{name}").parse().expect("a signal name");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).expect("kill");
     }
 
     /// Waits for the process to exit; returns its status.
@@ -59,6 +191,7 @@ impl Guard {
         }
     }
 
+    /// Kills this process only (a host's agent dying leaves its VMs running).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -74,6 +207,9 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.kill();
+        if let Some(marker) = &self.private_marker {
+            reap_marked(marker);
+        }
     }
 }
 
@@ -129,6 +265,22 @@ pub struct Cluster {
     pub readonly_token: String,
     pub join_token: String,
     pub manager_runs: u32,
+    /// Carried by every process of this cluster (manager, agents, their VMs).
+    pub marker: String,
+}
+
+impl Drop for Cluster {
+    /// The manager goes first (it would restart VMs killed under it), then everything
+    /// else carrying the cluster's marker, by pid; the directory goes last (field drop).
+    fn drop(&mut self) {
+        if let Some(manager) = self.manager.as_mut() {
+            manager.kill();
+        }
+        for agent in self.agents.values_mut() {
+            agent.kill();
+        }
+        reap_marked(&self.marker);
+    }
 }
 
 impl Cluster {
@@ -166,6 +318,7 @@ impl Cluster {
             readonly_token: read("readonly.token"),
             join_token,
             manager_runs: 0,
+            marker: new_marker("cluster"),
             dir,
         }
     }
@@ -178,7 +331,8 @@ impl Cluster {
         self.manager_runs += 1;
         let log = self.dir.path().join(format!("manager-{}.log", self.manager_runs));
         let config = self.config();
-        self.manager = Some(Guard::spawn(&["manager", "run", "--config", config.to_str().unwrap()], log));
+        self.manager =
+            Some(Guard::spawn_marked(&["manager", "run", "--config", config.to_str().unwrap()], log, &self.marker));
         self.wait("the operator API answers", |cluster| cluster.try_api(&["host", "list", "--json"]).is_some());
     }
 
@@ -216,7 +370,8 @@ impl Cluster {
     pub fn start_agent(&mut self, name: &str) {
         let config = self.agent_dir(name).join("agent.toml");
         let log = self.dir.path().join(format!("{name}.log"));
-        self.agents.insert(name.to_owned(), Guard::spawn(&["agent", "run", "--config", config.to_str().unwrap()], log));
+        let agent = Guard::spawn_marked(&["agent", "run", "--config", config.to_str().unwrap()], log, &self.marker);
+        self.agents.insert(name.to_owned(), agent);
     }
 
     pub fn api_output(&self, args: &[&str], token: &str) -> Output {
@@ -562,39 +717,22 @@ pub fn wait_disk_grows(cluster: &Cluster, vm: &str) {
     cluster.wait(&format!("{vm}'s disk log grows"), |cluster| disk_lines(cluster, vm).len() > before + 2);
 }
 
-/// Kills every lab VM the cluster's agents started (their own process groups outlive the
-/// agents) when dropped, also when a test panics. Declare it after the cluster, so that
-/// it drops first.
+/// Kills every process of the cluster (manager first, then agents and every lab VM they
+/// started, found by the cluster's marker and killed by pid) when dropped, also when a
+/// test panics. Kept for the tests that declare it; `Cluster`'s own drop does the same.
 pub struct LabVmsGuard {
-    pub root: PathBuf,
+    pub marker: String,
 }
 
 impl LabVmsGuard {
     pub fn new(cluster: &Cluster) -> LabVmsGuard {
-        LabVmsGuard { root: cluster.dir.path().to_path_buf() }
+        LabVmsGuard { marker: cluster.marker.clone() }
     }
 }
 
 impl Drop for LabVmsGuard {
     fn drop(&mut self) {
-        let Ok(hosts) = std::fs::read_dir(&self.root) else { return };
-        for host in hosts.flatten() {
-            let Ok(pid_files) = std::fs::read_dir(host.path().join("lab/run")) else { continue };
-            for pid_file in pid_files.flatten() {
-                if pid_file.path().extension().is_none_or(|extension| extension != "pid") {
-                    continue;
-                }
-                let text = std::fs::read_to_string(pid_file.path()).unwrap_or_default();
-                let Some(pid) = text.split_whitespace().next().and_then(|pid| pid.parse::<u32>().ok()) else {
-                    continue;
-                };
-                // Only a lab VM: the pid may have been reused since.
-                let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&command).contains("kvmha-lab-vm") {
-                    let _ = Command::new("kill").args(["-KILL", &format!("-{pid}")]).status();
-                }
-            }
-        }
+        reap_marked(&self.marker);
     }
 }
 
