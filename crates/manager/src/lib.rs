@@ -16,6 +16,7 @@ pub mod incident;
 pub mod metrics;
 pub mod neighbour_heartbeat;
 pub mod notify;
+pub mod ping_queue;
 pub mod registry;
 pub mod server;
 pub mod store;
