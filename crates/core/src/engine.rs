@@ -1040,23 +1040,19 @@ impl Engine {
         let record = &self.hosts[name];
         let round = record.unknown_rounds + 1;
         let mut kinds = Vec::new();
-        let up_neighbours: Vec<HostName> = self
+        // Counted, then walked again for the few asked: a rack failing at once must not
+        // copy every host's name once per failed host.
+        let up_neighbours = self
             .hosts
             .values()
             .filter(|other| other.spec.name != *name && other.state == HostState::Up)
-            .map(|other| other.spec.name.clone())
-            .collect();
-        let neighbours: Vec<HostName> = if up_neighbours.is_empty() {
+            .map(|other| &other.spec.name);
+        let up_count = up_neighbours.clone().count();
+        let neighbours: Vec<HostName> = if up_count == 0 {
             Vec::new()
         } else {
-            let start = (round as usize) % up_neighbours.len();
-            up_neighbours
-                .iter()
-                .cycle()
-                .skip(start)
-                .take(self.config.neighbour_checks.min(up_neighbours.len()))
-                .cloned()
-                .collect()
+            let start = (round as usize) % up_count;
+            up_neighbours.cycle().skip(start).take(self.config.neighbour_checks.min(up_count)).cloned().collect()
         };
         if !neighbours.is_empty() {
             kinds.push(InvestigatorKind::NeighbourPing);

@@ -587,6 +587,17 @@ impl EngineThread {
     fn view(&self) -> ClusterView {
         let now = self.clock.now();
         let directory = self.directory.read().expect("directory lock");
+        // One pass over the VMs, not one per host: 10,000 hosts × 200,000 VMs would hold
+        // the engine thread for seconds (the systemd watchdog asks for a view).
+        let mut used: HashMap<&HostName, kvmha_core::Resources> = HashMap::new();
+        for vm in self.engine.vms().values() {
+            if let Some(host) = &vm.host {
+                if matches!(vm.state, VmState::Running | VmState::Starting | VmState::AwaitingProof) {
+                    let entry = used.entry(host).or_default();
+                    *entry = entry.plus(vm.spec.demand);
+                }
+            }
+        }
         let hosts = self
             .engine
             .hosts()
@@ -605,13 +616,7 @@ impl EngineThread {
                 cpus: record.spec.capacity.cpus,
                 memory_mb: record.spec.capacity.memory_mb,
                 capacity: record.spec.capacity,
-                used: self
-                    .engine
-                    .vms()
-                    .values()
-                    .filter(|vm| vm.host.as_ref() == Some(name))
-                    .filter(|vm| matches!(vm.state, VmState::Running | VmState::Starting | VmState::AwaitingProof))
-                    .fold(kvmha_core::Resources::default(), |used, vm| used.plus(vm.spec.demand)),
+                used: used.get(name).copied().unwrap_or_default(),
             })
             .collect();
         let registry = self.registry.read().expect("registry lock");
