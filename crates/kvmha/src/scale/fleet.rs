@@ -456,10 +456,10 @@ fn base64_encode(bytes: &[u8]) -> String {
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
         let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for (position, shift) in [18, 12, 6, 0].into_iter().enumerate() {
             if position <= chunk.len() {
-                out.push(ALPHABET[(n >> shift & 63) as usize] as char);
+                out.push(ALPHABET[((n >> shift) & 63) as usize] as char);
             } else {
                 out.push('=');
             }

@@ -305,7 +305,7 @@ async fn run(args: &Args) -> anyhow::Result<ScaleResult> {
     seed_registry(&dir.path.join("manager.db"), args.hosts, args.vms_per_host)?;
 
     let log = std::fs::File::create(dir.path.join("manager.log"))?;
-    let manager = ManagerProcess {
+    let mut manager = ManagerProcess {
         child: std::process::Command::new(std::env::current_exe()?)
             .args(["manager", "run", "--config"])
             .arg(&init.config_file)
@@ -316,7 +316,6 @@ async fn run(args: &Args) -> anyhow::Result<ScaleResult> {
             .spawn()
             .context("starting the manager")?,
     };
-    let mut manager = manager;
     let manager_started = Instant::now();
     let pid = manager.pid();
     let mut exited = None;
