@@ -430,7 +430,10 @@ impl EngineThread {
                         Event::Ping(ping)
                     })
                     .collect();
-                let outcome = self.step_batch(pings);
+                // Without the batch's audit lines: a first ping of every host lists every VM
+                // found running, and a copy of those for each of a thousand waiters was
+                // gigabytes (measured: 2 GiB resident at 1,000 hosts).
+                let outcome = StepOutcome { audits: Vec::new(), ..self.step_batch(pings) };
                 for waiter in waiting {
                     self.pending_replies.push((waiter, outcome.clone()));
                 }
