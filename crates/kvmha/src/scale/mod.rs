@@ -344,20 +344,22 @@ async fn run(args: &Args) -> anyhow::Result<ScaleResult> {
     let capacity = Resources { cpus: 2 * per_host as u32, memory_mb: 2 * per_host * fleet::VM_MEMORY_MB };
     let join_client = kvmha_proto::transport::client(&ca_pem, None, Duration::from_secs(120))?;
     let permits = Arc::new(tokio::sync::Semaphore::new(256));
+    // Like a real agent, each starts pinging as soon as it has joined: a host that joined
+    // and stays silent past the ping timeout is rightly suspected.
     let mut joins = tokio::task::JoinSet::new();
+    let pingers = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
     for index in 0..args.hosts {
         let (fleet, client, secret, permits) = (fleet.clone(), join_client.clone(), secret.clone(), permits.clone());
+        let pingers = pingers.clone();
         joins.spawn(async move {
             let _permit = permits.acquire_owned().await?;
-            fleet.join(&client, listen, &secret, index, command_port, capacity).await
+            fleet.join(&client, listen, &secret, index, command_port, capacity).await?;
+            pingers.lock().expect("pingers lock").spawn(fleet::ping_loop(fleet.clone(), index, listen, interval));
+            anyhow::Ok(())
         });
     }
     while let Some(joined) = joins.join_next().await {
         joined??;
-    }
-    let mut pingers = tokio::task::JoinSet::new();
-    for index in 0..args.hosts {
-        pingers.spawn(fleet::ping_loop(fleet.clone(), index, listen, interval));
     }
     let everyone = args.hosts;
     wait_for("every host's first answered ping", Duration::from_secs(600), || {
@@ -459,7 +461,7 @@ async fn run(args: &Args) -> anyhow::Result<ScaleResult> {
     for serving in serving {
         serving.abort();
     }
-    pingers.abort_all();
+    pingers.lock().expect("pingers lock").abort_all();
     drop(manager);
     drop(dir);
 
