@@ -1480,3 +1480,111 @@ fn a_host_is_removed_only_once_no_vm_depends_on_it() {
     let commands = harness.operator(remove("nohost"));
     assert_eq!(details(&commands, |kind| *kind == AuditKind::OperatorRefused).len(), 1);
 }
+
+// ----- scale: the VM index and batched steps -------------------------------------------------
+
+#[test]
+fn an_engine_restored_from_its_snapshot_finds_the_vms_of_a_host_it_fences() {
+    let mut harness = Harness::new();
+    let snapshot = serde_json::to_string(&harness.engine).expect("serializes");
+    harness.engine = serde_json::from_str(&snapshot).expect("deserializes");
+    // The index of VMs by host is not in the snapshot: the first step rebuilds it, so the
+    // fence still holds host1's VMs and the proof still releases them.
+    harness.drive_to_fencing("host1");
+    assert_eq!(harness.vm("vm-high").state, VmState::AwaitingProof);
+    assert_eq!(harness.vm("vm-low").state, VmState::AwaitingProof);
+    let commands = harness.fence_result("host1", FenceOutcome::PoweredOff { evidence: "read back off".to_owned() });
+    assert_eq!(starts(&commands).len(), 2, "{commands:#?}");
+}
+
+/// host1 (vm-high 5, vm-low 1) and host2 (vm-mid 3) both in Fencing; three idle hosts.
+fn two_hosts_fencing() -> Harness {
+    let hosts = [
+        ("host1", true, true),
+        ("host2", true, true),
+        ("host3", true, true),
+        ("host4", true, true),
+        ("host5", true, true),
+    ];
+    let mut harness = Harness::with_hosts(&hosts);
+    harness.step(Event::VmAdded { spec: vm_spec("vm-mid", 3), host: Some(h("host2")) });
+    harness.advance(400, &["host1", "host2", "host3", "host4", "host5"]);
+    harness.advance(800, &["host3", "host4", "host5"]);
+    for host in ["host1", "host2"] {
+        harness.report(host, InvestigatorKind::BmcPower, Finding::Dead, None);
+        harness.report(host, InvestigatorKind::NeighbourPing, Finding::Unknown, None);
+        let stale = harness.stale(host, 900, true, false);
+        harness.report(host, InvestigatorKind::StorageHeartbeat, Finding::Dead, Some(stale));
+        harness.report(host, InvestigatorKind::VmActivity, Finding::Unknown, None);
+        assert_eq!(harness.state(host), HostState::Fencing);
+    }
+    harness
+}
+
+fn powered_off(harness: &Harness, host: &str) -> Event {
+    Event::FenceResult(FenceResult {
+        host: h(host),
+        fence: harness.current_fence(host),
+        outcome: FenceOutcome::PoweredOff { evidence: "read back off".to_owned() },
+    })
+}
+
+#[test]
+fn a_batch_of_hosts_proven_dead_is_planned_once_in_cluster_wide_priority_order() {
+    let mut harness = two_hosts_fencing();
+    let events = vec![powered_off(&harness, "host1"), powered_off(&harness, "host2")];
+    let commands = harness.engine.step_batch(harness.now, events);
+    assert_eq!(transitions(&commands), vec![t("host1", Fencing, Fenced), t("host2", Fencing, Fenced)]);
+    let planned: Vec<String> = starts(&commands).into_iter().map(|(vm, _, _)| vm).collect();
+    assert_eq!(planned, vec!["vm-high", "vm-mid", "vm-low"], "{commands:#?}");
+    for (_, target, proof) in starts(&commands) {
+        assert!(!["host1", "host2"].contains(&target.as_str()), "a start on a fenced host: {target}");
+        assert_eq!(proof, Some(ProofKind::BmcPowerOff));
+    }
+}
+
+#[test]
+fn one_by_one_the_same_events_plan_each_host_as_its_proof_arrives() {
+    // The contrast that shows the batch's single placement: stepped alone, host1's VMs
+    // are planned before host2's proof is even known.
+    let mut harness = two_hosts_fencing();
+    let second = powered_off(&harness, "host2");
+    let mut commands = harness.step(powered_off(&harness, "host1"));
+    commands.extend(harness.step(second));
+    let planned: Vec<String> = starts(&commands).into_iter().map(|(vm, _, _)| vm).collect();
+    assert_eq!(planned, vec!["vm-high", "vm-low", "vm-mid"]);
+}
+
+#[test]
+fn a_batch_without_releases_decides_what_the_same_steps_decide_alone() {
+    let mut alone = Harness::new();
+    let mut batched = Harness::new();
+    let mut expected = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        alone.now = Instant::from_millis(alone.now.as_millis() + 200);
+        batched.now = alone.now;
+        let pings = |harness: &mut Harness| -> Vec<Event> {
+            ["host2", "host3"]
+                .iter()
+                .map(|host| {
+                    let seq = harness.seq.entry(h(host)).or_default();
+                    *seq += 1;
+                    Event::Ping(Ping {
+                        host: h(host),
+                        boot_id: BootId(format!("{host}-boot1")),
+                        seq: *seq,
+                        vms: Vec::new(),
+                        storage: StorageHealth::Ok,
+                    })
+                })
+                .collect()
+        };
+        for event in pings(&mut alone).into_iter().chain([Event::Tick]) {
+            expected.extend(alone.step(event));
+        }
+        let events: Vec<Event> = pings(&mut batched).into_iter().chain([Event::Tick]).collect();
+        got.extend(batched.engine.step_batch(batched.now, events));
+    }
+    assert_eq!(format!("{got:?}"), format!("{expected:?}"));
+}

@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 mod daemons;
 mod incidents;
 mod ops;
+mod scale;
 mod simulate;
 
 /// kvmha: high availability for KVM clusters.
@@ -76,6 +77,10 @@ enum Bench {
     /// Recovery time of a power loss with and without a reachable BMC, in real labs
     /// (root): median and p95 of `recovery_ms` over --repeat runs of each.
     Failover(kvmha_lab::bench::Args),
+    /// One real manager against N simulated agents (M HA VMs each): its memory, CPU and
+    /// pings answered per second, then the time to plan every VM of 5 % of the hosts
+    /// lost at once.
+    Scale(scale::Args),
 }
 
 /// Log lines (the fencer's intent and outcome among them) go to stderr,
@@ -120,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bmc(args) => Ok(kvmha_bmc::cli::run_blocking(args)?),
         Command::Bench(Bench::Bmc(args)) => Ok(kvmha_bmc::bench::run_blocking(args)?),
         Command::Bench(Bench::Failover(args)) => std::process::exit(kvmha_lab::bench::main(args)?),
+        Command::Bench(Bench::Scale(args)) => std::process::exit(scale::main(args)?),
         Command::Lab(command) => Ok(kvmha_lab::cli::run(command)?),
         Command::Manager(command) => plain_errors(daemons::manager(command)),
         Command::Agent(command) => plain_errors(daemons::agent(command)),

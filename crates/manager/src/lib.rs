@@ -18,6 +18,7 @@ pub mod leader;
 pub mod metrics;
 pub mod neighbour_heartbeat;
 pub mod notify;
+pub mod ping_queue;
 pub mod registry;
 pub mod server;
 pub mod store;

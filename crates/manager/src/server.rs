@@ -1,7 +1,7 @@
 //! The agent-facing mutual-TLS endpoints: join (no client certificate, join token),
 //! ping and goodbye (client certificate of a joined agent, matching the host named).
 
-use crate::controller::{Controller, SharedDirectory};
+use crate::controller::{Controller, PingRefused, SharedDirectory};
 use crate::store::HostRow;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -196,14 +196,15 @@ async fn ping(State(api): State<Arc<AgentApi>>, Extension(peer): Extension<Peer>
         return refuse(StatusCode::FORBIDDEN, format!("certificate of {host} cannot ping as {}", ping.host));
     }
     api.host_spec.learn_from_ping(&ping);
-    match api.controller.step(Event::Ping(ping)).await {
+    match api.controller.ping(ping).await {
         Ok(outcome) => Json(PingReply {
             version: PROTOCOL_VERSION,
             directives: outcome.directives,
             manager_time_ms: outcome.now.as_millis(),
         })
         .into_response(),
-        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "manager is stopping"),
+        Err(refused @ PingRefused::QueueFull) => refuse(StatusCode::SERVICE_UNAVAILABLE, refused.to_string()),
+        Err(PingRefused::EngineGone) => refuse(StatusCode::SERVICE_UNAVAILABLE, "manager is stopping"),
     }
 }
 

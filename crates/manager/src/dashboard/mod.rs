@@ -367,13 +367,14 @@ async fn metrics_text(State(dashboard): State<Arc<Dashboard>>, headers: HeaderMa
         Ok(folded) => folded,
         Err(refused) => return refused,
     };
-    let text = metrics::render(&metrics::MetricsInput {
+    let mut text = metrics::render(&metrics::MetricsInput {
         view: &view,
         counters: &folded.counters,
         incidents: folded.book.incidents(),
         drivers: &dashboard.drivers,
         ping_timeout_ms: dashboard.ping_timeout_ms,
     });
+    text.push_str(&dashboard.api.controller.ping_metrics());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
