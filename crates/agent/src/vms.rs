@@ -16,7 +16,7 @@
 use crate::config::AgentConfig;
 use kvmha_core::event::{RequestId, VmReport, VmRunState};
 use kvmha_core::model::VmName;
-use kvmha_hypervisor::{DomainInfo, DomainState, Hypervisor, ShutdownRequest};
+use kvmha_hypervisor::{DomainInfo, DomainState, Hypervisor, ShutOffReason, ShutdownRequest};
 use kvmha_proto::{CommandResult, LeaseGrant, VmInventory};
 use kvmha_storage::{HeldLease, HostIdentity, LeaseClient, LeaseState, Name, StorageError};
 use serde::{Deserialize, Serialize};
@@ -130,6 +130,10 @@ pub fn run_state(state: DomainState, mark: Option<Mark>) -> VmRunState {
     match state {
         DomainState::Crashed(_) => VmRunState::Crashed,
         state if state.may_be_running() => VmRunState::Running,
+        // Migrated away (or saved) by someone outside kvmha: the guest lives on elsewhere
+        // (or in its save file). Calling it crashed once restarted it here while it ran on
+        // the migration's target, a double run the lab saw.
+        DomainState::ShutOff(ShutOffReason::Migrated | ShutOffReason::Saved) => VmRunState::Stopped,
         _ => match mark.map(|mark| mark.expect) {
             Some(Expect::SelfFenced) => VmRunState::SelfFenced,
             Some(Expect::ShutdownFailover) => VmRunState::StoppedForShutdown,
@@ -850,6 +854,10 @@ mod tests {
         assert_eq!(run_state(DomainState::Paused, None), VmRunState::Running, "a paused guest holds its disks");
         let crashed = DomainState::Crashed(CrashReason::ProcessExited);
         assert_eq!(run_state(crashed, mark(Expect::OperatorStopped)), VmRunState::Crashed);
+        let migrated = DomainState::ShutOff(ShutOffReason::Migrated);
+        assert_eq!(run_state(migrated, mark(Expect::Running)), VmRunState::Stopped, "it runs on the target now");
+        let saved = DomainState::ShutOff(ShutOffReason::Saved);
+        assert_eq!(run_state(saved, mark(Expect::Running)), VmRunState::Stopped);
     }
 
     #[test]

@@ -253,23 +253,7 @@ fn kill_host(cluster: &mut Cluster, host: &str) -> SilentAddress {
     let run = cluster.agent_dir(host).join("lab/run");
     for entry in std::fs::read_dir(run).into_iter().flatten().flatten() {
         if entry.path().extension().is_some_and(|extension| extension == "pid") {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            // Only the group of a live lab VM: a stale pid file's pid may now lead
-            // another group (once, the shell running the tests).
-            let Some(pid) = text.split_whitespace().next().and_then(|pid| pid.parse::<i32>().ok()) else { continue };
-            let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let group = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().nth(2))
-                .and_then(|g| g.parse::<i32>().ok());
-            if pid > 1 && group == Some(pid) && String::from_utf8_lossy(&command).contains("kvmha-lab-vm") {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pid}")])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
+            kill_lab_vm_group(&entry.path(), &cluster.marker);
         }
     }
     silence(&listen)
