@@ -26,6 +26,7 @@ packages=(
   openssh-client  # lab: ssh-keygen for per-lab keys, the ssh under sshfs
   chromium        # dashboard: browser tests drive headless Chromium (crates/kvmha/tests/dashboard.rs)
   etcd-server     # manager HA: the etcd store backend tests start a real etcd (crates/kvmha/tests/manager_ha.rs)
+  protobuf-compiler  # `protoc`: the etcd-client crate (manager HA, gRPC) compiles etcd's .proto files in its build
 )
 
 missing=()
