@@ -99,7 +99,8 @@ struct Member {
 #[derive(Clone)]
 pub struct EtcdClient {
     members: Arc<Vec<Member>>,
-    options: etcd_client::ConnectOptions,
+    /// Behind an `Arc`: the options are large and the client is cloned into every store.
+    options: Arc<etcd_client::ConnectOptions>,
     request_timeout: Duration,
     /// Index of the member that answered last.
     preferred: Arc<AtomicUsize>,
@@ -301,7 +302,7 @@ impl EtcdClient {
             .collect();
         Ok(EtcdClient {
             members: Arc::new(members),
-            options,
+            options: Arc::new(options),
             request_timeout: settings.request_timeout,
             preferred: Default::default(),
         })
@@ -314,7 +315,7 @@ impl EtcdClient {
         if let Some(client) = member.connected.lock().expect("etcd member lock").clone() {
             return Ok(client);
         }
-        let client = etcd_client::Client::connect([member.url.as_str()], Some(self.options.clone())).await?;
+        let client = etcd_client::Client::connect([member.url.as_str()], Some(self.options.as_ref().clone())).await?;
         Ok(member.connected.lock().expect("etcd member lock").get_or_insert(client).clone())
     }
 
