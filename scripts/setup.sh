@@ -25,6 +25,7 @@ packages=(
   iputils-ping    # lab: reachability checks between lab namespaces (lab also needs openipmi, ipmitool, openssh-server, sshfs above)
   openssh-client  # lab: ssh-keygen for per-lab keys, the ssh under sshfs
   chromium        # dashboard: browser tests drive headless Chromium (crates/kvmha/tests/dashboard.rs)
+  protobuf-compiler  # `protoc`: the etcd-client crate (manager HA, gRPC) compiles etcd's .proto files in its build
   etcd-server     # manager HA: the etcd store backend tests start a real etcd (crates/kvmha/tests/manager_ha.rs)
   qemu-system-x86             # lab vm_driver = "libvirt": real guests under TCG (crates/lab/src/guest.rs)
   libvirt-daemon-system       # lab: libvirtd run by hand per lab host (and its libvirt-qemu user)

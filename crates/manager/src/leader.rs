@@ -250,7 +250,7 @@ impl Leadership {
                 Some((id, _)) => {
                     let sent = Instant::now();
                     match client.keepalive(id).await {
-                        Ok(ttl) if ttl > 0 => {
+                        Ok(true) => {
                             lease = Some((id, sent));
                             (id, sent)
                         }
@@ -352,8 +352,8 @@ impl Leadership {
             }
             let sent = Instant::now();
             match client.keepalive(lease).await {
-                Ok(ttl) if ttl > 0 => self.set_deadline(sent),
-                Ok(_) => self.step_down(&format!("epoch {epoch}: etcd lease expired")),
+                Ok(true) => self.set_deadline(sent),
+                Ok(false) => self.step_down(&format!("epoch {epoch}: etcd lease expired")),
                 Err(error) => tracing::warn!(%error, "leader lease keepalive failed"),
             }
             if watchdog.is_finished() {
