@@ -25,6 +25,8 @@ fuzz_target!(|bytes: &[u8]| {
     };
     let tls = &raw.tls;
     let mut paths = vec![&raw.data_dir, &tls.ca_cert, &tls.ca_key, &tls.cert, &tls.key];
+    // The etcd store's TLS files are read at validation too.
+    paths.extend([&raw.store.ca_cert, &raw.store.cert, &raw.store.key].into_iter().flatten());
     for host in raw.hosts.values() {
         if let Some(bmc) = &host.bmc {
             paths.push(&bmc.password_file);
