@@ -14,7 +14,6 @@ use common::*;
 use kvmha_manager::etcd::{EtcdClient, EtcdSettings};
 use kvmha_manager::leader::{LeaderInfo, Leadership};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -169,25 +168,6 @@ fn cli(cluster: &Cluster, args: &[&str]) -> Value {
     let output = cluster.api_output(&args, &cluster.operator_token);
     assert!(output.status.success(), "kvmha {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).expect("json")
-}
-
-/// name -> (state, host) as the manager the cluster points at sees them.
-fn vms(cluster: &Cluster) -> BTreeMap<String, (String, String)> {
-    let Some(Value::Array(vms)) = cluster.try_api(&["vm", "list", "--json"]) else {
-        return BTreeMap::new();
-    };
-    vms.iter()
-        .map(|vm| {
-            let field = |key: &str| vm[key].as_str().unwrap_or("-").to_owned();
-            (field("name"), (field("state"), field("host")))
-        })
-        .collect()
-}
-
-fn wait_vm(cluster: &Cluster, vm: &str, ok: impl Fn(&str, &str) -> bool) {
-    cluster.wait(&format!("vm {vm}"), |cluster| {
-        vms(cluster).get(vm).is_some_and(|(state, host)| ok(state.as_str(), host.as_str()))
-    });
 }
 
 fn audit_lines(cluster: &Cluster, needle: &str) -> Vec<String> {

@@ -10,36 +10,8 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// The lab VM program, built once if this test run has not built it.
-fn vm_program() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let next_to_kvmha = Path::new(KVMHA).with_file_name("kvmha-lab-vm");
-            if next_to_kvmha.is_file() {
-                return next_to_kvmha;
-            }
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let status = Command::new(cargo)
-                .current_dir(&workspace)
-                .args(["build", "-p", "kvmha-hypervisor", "--bin", "kvmha-lab-vm"])
-                .status()
-                .expect("cargo build kvmha-lab-vm");
-            assert!(status.success(), "building kvmha-lab-vm failed");
-            next_to_kvmha
-        })
-        .clone()
-}
-
-fn storage(cluster: &Cluster) -> PathBuf {
-    cluster.dir.path().join("lab-storage")
-}
 
 fn lab_state(cluster: &Cluster, host: &str) -> PathBuf {
     cluster.agent_dir(host).join("lab")
@@ -47,12 +19,12 @@ fn lab_state(cluster: &Cluster, host: &str) -> PathBuf {
 
 /// Joins `host` with the lab driver and the shared pools `a` (VM leases) and `b`.
 fn join_lab(cluster: &Cluster, host: &str) {
-    std::fs::create_dir_all(storage(cluster)).expect("lab storage");
+    std::fs::create_dir_all(lab_storage(cluster)).expect("lab storage");
     let uri = format!(
         "lab:{}?state={}&host={host}&vm_binary={}",
-        storage(cluster).display(),
+        lab_storage(cluster).display(),
         lab_state(cluster, host).display(),
-        vm_program().display()
+        lab_vm_binary().display()
     );
     cluster.join_with(host, &["--hypervisor", &uri]);
     add_agent_pools(cluster, host);
@@ -101,28 +73,9 @@ fn kvmha_hypervisor_xml(vm: &str, vcpus: u32) -> String {
     )
 }
 
-/// name -> (state, host) as the manager sees them.
-fn vms(cluster: &Cluster) -> BTreeMap<String, (String, String)> {
-    let Some(Value::Array(vms)) = cluster.try_api(&["vm", "list", "--json"]) else {
-        return BTreeMap::new();
-    };
-    vms.iter()
-        .map(|vm| {
-            let field = |key: &str| vm[key].as_str().unwrap_or("-").to_owned();
-            (field("name"), (field("state"), field("host")))
-        })
-        .collect()
-}
-
-fn wait_vm(cluster: &Cluster, vm: &str, ok: impl Fn(&str, &str) -> bool) {
-    cluster.wait(&format!("vm {vm}"), |cluster| {
-        vms(cluster).get(vm).is_some_and(|(state, host)| ok(state.as_str(), host.as_str()))
-    });
-}
-
 /// (host, boot id) of every line of the VM's disk, in file order.
 fn disk(cluster: &Cluster, vm: &str) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(storage(cluster).join("vms").join(vm).join("disk.log")).unwrap_or_default();
+    let text = std::fs::read_to_string(lab_storage(cluster).join("vms").join(vm).join("disk.log")).unwrap_or_default();
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();

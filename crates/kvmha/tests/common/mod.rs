@@ -753,3 +753,22 @@ impl Cluster {
         std::fs::write(self.config(), text).expect("write");
     }
 }
+
+/// name -> (state, host) as the manager the cluster points at sees them.
+pub fn vms(cluster: &Cluster) -> BTreeMap<String, (String, String)> {
+    let Some(Value::Array(vms)) = cluster.try_api(&["vm", "list", "--json"]) else {
+        return BTreeMap::new();
+    };
+    vms.iter()
+        .map(|vm| {
+            let field = |key: &str| vm[key].as_str().unwrap_or("-").to_owned();
+            (field("name"), (field("state"), field("host")))
+        })
+        .collect()
+}
+
+pub fn wait_vm(cluster: &Cluster, vm: &str, ok: impl Fn(&str, &str) -> bool) {
+    cluster.wait(&format!("vm {vm}"), |cluster| {
+        vms(cluster).get(vm).is_some_and(|(state, host)| ok(state.as_str(), host.as_str()))
+    });
+}
